@@ -28,6 +28,8 @@ def bristle_stroke(draw, pts, color, width, rng):
     normal /= np.linalg.norm(normal, axis=1, keepdims=True) + 1e-9
     # Solid body first so the bristle streaks never leave holes.
     draw.line([tuple(p) for p in pts], fill=tuple(color), width=int(width), joint="curve")
+    for q in (pts[0], pts[-1]):  # round caps, like the tip of a brush
+        draw.ellipse([*(q - width / 2), *(q + width / 2)], fill=tuple(color))
     for off in np.linspace(-width / 2, width / 2, max(2, int(width))):
         c = np.clip(np.array(color) + rng.normal(0, 18, 3), 0, 255).astype(int)
         line = pts + normal * (off + rng.normal(0, 0.6))
@@ -69,16 +71,20 @@ def mosaic(rng):
     """Stained glass: Voronoi cells in saturated colours with dark lead lines."""
     seeds = rng.uniform(0, 1, (170, 2)) * [W, H]
     yy, xx = np.mgrid[0:H, 0:W]
-    pix = np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32)
-    d = ((pix[:, None, :] - seeds[None, :, :].astype(np.float32)) ** 2).sum(-1)
-    label = d.argmin(1).reshape(H, W)
+    # Nearest seed per pixel, one seed at a time to keep memory small.
+    best = np.full((H, W), np.inf)
+    label = np.zeros((H, W), int)
+    for i, (sx, sy) in enumerate(seeds):
+        d2 = (xx - sx) ** 2 + (yy - sy) ** 2
+        label[d2 < best] = i
+        best = np.minimum(best, d2)
     palette = np.array([(200, 30, 40), (30, 80, 190), (250, 190, 30), (30, 150, 70),
                         (120, 40, 160), (240, 110, 20), (20, 160, 180)])
     colors = palette[rng.integers(len(palette), size=len(seeds))]
     colors = np.clip(colors + rng.normal(0, 20, colors.shape), 0, 255)
     rgb = colors[label]
     # Brighter toward each cell's centre: light shining through uneven glass.
-    dist = np.sqrt(d.min(1)).reshape(H, W)
+    dist = np.sqrt(best)
     rgb *= (1.15 - 0.35 * np.clip(dist / 30.0, 0, 1))[..., None]
     rgb += rng.normal(0, 10, rgb.shape)  # grainy glass
     # Lead lines: pixels whose neighbour belongs to another cell, thickened.
@@ -101,9 +107,9 @@ def brushstrokes(rng):
         for _ in range(count):
             p = rng.uniform(-40, [W + 40, H + 40])
             ang = np.deg2rad(-40 + rng.normal(0, 12))  # mostly one diagonal
-            length = rng.uniform(2.0, 4.5) * width
+            length = rng.uniform(3.0, 6.0) * width
             t = np.linspace(0, 1, 12)[:, None]
-            bend = np.sin(t * np.pi) * rng.normal(0, width * 0.3)
+            bend = np.sin(t * np.pi) * rng.normal(0, width * 0.15)
             direction = np.array([np.cos(ang), np.sin(ang)])
             normal = np.array([-direction[1], direction[0]])
             pts = p + t * length * direction + bend * normal
