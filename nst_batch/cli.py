@@ -1,0 +1,176 @@
+"""The `nst-batch` command. Thin: parse options, call the runner or the report, map errors to exit codes.
+
+Exit codes: 0 every pair done; 1 the run finished but some pairs failed; 2 usage, manifest
+or input-folder error; 3 model weights unavailable; 130 interrupted (Ctrl-C); 143 SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from . import manifest
+from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
+
+app = typer.Typer(
+    help="Batch neural style transfer: every photo in every style, resumable overnight.",
+    no_args_is_help=True, add_completion=False, rich_markup_mode="rich",
+    epilog="Exit codes: 0 all done, 1 some pairs failed, 2 usage or manifest error, "
+           "3 model weights unavailable, 130 interrupted, 143 terminated.",
+)
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(e: NstError) -> typer.Exit:
+    err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+    return typer.Exit(e.exit_code)
+
+
+def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: list[str]) -> manifest.Settings:
+    if manifest_path is None:
+        default = Path("pipeline.yaml")
+        s = manifest.load(default) if default.is_file() else manifest.Settings()
+    else:
+        s = manifest.load(manifest_path)
+    s = manifest.apply(s, manifest.parse_set(sets), "--set")
+    opts = {k: v for k, v in overrides.items() if v is not None}
+    return manifest.apply(s, {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}, "option")
+
+
+def _finish(result, out: Path, quiet: bool) -> None:
+    from .report import print_status, summarize
+    from .ledger import Ledger
+
+    ledger = Ledger(out)
+    try:
+        summary = summarize(ledger.rows())
+    finally:
+        ledger.close()
+    _write_report(out, quiet)
+    if not quiet or summary.counts["failed"]:
+        print_status(console, out, summary)
+    raise typer.Exit(EXIT_PAIRS_FAILED if summary.counts["failed"] else EXIT_OK)
+
+
+def _write_report(out: Path, quiet: bool) -> None:
+    from . import report
+
+    writer = getattr(report, "write_report", None)
+    if writer is not None:
+        paths = writer(out)
+        if not quiet and paths:
+            console.print(f"report: {paths[0]}", highlight=False)
+
+
+def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
+    from .progress import make_display
+    from .runner import Interrupted, run
+
+    display = make_display(console, quiet)
+    try:
+        result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry)
+    except Interrupted as e:
+        err.print(f"interrupted ({e}): finished pairs are kept; run the same command again to resume", highlight=False)
+        raise typer.Exit(e.exit_code)
+    except NstError as e:
+        raise _fail(e)
+    _finish(result, settings.out, quiet)
+
+
+@app.command()
+def run(
+    manifest_path: Optional[Path] = typer.Argument(None, metavar="[MANIFEST]",
+                                                   help="Pipeline file. Default: ./pipeline.yaml if present."),
+    content: Optional[Path] = typer.Option(None, help="Folder of content photos."),
+    styles: Optional[Path] = typer.Option(None, help="Folder of style images."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (images, losses.csv, ledger, report)."),
+    size: Optional[int] = typer.Option(None, help="Long side of each output, in pixels."),
+    steps: Optional[int] = typer.Option(None, help="Optimisation steps per scale (one step = one VGG pass)."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
+    weights: Optional[str] = typer.Option(None, help="vgg19-caffe, torchvision, or a state-dict path."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
+) -> None:
+    """Stylize every content image in every style. Run it again to resume."""
+    try:
+        s = _settings(manifest_path, dict(content=content, styles=styles, out=out, size=size, steps=steps,
+                                          device=device, weights=weights), set_)
+    except NstError as e:
+        raise _fail(e)
+    _run(s, quiet)
+
+
+def _stored_settings(out: Path) -> manifest.Settings:
+    from .ledger import Ledger
+
+    ledger = Ledger(out, create=False)
+    try:
+        stored = ledger.get_meta("settings")
+    finally:
+        ledger.close()
+    if not stored:
+        raise manifest.ConfigError(f"{out}: the ledger holds no settings; run 'nst-batch run' first")
+    return manifest.apply(manifest.Settings(), stored, f"{out}/ledger.sqlite")
+
+
+@app.command()
+def retry(
+    out: Path = typer.Argument(Path("results"), help="Output folder of an earlier run."),
+    kind: list[str] = typer.Option([], "--kind", help="Only failures of this kind (e.g. oom); repeatable."),
+    size: Optional[int] = typer.Option(None, help="Override the long side for the retried pairs."),
+    steps: Optional[int] = typer.Option(None, help="Override the steps."),
+    device: Optional[str] = typer.Option(None, help="Override the device."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override any manifest key."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Re-run only the failed pairs of OUT, with the same settings or with overrides."""
+    try:
+        s = _stored_settings(out)
+        s = manifest.apply(s, manifest.parse_set(set_), "--set")
+        s = manifest.apply(s, {k: v for k, v in dict(size=size, steps=steps, device=device).items() if v is not None},
+                           "option")
+    except NstError as e:
+        raise _fail(e)
+    _run(s, quiet, retry_kinds=kind or None, retry=True)
+
+
+@app.command()
+def status(
+    out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Counts per state, throughput, ETA and failures. Safe while a run is going."""
+    from .report import load_summary, print_status
+
+    try:
+        summary = load_summary(out)
+    except NstError as e:
+        raise _fail(e)
+    if as_json:
+        typer.echo(json.dumps(summary.to_dict(), indent=2))
+    else:
+        print_status(console, out, summary)
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
+) -> None:
+    """Write report.html, summary.csv and contact_sheet.jpg into OUT and print a summary."""
+    from .report import load_summary, print_status
+
+    try:
+        summary = load_summary(out)
+        _write_report(out, quiet=False)
+    except NstError as e:
+        raise _fail(e)
+    print_status(console, out, summary)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,285 @@
+"""The run ledger: OUT/ledger.sqlite, what is done, failed, running or still to do.
+
+SQLite in WAL mode: readers (`status`, `report`) never block a worker, every change is one
+short transaction, and `kill -9` at any moment leaves the last committed state. Several
+workers share one ledger: a pair is claimed atomically (BEGIN IMMEDIATE) and held by a
+heartbeat; a claim whose heartbeat is older than the lease is free to take again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ConfigError
+
+SCHEMA_VERSION = 1
+FILENAME = "ledger.sqlite"
+STATES = ("pending", "running", "done", "failed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS pairs (
+    id            INTEGER PRIMARY KEY,
+    content       TEXT NOT NULL,      -- relative to the content folder
+    style         TEXT NOT NULL,      -- relative to the style folder
+    content_path  TEXT NOT NULL,
+    style_path    TEXT NOT NULL,
+    output        TEXT NOT NULL,      -- relative to the output folder
+    recipe        TEXT NOT NULL,      -- hash of inputs + settings that made / will make the output
+    state         TEXT NOT NULL CHECK (state IN ('pending', 'running', 'done', 'failed')),
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    error_kind    TEXT,
+    error_message TEXT,
+    note          TEXT,               -- e.g. "retried at 362 px after running out of memory"
+    worker        TEXT,
+    heartbeat     REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    seconds       REAL,
+    steps         INTEGER,
+    content_loss  REAL,
+    style_loss    REAL,
+    tv_loss       REAL,
+    total_loss    REAL,
+    UNIQUE (content, style)
+);
+CREATE INDEX IF NOT EXISTS pairs_state ON pairs (state);
+"""
+
+COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
+           "error_kind", "error_message", "note", "worker", "heartbeat", "started_at", "finished_at", "seconds",
+           "steps", "content_loss", "style_loss", "tv_loss", "total_loss")
+
+
+@dataclass(frozen=True)
+class Row:
+    id: int
+    content: str
+    style: str
+    content_path: str
+    style_path: str
+    output: str
+    recipe: str
+    state: str
+    attempts: int
+    error_kind: str | None
+    error_message: str | None
+    note: str | None
+    worker: str | None
+    heartbeat: float | None
+    started_at: float | None
+    finished_at: float | None
+    seconds: float | None
+    steps: int | None
+    content_loss: float | None
+    style_loss: float | None
+    tv_loss: float | None
+    total_loss: float | None
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _is_dead(worker: str | None) -> bool:
+    """True for a worker of this machine whose process is gone: its claim need not wait for the lease."""
+    host, _, pid = (worker or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _claim_is_live(r, now: float, lease_s: float) -> bool:
+    return r["state"] == "running" and (r["heartbeat"] or 0) > now - lease_s and not _is_dead(r["worker"])
+
+
+class Ledger:
+    def __init__(self, out: Path, create: bool = True):
+        self.path = out / FILENAME
+        if not create and not self.path.is_file():
+            raise ConfigError(f"no run ledger in {out} (expected {self.path}); run 'nst-batch run' first")
+        out.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we open transactions ourselves, so each is explicit and short.
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise ConfigError(f"{self.path}: not a usable ledger ({e}); move it away to start afresh") from None
+
+    def _migrate(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+            version = None
+            if has_meta:
+                r = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(r[0]) if r else None
+            if version is None:
+                for stmt in _SCHEMA.strip().split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+            elif version > SCHEMA_VERSION:
+                raise ConfigError(f"{self.path} was written by a newer nst-batch (schema {version}, "
+                                  f"this one knows {SCHEMA_VERSION}); upgrade nst-batch")
+            # Older schemas would be migrated here, one step per version.
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _tx(self):
+        return _Tx(self.db)
+
+    # -- settings of the last run, for `retry` and the report -------------------------------
+    def set_meta(self, key: str, value: Any) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(r[0]) if r else default
+
+    # -- planning ---------------------------------------------------------------------------------
+    def sync(self, pairs: Iterable, out: Path, lease_s: float) -> dict[str, int]:
+        """Bring the ledger in line with a plan. Returns counts of what changed.
+
+        New pairs become pending. A done pair whose output file is gone, or whose recipe changed
+        (inputs or settings), becomes pending again; so does a failed pair whose recipe changed.
+        Pairs no longer in the plan and not done are dropped. A live claim is never touched.
+        """
+        now = time.time()
+        counts = {"new": 0, "redo": 0, "dropped": 0}
+        with self._tx():
+            existing = {(r["content"], r["style"]): r for r in self.db.execute("SELECT * FROM pairs")}
+            keep = set()
+            for p in pairs:
+                key = (p.content, p.style)
+                keep.add(key)
+                r = existing.get(key)
+                if r is None:
+                    self.db.execute(
+                        "INSERT INTO pairs (content, style, content_path, style_path, output, recipe, state) "
+                        "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                        (p.content, p.style, str(p.content_path), str(p.style_path), p.output, p.recipe))
+                    counts["new"] += 1
+                    continue
+                if _claim_is_live(r, now, lease_s):
+                    continue
+                changed = r["recipe"] != p.recipe or r["output"] != p.output
+                missing = r["state"] == "done" and not (out / r["output"]).is_file()
+                if changed or missing or r["state"] == "running":
+                    if changed or missing:
+                        counts["redo"] += 1
+                    # A failed pair is left failed unless its recipe changed: `retry` re-runs it.
+                    if r["state"] == "failed" and not changed:
+                        continue
+                    self.db.execute(
+                        "UPDATE pairs SET state='pending', recipe=?, output=?, content_path=?, style_path=?, "
+                        "worker=NULL, heartbeat=NULL WHERE id=?",
+                        (p.recipe, p.output, str(p.content_path), str(p.style_path), r["id"]))
+            for key, r in existing.items():
+                if key not in keep and r["state"] in ("pending", "failed"):
+                    self.db.execute("DELETE FROM pairs WHERE id=?", (r["id"],))
+                    counts["dropped"] += 1
+        return counts
+
+    def requeue_failed(self, kinds: Iterable[str] | None = None) -> list[int]:
+        """Failed pairs (optionally of some error kinds) back to pending; returns their ids."""
+        with self._tx():
+            rows = self.db.execute("SELECT id, error_kind FROM pairs WHERE state='failed'").fetchall()
+            ids = [r["id"] for r in rows if not kinds or r["error_kind"] in set(kinds)]
+            self.db.executemany("UPDATE pairs SET state='pending' WHERE id=?", [(i,) for i in ids])
+        return ids
+
+    # -- claiming and finishing -------------------------------------------------------------------
+    def claim(self, worker: str, lease_s: float, only: set[int] | None = None) -> Row | None:
+        """Atomically take the next pending pair (or one whose claim expired); None when none is left."""
+        now = time.time()
+        with self._tx():
+            cur = self.db.execute("SELECT * FROM pairs WHERE state IN ('pending', 'running') ORDER BY id")
+            for r in cur.fetchall():
+                if (only is None or r["id"] in only) and not _claim_is_live(r, now, lease_s):
+                    self.db.execute(
+                        "UPDATE pairs SET state='running', worker=?, heartbeat=?, started_at=?, "
+                        "attempts=attempts+1, error_kind=NULL, error_message=NULL, note=NULL WHERE id=?",
+                        (worker, now, now, r["id"]))
+                    return self.get(r["id"])
+        return None
+
+    def heartbeat(self, pair_id: int, worker: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE pairs SET heartbeat=? WHERE id=? AND worker=? AND state='running'",
+                            (time.time(), pair_id, worker))
+
+    def _finish(self, pair_id: int, worker: str, sets: str, args: tuple) -> None:
+        now = time.time()
+        with self._tx():
+            self.db.execute(
+                f"UPDATE pairs SET {sets}, finished_at=?, seconds=? - started_at, heartbeat=NULL "
+                "WHERE id=? AND worker=?", (*args, now, now, pair_id, worker))
+
+    def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
+             total: float, note: str | None = None) -> None:
+        self._finish(pair_id, worker,
+                     "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
+                     (steps, content, style, tv, total, note))
+
+    def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
+        self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",
+                     (kind, message, note))
+
+    def release(self, pair_id: int, worker: str) -> None:
+        """Give an interrupted pair back: pending again. The attempt stays counted, so the loss-log rows
+        it wrote keep an attempt number that no later attempt reuses."""
+        with self._tx():
+            self.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL "
+                            "WHERE id=? AND worker=?", (pair_id, worker))
+
+    # -- reading ------------------------------------------------------------------------------------
+    def get(self, pair_id: int) -> Row:
+        return Row(**dict(self.db.execute("SELECT * FROM pairs WHERE id=?", (pair_id,)).fetchone()))
+
+    def rows(self) -> list[Row]:
+        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs ORDER BY id")]
+
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(STATES, 0)
+        for state, n in self.db.execute("SELECT state, COUNT(*) FROM pairs GROUP BY state"):
+            c[state] = n
+        return c
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT: takes the write lock up front, so two workers never race a claim."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False

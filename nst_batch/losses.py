@@ -1,0 +1,138 @@
+"""The objective: content loss on VGG features, style loss on Gram matrices, total variation.
+
+Two normalisations:
+- `tutorial`: exactly the seed's. Gram = F Fᵀ / (C·H·W), per-layer MSE, summed over layers,
+  times 1e6 (style) and 1 (content). Its numbers match the tutorial's printout.
+- `relative` (default): each layer's error divided by the squared size of its target, averaged
+  over layers. Layers then count equally whatever their activation scale, the weights mean
+  the same for every weight source and image size, and a loss of 0.1 reads as "10% off".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .vgg import LAYERS, canonical_layer
+
+
+@dataclass(frozen=True)
+class Objective:
+    content_layers: tuple[str, ...]
+    style_layers: tuple[str, ...]
+    content_weight: float
+    style_weight: float
+    tv_weight: float
+    normalization: str  # "relative" or "tutorial"
+
+    @property
+    def layers(self) -> frozenset[str]:
+        return frozenset(self.content_layers + self.style_layers)
+
+    @property
+    def last_layer(self) -> str:
+        return max(self.layers, key=LAYERS.index)
+
+
+PRESETS = {
+    # Gatys et al. 2016: content relu4_2, style relu1_1..relu5_1 equally weighted.
+    "gatys": Objective(("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
+                       content_weight=1.0, style_weight=3.0, tv_weight=0.5, normalization="relative"),
+    # The seed tutorial: conv_4 content, conv_1..conv_5 style (pre-ReLU), weights 1 / 1e6.
+    "tutorial": Objective(("conv2_2",), ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"),
+                          content_weight=1.0, style_weight=1e6, tv_weight=0.0, normalization="tutorial"),
+}
+
+
+def objective_from(layers, content_weight=None, style_weight=None, tv_weight=None) -> Objective:
+    """Resolve the manifest's `layers` (preset name or {content, style} lists) and weight overrides."""
+    if isinstance(layers, str):
+        base = PRESETS[layers]
+    else:
+        base = Objective(tuple(canonical_layer(n) for n in layers["content"]),
+                         tuple(canonical_layer(n) for n in layers["style"]),
+                         PRESETS["gatys"].content_weight, PRESETS["gatys"].style_weight,
+                         PRESETS["gatys"].tv_weight, "relative")
+    return Objective(
+        base.content_layers, base.style_layers,
+        base.content_weight if content_weight is None else content_weight,
+        base.style_weight if style_weight is None else style_weight,
+        base.tv_weight if tv_weight is None else tv_weight,
+        base.normalization,
+    )
+
+
+def gram(f: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, C) Gram matrices / (C·H·W), in fp32 whatever the feature dtype."""
+    b, c, h, w = f.shape
+    flat = f.reshape(b, c, h * w).float()
+    return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
+
+
+@dataclass
+class Targets:
+    """What one side of a pair contributes: Gram matrices of a style or features of a content."""
+
+    tensors: dict[str, torch.Tensor]
+    # Squared norm per layer, precomputed once: the `relative` normalisation divides by it every step.
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _targets(feats: dict[str, torch.Tensor], layers, fn) -> Targets:
+    tensors = {n: fn(feats[n]).detach() for n in layers}
+    norms = {n: t.float().pow(2).sum(dim=tuple(range(1, t.dim()))).clamp_min(1e-12) for n, t in tensors.items()}
+    return Targets(tensors, norms)
+
+
+def style_targets(obj: Objective, feats: dict[str, torch.Tensor]) -> Targets:
+    return _targets(feats, obj.style_layers, gram)
+
+
+def content_targets(obj: Objective, feats: dict[str, torch.Tensor]) -> Targets:
+    return _targets(feats, obj.content_layers, lambda f: f.float())
+
+
+@dataclass
+class LossTerms:
+    content: torch.Tensor
+    style: torch.Tensor
+    tv: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        return self.content + self.style + self.tv
+
+
+def _err(x: torch.Tensor, target: torch.Tensor, norm: torch.Tensor, mode: str) -> torch.Tensor:
+    """Per-image error of one layer, shape (B,)."""
+    d = (x.float() - target).pow(2).flatten(1)
+    if mode == "tutorial":
+        return d.mean(1)
+    return d.sum(1) / norm
+
+
+def tv_loss(img: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between neighbouring pixels, per image: (B,)."""
+    dx = (img[..., :, 1:] - img[..., :, :-1]).pow(2).flatten(1).mean(1)
+    dy = (img[..., 1:, :] - img[..., :-1, :]).pow(2).flatten(1).mean(1)
+    return dx + dy
+
+
+def compute(obj: Objective, feats: dict[str, torch.Tensor], img: torch.Tensor,
+            content: Targets, style: Targets) -> LossTerms:
+    """Weighted loss terms, each of shape (B,): one value per image in the batch.
+
+    Targets may have batch 1 (shared by every image) or batch B (one per image).
+    """
+    def mean_over(layers, per_layer):
+        total = sum(per_layer(n) for n in layers)
+        return total / len(layers) if obj.normalization == "relative" else total
+
+    c = mean_over(obj.content_layers,
+                  lambda n: _err(feats[n], content.tensors[n], content.norms[n], obj.normalization))
+    s = mean_over(obj.style_layers,
+                  lambda n: _err(gram(feats[n]), style.tensors[n], style.norms[n], obj.normalization))
+    tv = tv_loss(img) if obj.tv_weight else torch.zeros_like(c)
+    return LossTerms(obj.content_weight * c, obj.style_weight * s, obj.tv_weight * tv)

@@ -1,0 +1,168 @@
+"""Optimising the pixels of an output image (or a batch of them) against an Objective.
+
+One *step* is one evaluation of the objective: a VGG forward pass plus the gradient with
+respect to the pixels. That is what costs time, for L-BFGS (where one iteration can take
+more than one evaluation) and for Adam alike, and it is what the seed tutorial counted.
+
+Coarse to fine: with `scales = (0.5, 1.0)` the image is first optimised at half size, then
+upsampled and refined at full size. Each scale runs `steps` steps; a half-size step costs
+about a quarter of a full one, and the full-size steps start close to the answer.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import losses
+from .errors import PairError
+from .images import MIN_SIDE
+from .losses import Objective, Targets
+from .vgg import VGGFeatures, resize
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    steps: int = 300
+    optimizer: str = "lbfgs"
+    lr: float = 0.02
+    scales: tuple[float, ...] = (1.0,)
+    init: str = "content"
+    seed: int = 0
+    log_every: int = 10
+    stop_window: int = 0  # 0: never stop early
+    stop_tolerance: float = 1e-3
+    autocast_dtype: torch.dtype | None = None  # bf16 on CUDA: VGG forward only; Grams and losses stay fp32
+    channels_last: bool = False
+
+
+@dataclass(frozen=True)
+class LogRow:
+    step: int  # steps so far, counted over all scales
+    px: int  # long side of the image at this scale
+    content: float
+    style: float
+    tv: float
+    total: float
+    elapsed_s: float
+
+
+@dataclass
+class Result:
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1], on the CPU
+    final: list[LogRow]  # one per image: the losses of the image as written
+    steps: int
+
+
+class _Stop(Exception):
+    """Raised inside an L-BFGS closure to end a scale early (stopping rule)."""
+
+
+def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tuple[int, int]]:
+    """Working (H, W) per scale, dropping coarse scales too small for VGG19."""
+    shapes = []
+    for s in scales:
+        h, w = max(1, round(height * s)), max(1, round(width * s))
+        if (min(h, w) >= MIN_SIDE or s == 1.0) and (h, w) not in shapes:
+            shapes.append((h, w))
+    return shapes
+
+
+def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
+            style_for: Callable[[int, int], Targets], cfg: OptimConfig,
+            on_log: Callable[[list[LogRow]], None] | None = None) -> Result:
+    """Optimise a batch of B output images, each starting from its content image.
+
+    `content` is (B, 3, H, W) in [0, 1] on the net's device; all B share one size.
+    `style_for(h, w)` returns the style Targets for a working size (the caller caches them).
+    `on_log` gets one LogRow per image every `log_every` steps and at the end of each scale.
+    """
+    t0 = time.perf_counter()
+    device = content.device
+    amp = torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype else nullcontext()
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    steps_done = 0
+    x: torch.Tensor | None = None
+    H, W = content.shape[-2:]
+
+    for h, w in scale_shapes(H, W, cfg.scales):
+        px = max(h, w)
+        c_img = resize(content, h, w).contiguous(memory_format=fmt)
+        with torch.no_grad(), amp:
+            c_tgt = losses.content_targets(obj, net(c_img, frozenset(obj.content_layers)))
+        s_tgt = style_for(h, w)
+        if x is None:
+            start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
+        else:
+            start = resize(x.detach(), h, w).clamp(0, 1)
+        x = start.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        history: list[tuple[int, float]] = []  # (step, summed total) at log points, for the stopping rule
+        scale_steps = 0
+
+        def evaluate() -> losses.LossTerms:
+            with amp:
+                feats = net(x, obj.layers)
+            return losses.compute(obj, feats, x, c_tgt, s_tgt)
+
+        def log(terms: losses.LossTerms, force: bool = False) -> None:
+            if not force and scale_steps % cfg.log_every:
+                return
+            vals = torch.stack([terms.content, terms.style, terms.tv, terms.total], 1).detach().cpu()
+            if not torch.isfinite(vals).all():
+                raise PairError("nonfinite", f"the loss became {vals.sum().item()} at step {steps_done}; "
+                                "try lower weights, optimizer adam or precision fp32")
+            el = time.perf_counter() - t0
+            rows = [LogRow(steps_done, px, *map(float, v), el) for v in vals]
+            history.append((scale_steps, float(vals[:, 3].sum())))
+            if on_log:
+                on_log(rows)
+            if cfg.stop_window and not force:
+                old = [l for s, l in history if s <= scale_steps - cfg.stop_window]
+                if old and (old[-1] - history[-1][1]) < cfg.stop_tolerance * abs(old[-1]):
+                    raise _Stop
+
+        def closure() -> torch.Tensor:
+            nonlocal steps_done, scale_steps
+            with torch.no_grad():
+                x.clamp_(0, 1)  # the tutorial's trick: keep L-BFGS inside the valid pixel range
+            opt.zero_grad(set_to_none=True)
+            terms = evaluate()
+            loss = terms.total.sum()  # images in a batch are independent: summing keeps their gradients apart
+            loss.backward()
+            steps_done += 1
+            scale_steps += 1
+            log(terms)
+            return loss
+
+        try:
+            if cfg.optimizer == "lbfgs":
+                # max_iter one above max_eval: the loop then ends right after an evaluation,
+                # so the image we keep is the last one measured.
+                opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps,
+                                        history_size=100, line_search_fn=None)
+                opt.step(closure)
+            else:
+                opt = torch.optim.Adam([x], lr=cfg.lr)
+                for _ in range(cfg.steps):
+                    closure()
+                    opt.step()
+                    with torch.no_grad():
+                        x.clamp_(0, 1)
+        except _Stop:
+            pass
+
+    assert x is not None
+    with torch.no_grad():
+        x.clamp_(0, 1)
+        final_terms = evaluate()
+    vals = torch.stack([final_terms.content, final_terms.style, final_terms.tv, final_terms.total], 1).cpu()
+    if not torch.isfinite(vals).all():
+        raise PairError("nonfinite", f"the final loss is {vals.sum().item()}; try lower weights or precision fp32")
+    el = time.perf_counter() - t0
+    final = [LogRow(steps_done, max(x.shape[-2:]), *map(float, v), el) for v in vals]
+    return Result(x.detach().float().cpu().contiguous(), final, steps_done)

@@ -1,0 +1,86 @@
+"""Settings -> the ordered list of pairs to make, each with its output name and recipe hash.
+
+Order is style-major (every content for the first style, then the next style): pairs
+that share a style run back to back, which is what the style-target cache and batching
+want. The recipe hash covers everything that changes an output's pixels, so the ledger
+can tell a finished pair from one whose inputs or settings have since changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .images import discover
+from .manifest import Settings, check_folders
+
+# Keys that do not change the pixels of an output: changing them redoes nothing.
+NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels"}
+
+
+@dataclass(frozen=True)
+class Pair:
+    content: str  # path relative to the content folder: the pair's name in logs and reports
+    style: str
+    content_path: Path
+    style_path: Path
+    output: str  # path relative to the output folder
+    recipe: str
+    content_hash: str
+    style_hash: str
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:  # unreadable files still get a pair; it fails with a reason when run
+        return f"unreadable:{e.errno}"
+    return h.hexdigest()
+
+
+def _stems(root: Path, files: list[Path]) -> dict[Path, str]:
+    """Relative path without suffix, unless two files would share it: then keep the suffix too."""
+    rel = {p: p.relative_to(root) for p in files}
+    bare = {p: r.with_suffix("").as_posix() for p, r in rel.items()}
+    seen: dict[str, int] = {}
+    for s in bare.values():
+        seen[s.casefold()] = seen.get(s.casefold(), 0) + 1
+    return {p: (s if seen[s.casefold()] == 1 else f"{s}_{rel[p].suffix.lstrip('.').lower()}") for p, s in bare.items()}
+
+
+def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
+    d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
+    d.update(content=content_hash, style=style_hash)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def make_plan(settings: Settings) -> list[Pair]:
+    check_folders(settings)
+    found = {}
+    for key in ("content", "styles"):
+        root: Path = getattr(settings, key)
+        files = discover(root, skip=settings.out)
+        if not files:
+            raise ConfigError(f"no images found in {key} folder {root} (key '{key}')")
+        found[key] = (root.resolve(), files)
+    (croot, contents), (sroot, styles) = found["content"], found["styles"]
+    cstem, sstem = _stems(croot, contents), _stems(sroot, styles)
+    hashes = {p: file_hash(p) for p in contents + styles}
+    pairs = []
+    for s in styles:
+        for c in contents:
+            pairs.append(Pair(
+                content=c.relative_to(croot).as_posix(), style=s.relative_to(sroot).as_posix(),
+                content_path=c, style_path=s,
+                # One folder per style, flat, so a style in a subfolder cannot collide with a content path.
+                output=f"{sstem[s].replace('/', '__')}/{cstem[c]}.{settings.format}",
+                recipe=recipe_hash(settings, hashes[c], hashes[s]),
+                content_hash=hashes[c], style_hash=hashes[s],
+            ))
+    return pairs

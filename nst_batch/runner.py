@@ -1,0 +1,308 @@
+"""One run, end to end: plan -> ledger -> engine -> outputs and loss log.
+
+The `Engine` holds what is loaded once per run: the device, VGG19 and the style-target
+cache. `run` claims pairs from the ledger one at a time until none is left, so any number
+of processes can share an output folder, and records every outcome; one bad pair never
+stops the others.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import threading
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import images, losses
+from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
+from .ledger import Ledger, Row, worker_id
+from .manifest import Settings
+from .optimize import LogRow, OptimConfig, stylize
+from .plan import file_hash, make_plan
+from .progress import Display
+
+LOSS_LOG = "losses.csv"
+LOSS_COLUMNS = ("content", "style", "step", "content_loss", "style_loss", "tv_loss", "total_loss", "elapsed_s",
+                "attempt", "px")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device '{name}' asked for, but PyTorch sees no CUDA GPU (key 'device')")
+        idx = int(name.partition(":")[2] or 0)
+        if idx >= torch.cuda.device_count():
+            raise ConfigError(f"device '{name}' asked for, but there are {torch.cuda.device_count()} GPUs (key 'device')")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' asked for, but this PyTorch has no MPS support here (key 'device')")
+    return torch.device(name)
+
+
+class Engine:
+    """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size."""
+
+    def __init__(self, settings: Settings, device: torch.device | None = None):
+        from .vgg import load_vgg19
+
+        self.settings = settings
+        self.device = device or pick_device(settings.device)
+        self.objective = losses.objective_from(settings.layers, settings.content_weight, settings.style_weight,
+                                               settings.tv_weight)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True  # the same few shapes repeat for hundreds of steps
+        bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
+        self.optim = OptimConfig(
+            steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
+            init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
+            stop_tolerance=settings.stop_tolerance, autocast_dtype=torch.bfloat16 if bf16 else None,
+            channels_last=cuda,
+        )
+        self.net = load_vgg19(settings.weights, self.objective.last_layer, self.device, settings.pooling)
+        if cuda:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if settings.compile:
+            self.net.forward = torch.compile(self.net.forward, dynamic=False)
+        self._style_images: dict[str, object] = {}  # style hash -> decoded image or the PairError it raised
+        self._style_targets: dict[tuple, losses.Targets] = {}
+        self._style_hash: dict[Path, str] = {}
+        self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
+
+    def _style_image(self, path: Path, key: str):
+        if key not in self._style_images:
+            try:
+                self._style_images[key] = images.load_rgb(path, self.settings.max_megapixels)
+            except PairError as e:
+                self._style_images[key] = PairError(e.kind, f"style {e}")
+        im = self._style_images[key]
+        if isinstance(im, PairError):
+            raise im
+        return im
+
+    def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
+        key = (style_hash, long_side, self.objective, self.settings.weights, self.settings.pooling)
+        if key not in self._style_targets:
+            t = images.to_tensor(self._style_image(path, style_hash), long_side).to(self.device)
+            if self.optim.channels_last:
+                t = t.contiguous(memory_format=torch.channels_last)
+            amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
+                   if self.optim.autocast_dtype else nullcontext())
+            with torch.no_grad(), amp:
+                feats = self.net(t, frozenset(self.objective.style_layers))
+                self._style_targets[key] = losses.style_targets(self.objective, feats)
+            self.style_passes += 1
+        return self._style_targets[key]
+
+    def make(self, row: Row, size: int, on_log=None):
+        """Stylize one pair at `size` px (long side). Returns the optimize.Result."""
+        s = self.settings
+        content_im = images.load_rgb(Path(row.content_path), s.max_megapixels)
+        content = images.to_tensor(content_im, size).to(self.device)
+        style_path = Path(row.style_path)
+        if style_path not in self._style_hash:  # the cache is keyed by content, not name: hash once per run
+            self._style_hash[style_path] = file_hash(style_path)
+        style_hash = self._style_hash[style_path]
+        style_full = s.style_size or size
+        full_long = max(content.shape[-2:])
+
+        def style_for(h: int, w: int) -> losses.Targets:
+            return self.style_targets(style_path, style_hash, max(16, round(style_full * max(h, w) / full_long)))
+
+        return stylize(self.net, self.objective, content, style_for, self.optim, on_log)
+
+
+class LossLog:
+    """OUT/losses.csv, appended a whole line per write() on an O_APPEND file: rows from several
+    workers never interleave mid-line, and a killed run keeps every row it wrote."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOSS_LOG
+        if not self.path.exists():
+            # Create with the header in one step (link fails if another worker got there first).
+            tmp = out / f".{LOSS_LOG}.{os.getpid()}.tmp"
+            tmp.write_text(",".join(LOSS_COLUMNS) + "\n")
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def write(self, row: Row, attempt: int, logs: list[LogRow]) -> None:
+        def q(s: str) -> str:
+            return '"' + s.replace('"', '""') + '"' if any(ch in s for ch in ',"\n') else s
+
+        lines = "".join(
+            f"{q(row.content)},{q(row.style)},{r.step},{r.content:.6g},{r.style:.6g},{r.tv:.6g},{r.total:.6g},"
+            f"{r.elapsed_s:.3f},{attempt},{r.px}\n" for r in logs)
+        os.write(self.fd, lines.encode())
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM: a BaseException so no per-pair `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = EXIT_SIGINT if signum == signal.SIGINT else EXIT_SIGTERM
+
+
+class _Heartbeat:
+    """Keeps a claim alive from a thread of its own, with its own connection, however long a step takes."""
+
+    def __init__(self, out: Path, pair_id: int, worker: str, every: float):
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._beat, args=(out, pair_id, worker, every), daemon=True)
+        self._t.start()
+
+    def _beat(self, out, pair_id, worker, every):
+        ledger = Ledger(out)
+        try:
+            while not self._stop.wait(every):
+                ledger.heartbeat(pair_id, worker)
+        finally:
+            ledger.close()
+
+    def stop(self):
+        self._stop.set()
+        self._t.join()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+@dataclass
+class RunResult:
+    counts: dict[str, int]  # ledger counts at the end, over the whole plan
+    made: int = 0
+    failed: int = 0
+    worker: str = ""
+    failures: list[tuple[str, str, str]] = field(default_factory=list)  # (pair name, kind, message)
+
+
+def run(settings: Settings, display: Display, only_failed_kinds: list[str] | None = None,
+        retry: bool = False) -> RunResult:
+    """Make every pair of the plan that is not done yet. With retry=True, only the failed ones."""
+    plan = make_plan(settings)
+    out = settings.out
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(out)
+    try:
+        ledger.sync(plan, out, settings.lease_s)
+        ledger.set_meta("settings", settings.to_dict())
+        only = None
+        if retry:
+            only = set(ledger.requeue_failed(only_failed_kinds))
+        plan_keys = {(p.content, p.style) for p in plan}
+        counts = ledger.counts()
+        already = counts["done"]
+        todo = len(only) if only is not None else counts["pending"] + counts["running"]
+        skipped_failed = 0 if retry else counts["failed"]
+        if skipped_failed:
+            display.note(f"{skipped_failed} failed pair(s) from earlier runs are left alone; "
+                         f"'nst-batch retry {out}' re-runs them")
+        if todo == 0:
+            display.note(f"nothing to do: all {already} pair(s) in {out} are done")
+            return RunResult(ledger.counts(), worker=worker_id())
+        engine = Engine(settings)
+        display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
+        return _work(ledger, engine, display, only, plan_keys, already, todo)
+    finally:
+        ledger.close()
+
+
+def _work(ledger: Ledger, engine: Engine, display: Display, only, plan_keys, already: int, todo: int) -> RunResult:
+    s = engine.settings
+    out = s.out
+    worker = worker_id()
+    result = RunResult({}, worker=worker)
+    loss_log = LossLog(out)
+    steps_per_pair = s.steps * len(s.scales)
+
+    def on_signal(signum, frame):
+        raise Interrupted(signum)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    display.start(already + todo, already)
+    try:
+        while (row := ledger.claim(worker, s.lease_s, only)) is not None:
+            name = f"{row.style} × {row.content}"
+            beat = _Heartbeat(out, row.id, worker, every=max(1.0, s.lease_s / 4))
+            try:
+                display.pair_start(name, steps_per_pair)
+                note, res = _make_with_oom_retry(engine, row, loss_log, display)
+                path = out / row.output
+                try:
+                    images.save_atomic(images.to_pil(res.images[:1]), path, s.format, s.quality)
+                except OSError as e:
+                    raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
+                f = res.final[0]
+                loss_log.write(row, row.attempts, [f])
+                ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note)
+                result.made += 1
+                display.pair_end(name, True, note or "")
+            except Interrupted:
+                ledger.release(row.id, worker)
+                raise
+            except Exception as e:  # one pair's failure is recorded and the run goes on
+                kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
+                ledger.fail(row.id, worker, kind, msg)
+                result.failed += 1
+                result.failures.append((name, kind, msg))
+                display.pair_end(name, False, f"{kind}: {msg}")
+            finally:
+                beat.stop()
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+        display.close()
+        loss_log.close()
+    result.counts = ledger.counts()
+    return result
+
+
+def _make_with_oom_retry(engine: Engine, row: Row, loss_log: LossLog, display: Display):
+    """Make a pair; on out-of-memory, once more at half the pixels (same device: a GPU run stays fast)."""
+    size = engine.settings.size
+
+    def on_log(rows: list[LogRow]):
+        loss_log.write(row, row.attempts, rows[:1])
+        display.step(rows[0].step, rows[0].total)
+
+    try:
+        return None, engine.make(row, size, on_log)
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+    _free_memory(engine.device)
+    smaller = max(16, int(size / math.sqrt(2)))
+    note = f"ran out of memory at {size} px; made at {smaller} px instead"
+    display.note(f"{row.style} × {row.content}: {note}")
+    try:
+        return note, engine.make(row, smaller, on_log)
+    except Exception as e:
+        if _is_oom(e):
+            _free_memory(engine.device)
+            raise PairError("oom", f"out of memory at {size} px and again at {smaller} px; lower 'size'") from None
+        raise
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
