@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny real images on disk, fast settings, and the CLI in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from nst_batch.manifest import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_IMAGES = ROOT.parent / "shared" / "images"
+
+
+def make_image(path: Path, w: int, h: int, seed: int, mode: str = "RGB") -> Path:
+    """A smooth random colour image (gradients + blobs): VGG sees real structure in it, unlike flat colour."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    a = np.zeros((h, w, 3))
+    for c in range(3):
+        for _ in range(4):
+            fx, fy, ph = rng.uniform(2, 12, 2).tolist() + [rng.uniform(0, 6.3)]
+            a[..., c] += np.sin(fx * xx * 6.28 + fy * yy * 6.28 + ph)
+    a = (a - a.min()) / (a.max() - a.min() + 1e-9) * 255
+    im = Image.fromarray(a.astype(np.uint8), "RGB")
+    if mode != "RGB":
+        im = im.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im.save(path)
+    return path
+
+
+@pytest.fixture
+def folders(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """content/ with 3 photos of different shapes, styles/ with 2 styles, and an out/ path."""
+    content, styles = tmp_path / "content", tmp_path / "styles"
+    make_image(content / "wide.png", 64, 40, 1)
+    make_image(content / "tall.jpg", 36, 60, 2)
+    make_image(content / "square.png", 48, 48, 3)
+    make_image(styles / "s1.png", 64, 64, 10)
+    make_image(styles / "s2.jpg", 56, 40, 11)
+    return content, styles, tmp_path / "out"
+
+
+@pytest.fixture
+def fast_settings(folders) -> Settings:
+    """Settings small enough that a pair takes well under a second on 2 CPU cores."""
+    content, styles, out = folders
+    return Settings(content=content, styles=styles, out=out, size=48, steps=4, log_every=2, scales=(1.0,),
+                    device="cpu", lease_s=30)
+
+
+@pytest.fixture
+def shared_images() -> Path:
+    if not (SHARED_IMAGES / "content").is_dir():
+        pytest.skip("../shared/images is not present")
+    return SHARED_IMAGES
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m nst_batch.cli ARGS` in a subprocess, as a user would run `nst-batch`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "nst_batch.cli", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout, **kw)
