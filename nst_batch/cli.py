@@ -23,7 +23,7 @@ app = typer.Typer(
            "3 model weights unavailable, 130 interrupted, 143 terminated.",
 )
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line, whatever the width
 
 
 def _fail(e: NstError) -> typer.Exit:
