@@ -227,23 +227,30 @@ class Ledger:
                     return self.get(r["id"])
         return None
 
+    def peek(self, only: set[int] | None = None) -> Row | None:
+        """The pair a claim would most likely take next, without claiming it (for prefetching)."""
+        for r in self.db.execute("SELECT * FROM pairs WHERE state='pending' ORDER BY id"):
+            if only is None or r["id"] in only:
+                return Row(**dict(r))
+        return None
+
     def heartbeat(self, pair_id: int, worker: str) -> None:
         with self._tx():
             self.db.execute("UPDATE pairs SET heartbeat=? WHERE id=? AND worker=? AND state='running'",
                             (time.time(), pair_id, worker))
 
-    def _finish(self, pair_id: int, worker: str, sets: str, args: tuple) -> None:
-        now = time.time()
+    def _finish(self, pair_id: int, worker: str, sets: str, args: tuple, finished_at: float | None = None) -> None:
+        now = finished_at or time.time()
         with self._tx():
             self.db.execute(
                 f"UPDATE pairs SET {sets}, finished_at=?, seconds=? - started_at, heartbeat=NULL "
                 "WHERE id=? AND worker=?", (*args, now, now, pair_id, worker))
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
-             total: float, note: str | None = None) -> None:
+             total: float, note: str | None = None, finished_at: float | None = None) -> None:
         self._finish(pair_id, worker,
                      "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
-                     (steps, content, style, tv, total, note))
+                     (steps, content, style, tv, total, note), finished_at)
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",

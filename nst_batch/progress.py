@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
@@ -21,16 +19,16 @@ class Display:
         self.total, self.finished = total, already_done
 
     def pair_start(self, name: str, total_steps: int) -> None:
-        self._t = time.monotonic()
+        pass
 
     def step(self, step: int, loss: float) -> None:
         pass
 
-    def pair_end(self, name: str, ok: bool, message: str = "") -> None:
+    def pair_end(self, name: str, ok: bool, seconds: float, message: str = "") -> None:
         self.finished += 1
         status = "done" if ok else "FAILED"
         extra = f" ({message})" if message else ""
-        self.console.print(f"[{self.finished}/{self.total}] {status} {name} in {time.monotonic() - self._t:.1f}s{extra}",
+        self.console.print(f"[{self.finished}/{self.total}] {status} {name} in {seconds:.1f}s{extra}",
                            markup=False, highlight=False)
 
     def note(self, message: str) -> None:
@@ -59,7 +57,6 @@ class LiveDisplay(Display):
         self.pairs = self.progress.add_task("pairs", total=total, completed=already_done, info="")
 
     def pair_start(self, name: str, total_steps: int) -> None:
-        super().pair_start(name, total_steps)
         if self.current is not None:
             self.progress.remove_task(self.current)
         self.current = self.progress.add_task(f"  {name}", total=total_steps, info="")
@@ -68,7 +65,7 @@ class LiveDisplay(Display):
         if self.current is not None:
             self.progress.update(self.current, completed=step, info=f"loss {loss:.4g}")
 
-    def pair_end(self, name: str, ok: bool, message: str = "") -> None:
+    def pair_end(self, name: str, ok: bool, seconds: float, message: str = "") -> None:
         self.finished += 1
         if not ok:
             self.progress.console.print(f"[red]failed[/red] {name}: {message}", highlight=False)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,10 +106,9 @@ class Engine:
             self.style_passes += 1
         return self._style_targets[key]
 
-    def make(self, row: Row, size: int, on_log=None):
-        """Stylize one pair at `size` px (long side). Returns the optimize.Result."""
+    def make(self, row: Row, content_im, size: int, on_log=None):
+        """Stylize one pair (its content already decoded) at `size` px (long side). Returns the optimize.Result."""
         s = self.settings
-        content_im = images.load_rgb(Path(row.content_path), s.max_megapixels)
         content = images.to_tensor(content_im, size).to(self.device)
         style_path = Path(row.style_path)
         if style_path not in self._style_hash:  # the cache is keyed by content, not name: hash once per run
@@ -209,7 +210,6 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
         only = None
         if retry:
             only = set(ledger.requeue_failed(only_failed_kinds))
-        plan_keys = {(p.content, p.style) for p in plan}
         counts = ledger.counts()
         already = counts["done"]
         todo = len(only) if only is not None else counts["pending"] + counts["running"]
@@ -222,18 +222,85 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
             return RunResult(ledger.counts(), worker=worker_id())
         engine = Engine(settings)
         display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
-        return _work(ledger, engine, display, only, plan_keys, already, todo)
+        return _work(ledger, engine, display, only, already, todo)
     finally:
         ledger.close()
 
 
-def _work(ledger: Ledger, engine: Engine, display: Display, only, plan_keys, already: int, todo: int) -> RunResult:
+class _BackgroundIO:
+    """Decodes the next content image and encodes finished outputs on threads, overlapped with compute.
+
+    Pillow releases the GIL while it decodes, resizes and encodes, so on a GPU the next pair's
+    photo is ready and the last pair's PNG is written while VGG runs. A pair is marked done only
+    after its file is on disk: a crash before that leaves it `running`, and it is redone.
+    """
+
+    def __init__(self, max_megapixels: float):
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nst-io")
+        self.max_mp = max_megapixels
+        self.loads: dict[str, Future] = {}
+        self.writes: list[tuple[Row, Future, object, str | None]] = []
+
+    def prefetch(self, path: str) -> None:
+        if path not in self.loads:
+            self.loads[path] = self.pool.submit(images.load_rgb, Path(path), self.max_mp)
+
+    def content(self, path: str):
+        fut = self.loads.pop(path, None)
+        return fut.result() if fut is not None else images.load_rgb(Path(path), self.max_mp)
+
+    def write(self, row: Row, res, path: Path, fmt: str, quality: int, note: str | None) -> None:
+        def save() -> float:
+            try:
+                images.save_atomic(images.to_pil(res.images[:1]), path, fmt, quality)
+            except OSError as e:
+                raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
+            return time.time()  # the pair's end: the ledger may hear of it a little later
+
+        self.writes.append((row, self.pool.submit(save), res, note))
+
+    def finished(self, wait: bool = False):
+        """Yield (row, result, note, error, finished_at) for writes that are over (all of them if wait)."""
+        still = []
+        for row, fut, res, note in self.writes:
+            if wait or fut.done():
+                error = fut.exception()
+                yield row, res, note, error, (time.time() if error else fut.result())
+            else:
+                still.append((row, fut, res, note))
+        self.writes = still
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, todo: int) -> RunResult:
     s = engine.settings
     out = s.out
     worker = worker_id()
     result = RunResult({}, worker=worker)
     loss_log = LossLog(out)
+    io = _BackgroundIO(s.max_megapixels)
     steps_per_pair = s.steps * len(s.scales)
+
+    def record_failure(row: Row, e: BaseException) -> None:
+        name = f"{row.style} × {row.content}"
+        kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
+        ledger.fail(row.id, worker, kind, msg)
+        result.failed += 1
+        result.failures.append((name, kind, msg))
+        display.pair_end(name, False, time.time() - (row.started_at or time.time()), f"{kind}: {msg}")
+
+    def settle(wait: bool = False) -> None:
+        for row, res, note, error, finished_at in io.finished(wait):
+            if error is not None:
+                record_failure(row, error)
+                continue
+            f = res.final[0]
+            ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note, finished_at)
+            result.made += 1
+            display.pair_end(f"{row.style} × {row.content}", True, finished_at - (row.started_at or finished_at),
+                             note or "")
 
     def on_signal(signum, frame):
         raise Interrupted(signum)
@@ -242,51 +309,52 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, plan_keys, alr
     display.start(already + todo, already)
     try:
         while (row := ledger.claim(worker, s.lease_s, only)) is not None:
-            name = f"{row.style} × {row.content}"
+            nxt = ledger.peek(only)
+            if nxt is not None:
+                io.prefetch(nxt.content_path)
             beat = _Heartbeat(out, row.id, worker, every=max(1.0, s.lease_s / 4))
             try:
-                display.pair_start(name, steps_per_pair)
-                note, res = _make_with_oom_retry(engine, row, loss_log, display)
-                path = out / row.output
-                try:
-                    images.save_atomic(images.to_pil(res.images[:1]), path, s.format, s.quality)
-                except OSError as e:
-                    raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
-                f = res.final[0]
-                loss_log.write(row, row.attempts, [f])
-                ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note)
-                result.made += 1
-                display.pair_end(name, True, note or "")
+                display.pair_start(f"{row.style} × {row.content}", steps_per_pair)
+                note, res = _make_with_oom_retry(engine, row, io.content(row.content_path), loss_log, display)
+                io.write(row, res, out / row.output, s.format, s.quality, note)
             except Interrupted:
                 ledger.release(row.id, worker)
                 raise
             except Exception as e:  # one pair's failure is recorded and the run goes on
-                kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
-                ledger.fail(row.id, worker, kind, msg)
-                result.failed += 1
-                result.failures.append((name, kind, msg))
-                display.pair_end(name, False, f"{kind}: {msg}")
+                record_failure(row, e)
             finally:
                 beat.stop()
+            settle()
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
+        # Outputs already computed are worth keeping, even on Ctrl-C: wait for their files.
+        settle(wait=True)
+        io.close()
         display.close()
         loss_log.close()
     result.counts = ledger.counts()
     return result
 
 
-def _make_with_oom_retry(engine: Engine, row: Row, loss_log: LossLog, display: Display):
+def _make_with_oom_retry(engine: Engine, row: Row, content_im, loss_log: LossLog, display: Display):
     """Make a pair; on out-of-memory, once more at half the pixels (same device: a GPU run stays fast)."""
     size = engine.settings.size
+    last_logged = [-1]
 
     def on_log(rows: list[LogRow]):
         loss_log.write(row, row.attempts, rows[:1])
+        last_logged[0] = rows[0].step
         display.step(rows[0].step, rows[0].total)
 
+    def make(px: int):
+        res = engine.make(row, content_im, px, on_log)
+        if res.final[0].step != last_logged[0]:  # the final row, unless the last logged step was the last step
+            loss_log.write(row, row.attempts, res.final[:1])
+        return res
+
     try:
-        return None, engine.make(row, size, on_log)
+        return None, make(size)
     except Exception as e:
         if not _is_oom(e):
             raise
@@ -295,7 +363,7 @@ def _make_with_oom_retry(engine: Engine, row: Row, loss_log: LossLog, display: D
     note = f"ran out of memory at {size} px; made at {smaller} px instead"
     display.note(f"{row.style} × {row.content}: {note}")
     try:
-        return note, engine.make(row, smaller, on_log)
+        return note, make(smaller)
     except Exception as e:
         if _is_oom(e):
             _free_memory(engine.device)
