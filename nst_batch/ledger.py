@@ -199,7 +199,10 @@ class Ledger:
                         "worker=NULL, heartbeat=NULL WHERE id=?",
                         (p.recipe, p.output, str(p.content_path), str(p.style_path), r["id"]))
             for key, r in existing.items():
-                if key not in keep and r["state"] in ("pending", "failed"):
+                # A stale claim (dead worker, expired lease) is as unfinished as a pending pair: were it
+                # kept, the next claim would make a pair that is no longer in the plan.
+                if key not in keep and (r["state"] in ("pending", "failed") or
+                                        (r["state"] == "running" and not _claim_is_live(r, now, lease_s))):
                     self.db.execute("DELETE FROM pairs WHERE id=?", (r["id"],))
                     counts["dropped"] += 1
         return counts
@@ -213,11 +216,13 @@ class Ledger:
         return ids
 
     # -- claiming and finishing -------------------------------------------------------------------
-    def claim(self, worker: str, lease_s: float, only: set[int] | None = None) -> Row | None:
-        """Atomically take the next pending pair (or one whose claim expired); None when none is left."""
+    def claim(self, worker: str, lease_s: float, only: set[int] | None = None, style: str | None = None) -> Row | None:
+        """Atomically take the next pending pair (or one whose claim expired); None when none is left.
+        With `style`, only a pair of that style (to fill a batch)."""
         now = time.time()
         with self._tx():
-            cur = self.db.execute("SELECT * FROM pairs WHERE state IN ('pending', 'running') ORDER BY id")
+            cur = self.db.execute("SELECT * FROM pairs WHERE state IN ('pending', 'running') AND style = COALESCE(?, style) "
+                                  "ORDER BY id", (style,))
             for r in cur.fetchall():
                 if (only is None or r["id"] in only) and not _claim_is_live(r, now, lease_s):
                     self.db.execute(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ class Settings:
     stop_tolerance: float = 1e-3
     precision: str = "auto"
     compile: bool = False
+    batch: int = 1
     lease_s: float = 120.0
     max_megapixels: float = 100.0
 
@@ -79,10 +81,15 @@ def _int(key, v, source, lo=None, hi=None):
     return v
 
 
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _float(key, v, source, lo=None, allow_none=False, strict=False):
     if v is None and allow_none:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
+    if isinstance(v, str) and _SCIENTIFIC.fullmatch(v.strip()):
+        v = float(v)  # YAML 1.1 reads 1e6 (no dot) as a string; people write weights that way
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
         raise _fail(key, f"must be a number, got {v!r}", source)
     v = float(v)
     if lo is not None and (v <= lo if strict else v < lo):
@@ -173,6 +180,8 @@ def _check(key: str, v: Any, source: str) -> Any:
         if vals[-1] != 1.0 or any(x > 1.0 for x in vals) or list(vals) != sorted(vals):
             raise _fail(key, f"must rise to 1.0, e.g. [0.5, 1.0], got {list(vals)}", source)
         return vals
+    if key == "batch":
+        return _int(key, v, source, lo=1, hi=256)
     if key == "stop_window":
         return _int(key, v, source, lo=0)
     if key == "stop_tolerance":

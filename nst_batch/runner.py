@@ -24,7 +24,7 @@ from . import images, losses
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
-from .optimize import LogRow, OptimConfig, stylize
+from .optimize import LogRow, OptimConfig, Result, stylize
 from .plan import file_hash, make_plan
 from .progress import Display
 
@@ -106,11 +106,12 @@ class Engine:
             self.style_passes += 1
         return self._style_targets[key]
 
-    def make(self, row: Row, content_im, size: int, on_log=None):
-        """Stylize one pair (its content already decoded) at `size` px (long side). Returns the optimize.Result."""
+    def make(self, rows: list[Row], content_ims: list, size: int, on_log=None):
+        """Stylize pairs that share a style (contents already decoded, all the same shape at `size`)
+        in one batch. Returns the optimize.Result, image i belonging to rows[i]."""
         s = self.settings
-        content = images.to_tensor(content_im, size).to(self.device)
-        style_path = Path(row.style_path)
+        content = torch.cat([images.to_tensor(im, size) for im in content_ims]).to(self.device)
+        style_path = Path(rows[0].style_path)
         if style_path not in self._style_hash:  # the cache is keyed by content, not name: hash once per run
             self._style_hash[style_path] = file_hash(style_path)
         style_hash = self._style_hash[style_path]
@@ -165,16 +166,17 @@ class Interrupted(BaseException):
 class _Heartbeat:
     """Keeps a claim alive from a thread of its own, with its own connection, however long a step takes."""
 
-    def __init__(self, out: Path, pair_id: int, worker: str, every: float):
+    def __init__(self, out: Path, pair_ids: list[int], worker: str, every: float):
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._beat, args=(out, pair_id, worker, every), daemon=True)
+        self._t = threading.Thread(target=self._beat, args=(out, pair_ids, worker, every), daemon=True)
         self._t.start()
 
-    def _beat(self, out, pair_id, worker, every):
+    def _beat(self, out, pair_ids, worker, every):
         ledger = Ledger(out)
         try:
             while not self._stop.wait(every):
-                ledger.heartbeat(pair_id, worker)
+                for pair_id in pair_ids:
+                    ledger.heartbeat(pair_id, worker)
         finally:
             ledger.close()
 
@@ -308,20 +310,33 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
     old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     display.start(already + todo, already)
     try:
-        while (row := ledger.claim(worker, s.lease_s, only)) is not None:
+        while (first := ledger.claim(worker, s.lease_s, only)) is not None:
+            claimed = [first]
+            while len(claimed) < s.batch and (r := ledger.claim(worker, s.lease_s, only, style=first.style)):
+                claimed.append(r)
             nxt = ledger.peek(only)
             if nxt is not None:
                 io.prefetch(nxt.content_path)
-            beat = _Heartbeat(out, row.id, worker, every=max(1.0, s.lease_s / 4))
+            beat = _Heartbeat(out, [r.id for r in claimed], worker, every=max(1.0, s.lease_s / 4))
+            open_rows = list(claimed)  # claimed, neither written nor failed yet: released on Ctrl-C
             try:
-                display.pair_start(f"{row.style} × {row.content}", steps_per_pair)
-                note, res = _make_with_oom_retry(engine, row, io.content(row.content_path), loss_log, display)
-                io.write(row, res, out / row.output, s.format, s.quality, note)
+                for group in _decode_and_group(claimed, io, s.size, record_failure, open_rows):
+                    rows = [r for r, _ in group]
+                    display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
+                    try:
+                        made = _make_with_oom_retry(engine, rows, [im for _, im in group], loss_log, display)
+                    except Exception as e:  # one pair's (or batch's) failure is recorded and the run goes on
+                        for r in rows:
+                            record_failure(r, e)
+                            open_rows.remove(r)
+                        continue
+                    for r, note, res in made:
+                        io.write(r, res, out / r.output, s.format, s.quality, note)
+                        open_rows.remove(r)
             except Interrupted:
-                ledger.release(row.id, worker)
+                for r in open_rows:
+                    ledger.release(r.id, worker)
                 raise
-            except Exception as e:  # one pair's failure is recorded and the run goes on
-                record_failure(row, e)
             finally:
                 beat.stop()
             settle()
@@ -337,33 +352,55 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
     return result
 
 
-def _make_with_oom_retry(engine: Engine, row: Row, content_im, loss_log: LossLog, display: Display):
-    """Make a pair; on out-of-memory, once more at half the pixels (same device: a GPU run stays fast)."""
-    size = engine.settings.size
+def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_failure, open_rows: list[Row]):
+    """Decode each claimed pair's photo; yield groups of (row, image) whose working shapes match,
+    since only same-shape images can share a batch tensor. Undecodable photos fail right here."""
+    groups: dict[tuple[int, int], list] = {}
+    for r in rows:
+        try:
+            im = io.content(r.content_path)
+        except Exception as e:
+            record_failure(r, e)
+            open_rows.remove(r)
+            continue
+        groups.setdefault(images.fit_long_side(*im.size, size), []).append((r, im))
+    yield from groups.values()
+
+
+def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: LossLog, display: Display,
+                         size: int | None = None) -> list[tuple[Row, str | None, Result]]:
+    """Make a batch of pairs. On out-of-memory a batch is split into single pairs, and a single pair is
+    tried once more at half the pixels (same device: a GPU run stays fast). Returns (row, note, result)."""
+    size = size or engine.settings.size
     last_logged = [-1]
 
-    def on_log(rows: list[LogRow]):
-        loss_log.write(row, row.attempts, rows[:1])
-        last_logged[0] = rows[0].step
-        display.step(rows[0].step, rows[0].total)
+    def on_log(log_rows: list[LogRow]):
+        for r, lr in zip(rows, log_rows):
+            loss_log.write(r, r.attempts, [lr])
+        last_logged[0] = log_rows[0].step
+        display.step(log_rows[0].step, sum(lr.total for lr in log_rows) / len(log_rows))
 
-    def make(px: int):
-        res = engine.make(row, content_im, px, on_log)
+    def make(px: int) -> list[tuple[Row, Result]]:
+        res = engine.make(rows, ims, px, on_log)
         if res.final[0].step != last_logged[0]:  # the final row, unless the last logged step was the last step
-            loss_log.write(row, row.attempts, res.final[:1])
-        return res
+            for r, f in zip(rows, res.final):
+                loss_log.write(r, r.attempts, [f])
+        return [(r, Result(res.images[i:i + 1], [res.final[i]], res.steps)) for i, r in enumerate(rows)]
 
     try:
-        return None, make(size)
+        return [(r, None, res) for r, res in make(size)]
     except Exception as e:
         if not _is_oom(e):
             raise
     _free_memory(engine.device)
+    if len(rows) > 1:
+        display.note(f"a batch of {len(rows)} ran out of memory; making them one at a time")
+        return [m for r, im in zip(rows, ims) for m in _make_with_oom_retry(engine, [r], [im], loss_log, display)]
     smaller = max(16, int(size / math.sqrt(2)))
     note = f"ran out of memory at {size} px; made at {smaller} px instead"
-    display.note(f"{row.style} × {row.content}: {note}")
+    display.note(f"{rows[0].style} × {rows[0].content}: {note}")
     try:
-        return note, make(smaller)
+        return [(r, note, res) for r, res in make(smaller)]
     except Exception as e:
         if _is_oom(e):
             _free_memory(engine.device)
