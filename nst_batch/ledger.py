@@ -265,8 +265,10 @@ class Ledger:
         """Give an interrupted pair back: pending again. The attempt stays counted, so the loss-log rows
         it wrote keep an attempt number that no later attempt reuses."""
         with self._tx():
+            # Only a claim still running: a Ctrl-C that lands just after the pair was recorded done
+            # (or failed) must not send it back to be made again.
             self.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL "
-                            "WHERE id=? AND worker=?", (pair_id, worker))
+                            "WHERE id=? AND worker=? AND state='running'", (pair_id, worker))
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, pair_id: int) -> Row:
