@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import manifest
 from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
@@ -27,7 +28,8 @@ err = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line
 
 
 def _fail(e: NstError) -> typer.Exit:
-    err.print(f"[bold red]error:[/bold red] {e}", highlight=False)
+    # Escaped: messages carry user paths and values, and "a[/b]" is not markup.
+    err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
     return typer.Exit(e.exit_code)
 
 
@@ -64,7 +66,7 @@ def _write_report(out: Path, quiet: bool) -> None:
     if writer is not None:
         paths = writer(out)
         if not quiet and paths:
-            console.print(f"report: {paths[0]}", highlight=False)
+            console.print(f"report: {paths[0]}", markup=False, highlight=False)
 
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
