@@ -211,7 +211,8 @@ class Ledger:
         """Failed pairs (optionally of some error kinds) back to pending; returns their ids."""
         with self._tx():
             rows = self.db.execute("SELECT id, error_kind FROM pairs WHERE state='failed'").fetchall()
-            ids = [r["id"] for r in rows if not kinds or r["error_kind"] in set(kinds)]
+            kinds = set(kinds) if kinds is not None else set()  # once: a generator is good for one pass
+            ids = [r["id"] for r in rows if not kinds or r["error_kind"] in kinds]
             self.db.executemany("UPDATE pairs SET state='pending' WHERE id=?", [(i,) for i in ids])
         return ids
 
