@@ -1,16 +1,59 @@
-"""What a run made and what went wrong, read from the ledger (never blocking a worker)."""
+"""What a run made and what went wrong, read from the ledger (never blocking a worker).
+
+`summarize` / `print_status` / `print_report` are the terminal view. `write_report` writes the
+files a person opens later, all inside OUT and linked by relative paths only, so they keep
+working once OUT is zipped and moved:
+
+- report.html: one page, no network, no script: settings, the contents × styles grid of
+  thumbnails, per-pair losses, seconds and loss curves (inline SVG), failures and how to retry.
+- summary.csv: one row per pair.
+- contact_sheet.jpg: the grid as one picture. Cells are 180 px; when (contents + 1) or
+  (styles + 1) cells would pass 8000 px, cells shrink to fit, down to 64 px; past that
+  (more than 124 contents or styles) the sheet holds the first 124 and report.html says so.
+- thumbs/: 256 px JPEGs of every output and source image, remade only when missing or
+  older than their image, so re-running the report on a big run is quick.
+"""
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import html
+import io
+import json
+import math
+import os
+import shlex
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable
+from urllib.parse import quote
 
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 from rich.console import Console
 from rich.table import Table
 
 from .ledger import STATES, Ledger, Row
 
+REPORT_HTML = "report.html"
+SUMMARY_CSV = "summary.csv"
+CONTACT_SHEET = "contact_sheet.jpg"
+THUMBS = "thumbs"
+SUMMARY_COLUMNS = ("content", "style", "state", "attempts", "content_loss", "style_loss", "tv_loss", "total_loss",
+                   "seconds", "output", "error_kind", "error_message")
+
+THUMB_PX = 256
+SHEET_CELL_PX = 180
+SHEET_MIN_CELL_PX = 64
+SHEET_MAX_SIDE = 8000
+TOP_N = 5
+CURVE_MAX_POINTS = 60  # per series: keeps a 5000-pair page small whatever log_every was
+OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start closed, so the page opens fast
+
+
+# -- terminal -------------------------------------------------------------------------------------
 
 @dataclass
 class Summary:
@@ -21,9 +64,17 @@ class Summary:
     pairs_per_hour: float | None  # wall-clock rate over the span of finished pairs, all workers together
     eta_s: float | None
     failures: list[dict] = field(default_factory=list)
+    slowest: list[dict] = field(default_factory=list)  # top done pairs by seconds
+    highest_loss: list[dict] = field(default_factory=list)  # top done pairs by final total loss
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _top(rows: list[Row], key: str) -> list[dict]:
+    ranked = sorted((r for r in rows if r.state == "done" and getattr(r, key) is not None),
+                    key=lambda r: getattr(r, key), reverse=True)
+    return [{"content": r.content, "style": r.style, key: getattr(r, key)} for r in ranked[:TOP_N]]
 
 
 def summarize(rows: list[Row], now: float | None = None) -> Summary:
@@ -41,7 +92,15 @@ def summarize(rows: list[Row], now: float | None = None) -> Summary:
     eta = left / rate * 3600 if rate and left else (0.0 if not left else None)
     failures = [{"content": r.content, "style": r.style, "kind": r.error_kind, "message": r.error_message,
                  "attempts": r.attempts} for r in rows if r.state == "failed"]
-    return Summary(counts, len(rows), secs, secs / len(done) if done else None, rate, eta, failures)
+    return Summary(counts, len(rows), secs, secs / len(done) if done else None, rate, eta, failures,
+                   _top(rows, "seconds"), _top(rows, "total_loss"))
+
+
+def retry_commands(out: Path, failures: list[dict]) -> list[str]:
+    """`nst-batch retry OUT`, then one `--kind K` line per error kind when there are several kinds."""
+    base = f"nst-batch retry {shlex.quote(str(out))}"
+    kinds = sorted({f["kind"] for f in failures if f["kind"]})
+    return [base] + ([f"{base} --kind {shlex.quote(k)}" for k in kinds] if len(kinds) > 1 else [])
 
 
 def _dur(s: float | None) -> str:
@@ -58,7 +117,8 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
                   f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
     rate = f"{summary.pairs_per_hour:.1f} pairs/hour" if summary.pairs_per_hour else "rate unknown yet"
     mean = f"{summary.seconds_mean:.1f} s/pair" if summary.seconds_mean else "-"
-    console.print(f"{rate}, {mean} on average, ETA {_dur(summary.eta_s)}")
+    console.print(f"{rate}, {mean} on average, {_dur(summary.seconds_total)} of compute in total, "
+                  f"ETA {_dur(summary.eta_s)}")
     if summary.failures:
         t = Table(title="Failed pairs", show_lines=False)
         for col in ("style", "content", "kind", "reason"):
@@ -66,12 +126,493 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
         for f in summary.failures:
             t.add_row(f["style"], f["content"], f["kind"] or "", f["message"] or "")
         console.print(t)
-        console.print(f"re-run them with: nst-batch retry {out}")
+        console.print("re-run them with: " + "\n  or: ".join(retry_commands(out, summary.failures)),
+                      highlight=False)
+
+
+def print_report(console: Console, out: Path, summary: Summary) -> None:
+    """print_status preceded by the slowest pairs and the highest final losses."""
+    for title, top, key, fmt in (("Slowest pairs", summary.slowest, "seconds", "{:.1f} s"),
+                                 ("Highest final total loss", summary.highest_loss, "total_loss", "{:.4g}")):
+        if top:
+            t = Table(title=title)
+            for col in ("style", "content", key):
+                t.add_column(col, overflow="fold")
+            for r in top:
+                t.add_row(r["style"], r["content"], fmt.format(r[key]))
+            console.print(t)
+    print_status(console, out, summary)
+
+
+def _read_ledger(out: Path) -> tuple[list[Row], dict]:
+    ledger = Ledger(out, create=False)
+    try:
+        return ledger.rows(), ledger.get_meta("settings", {}) or {}
+    finally:
+        ledger.close()
 
 
 def load_summary(out: Path) -> Summary:
-    ledger = Ledger(out, create=False)
+    return summarize(_read_ledger(out)[0])
+
+
+# -- files ------------------------------------------------------------------------------------------
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        return summarize(ledger.rows())
-    finally:
-        ledger.close()
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_report(out: Path) -> list[Path]:
+    """Write report.html, summary.csv and contact_sheet.jpg (and thumbs/) into OUT; report.html first."""
+    # Imported here, not at the top: they load torch, which `status` (a user of this module) never needs.
+    from .images import save_atomic
+    from .runner import LOSS_LOG
+
+    rows, settings = _read_ledger(out)
+    thumbs = make_thumbnails(out, rows)
+    curves = read_curves(out / LOSS_LOG, rows)
+    grid = _Grid.of(out, rows)
+    sheet = sheet_layout(len(grid.contents), len(grid.styles))
+    paths = [out / REPORT_HTML, out / SUMMARY_CSV, out / CONTACT_SHEET]
+    save_atomic(_contact_sheet(out, grid, thumbs, sheet), paths[2], "jpg", quality=85)
+    _write_text_atomic(paths[1], summary_csv(rows))
+    _write_text_atomic(paths[0], _page(out, grid, settings, summarize(rows), thumbs, curves, sheet))
+    return paths
+
+
+def summary_csv(rows: list[Row]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SUMMARY_COLUMNS)
+    for r in rows:
+        w.writerow(["" if v is None else v for v in (getattr(r, c) for c in SUMMARY_COLUMNS)])
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Rows = content images, columns = style images, in plan order."""
+    contents: list[str]
+    styles: list[str]
+    cells: dict[tuple[str, str], Row]
+    on_disk: set[int]  # ids of done pairs whose output file is there to link to
+
+    @staticmethod
+    def of(out: Path, rows: list[Row]) -> _Grid:
+        return _Grid(list(dict.fromkeys(r.content for r in rows)), list(dict.fromkeys(r.style for r in rows)),
+                     {(r.content, r.style): r for r in rows},
+                     {r.id for r in rows if r.state == "done" and (out / r.output).is_file()})
+
+
+# -- thumbnails -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Thumbs:
+    """Thumbnail paths relative to OUT; a missing key means no preview (no output yet, or undecodable)."""
+    content: dict[str, str]
+    style: dict[str, str]
+    output: dict[int, str]  # by ledger row id
+
+
+def _thumb_name(kind: str, source: str) -> str:
+    # Hashed: names are user data (any characters, any length, case-only differences).
+    return f"{THUMBS}/{kind}-{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
+
+
+def _thumbnail(src: Path, dst: Path) -> bool:
+    """Make dst from src unless it is already newer; False when src is missing or cannot be decoded."""
+    try:
+        src_mtime = src.stat().st_mtime
+    except OSError:
+        return False
+    try:
+        if dst.stat().st_mtime >= src_mtime:
+            return True
+    except FileNotFoundError:
+        pass
+    from .images import _to_rgb  # the pipeline's colour handling (16-bit, alpha, CMYK); loads torch
+
+    try:
+        with Image.open(src) as im:
+            im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a fraction of full size, much faster
+            im = ImageOps.exif_transpose(im)
+            im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
+            rgb = _to_rgb(im)
+    except Exception:  # Pillow raises many kinds for bad files; any of them means "no preview"
+        return False
+    # Atomic but not fsynced: a thumbnail is a cache, and 5000 fsyncs would dominate the report's time.
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    try:
+        rgb.save(tmp, "JPEG", quality=85)
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def make_thumbnails(out: Path, rows: list[Row]) -> Thumbs:
+    (out / THUMBS).mkdir(exist_ok=True)
+    jobs: dict[tuple[str, str | int], tuple[Path, str]] = {}
+    for r in rows:
+        jobs[("content", r.content)] = (Path(r.content_path), _thumb_name("c", r.content_path))
+        jobs[("style", r.style)] = (Path(r.style_path), _thumb_name("s", r.style_path))
+        if r.state == "done":
+            jobs[("output", r.id)] = (out / r.output, _thumb_name("o", r.output))
+    # Decoding, resizing and encoding release the GIL: threads use every core.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        ok = pool.map(lambda job: _thumbnail(job[0], out / job[1]), jobs.values())
+        made = {key: name for (key, (_, name)), good in zip(jobs.items(), ok) if good}
+    pick = lambda kind: {k[1]: v for k, v in made.items() if k[0] == kind}  # noqa: E731
+    return Thumbs(pick("content"), pick("style"), pick("output"))
+
+
+# -- loss curves -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    step: int
+    px: int
+    content: float
+    style: float
+    total: float
+
+
+def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point]]:
+    """Per (content, style): the loss-log rows of the ledger's current attempt, in step order.
+
+    Rows of earlier, abandoned attempts are skipped. Within one attempt an out-of-memory retry
+    starts again from step 1 at a smaller size: only that last start is kept. The final row
+    repeats the last step with the losses of the image as written: it replaces that step.
+    """
+    want = {(r.content, r.style): r.attempts for r in rows if r.attempts}
+    curves: dict[tuple[str, str], list[Point]] = {}
+    try:
+        f = open(path, newline="", encoding="utf-8")
+    except FileNotFoundError:
+        return curves
+    with f:
+        reader = csv.reader(f)
+        col = {name: i for i, name in enumerate(next(reader, []))}
+        try:
+            ic, is_, ia, istep, ipx = (col[k] for k in ("content", "style", "attempt", "step", "px"))
+            il = [col[k] for k in ("content_loss", "style_loss", "total_loss")]
+        except KeyError:
+            return curves
+        for rec in reader:
+            try:
+                key = (rec[ic], rec[is_])
+                if want.get(key) != int(rec[ia]):
+                    continue
+                p = Point(int(rec[istep]), int(rec[ipx]), *(float(rec[i]) for i in il))
+            except (IndexError, ValueError):  # a line cut short by a crash
+                continue
+            series = curves.setdefault(key, [])
+            if series and p.step < series[-1].step:
+                series.clear()
+            elif series and p.step == series[-1].step:
+                series.pop()
+            series.append(p)
+    return curves
+
+
+def _thin(points: list[Point], n: int) -> list[Point]:
+    if len(points) <= n:
+        return points
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
+
+
+_SERIES = (("content", "#2b6cb0"), ("style", "#c53030"), ("total", "#222"))
+_W, _H, _L, _B = 220, 84, 38, 14  # chart size, left and bottom margins
+
+
+def loss_svg(points: list[Point]) -> str:
+    """A small chart of content, style and total loss over steps; log y when they span 10× or more."""
+    pts = _thin(points, CURVE_MAX_POINTS)
+    values = [getattr(p, name) for p in pts for name, _ in _SERIES]
+    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    if not positive:
+        return '<span class="muted">no losses logged</span>'
+    lo, hi = min(positive), max(positive)
+    log = hi / lo >= 10
+    f = (lambda v: math.log10(max(v, lo))) if log else (lambda v: v)
+    ylo, yhi = (f(lo), f(hi)) if log else (min(0.0, min(values)), hi)
+    s0, s1 = pts[0].step, pts[-1].step
+    x = lambda s: _L + (s - s0) / ((s1 - s0) or 1) * (_W - _L - 4)  # noqa: E731
+    y = lambda v: 4 + (1 - (f(v) - ylo) / ((yhi - ylo) or 1)) * (_H - _B - 8)  # noqa: E731
+    parts = [f'<svg class="curve" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img" '
+             f'aria-label="loss over steps">',
+             f'<path d="M{_L} 4V{_H - _B}H{_W}" class="axis"/>']
+    for a, b in zip(pts, pts[1:]):
+        if b.px != a.px:  # a new scale starts here
+            parts.append(f'<path d="M{x(b.step):.0f} 4V{_H - _B}" class="scale"/>'
+                         f'<text x="{x(b.step) + 2:.0f}" y="12" class="lbl">{b.px}px</text>')
+    for name, colour in _SERIES:
+        xy = " ".join(f"{x(p.step):.1f},{y(getattr(p, name)):.1f}" for p in pts)
+        parts.append(f'<polyline points="{xy}" stroke="{colour}" class="{name}"/>')
+    parts.append(f'<text x="{_L - 3}" y="10" class="lbl r">{hi:.3g}</text>'
+                 f'<text x="{_L - 3}" y="{_H - _B}" class="lbl r">{lo if log else ylo:.3g}</text>'
+                 f'<text x="{_L}" y="{_H - 2}" class="lbl">{s0}</text>'
+                 f'<text x="{_W - 2}" y="{_H - 2}" class="lbl r">{s1} steps{" · log" if log else ""}</text></svg>')
+    return "".join(parts)
+
+
+# -- contact_sheet.jpg -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SheetLayout:
+    cell: int
+    contents: int  # how many content rows (after the header row) fit
+    styles: int
+
+
+def sheet_layout(n_contents: int, n_styles: int) -> SheetLayout:
+    cells = max(n_contents, n_styles) + 1
+    cell = max(SHEET_MIN_CELL_PX, min(SHEET_CELL_PX, SHEET_MAX_SIDE // cells))
+    fit = SHEET_MAX_SIDE // cell - 1
+    return SheetLayout(cell, min(n_contents, fit), min(n_styles, fit))
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def _paste_thumb(sheet: Image.Image, path: Path, x: int, y: int, cell: int) -> bool:
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (cell, cell))
+            fit = ImageOps.contain(im.convert("RGB"), (cell - 4, cell - 4))  # small outputs are scaled up
+            sheet.paste(fit, (x + (cell - fit.width) // 2, y + (cell - fit.height) // 2))
+    except Exception:  # a thumbnail deleted or damaged meanwhile: leave the cell blank
+        return False
+    return True
+
+
+def _label(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int, text: str, font, fill="#fff", band="#000a"):
+    """Text on a band along the bottom of a cell, cut to fit."""
+    while text and draw.textlength(text, font=font) > cell - 6:
+        text = text[:-2] + "…" if len(text) > 2 else ""
+    h = font.getbbox("Ag")[3] + 4
+    draw.rectangle((x, y + cell - h, x + cell - 1, y + cell - 1), fill=band)
+    draw.text((x + 3, y + cell - h + 2), text, font=font, fill=fill)
+
+
+def _contact_sheet(out: Path, grid: _Grid, thumbs: Thumbs, layout: SheetLayout) -> Image.Image:
+    cell = layout.cell
+    contents, styles = grid.contents[:layout.contents], grid.styles[:layout.styles]
+    sheet = Image.new("RGB", ((len(styles) + 1) * cell, (len(contents) + 1) * cell), "white")
+    draw = ImageDraw.Draw(sheet, "RGBA")
+    font = _font(max(9, cell // 14))
+    labels = cell >= 96
+    draw.rectangle((0, 0, sheet.width, cell - 1), fill="#e8e8e8")
+    draw.rectangle((0, 0, cell - 1, sheet.height), fill="#e8e8e8")
+    for j, style in enumerate(styles, 1):
+        if style in thumbs.style:
+            _paste_thumb(sheet, out / thumbs.style[style], j * cell, 0, cell)
+        if labels:
+            _label(draw, j * cell, 0, cell, style, font)
+    for i, content in enumerate(contents, 1):
+        y = i * cell
+        if content in thumbs.content:
+            _paste_thumb(sheet, out / thumbs.content[content], 0, y, cell)
+        if labels:
+            _label(draw, 0, y, cell, content, font)
+        for j, style in enumerate(styles, 1):
+            _sheet_cell(draw, sheet, out, grid.cells.get((content, style)), thumbs, j * cell, y, cell, font)
+    return sheet
+
+
+def _sheet_cell(draw, sheet, out: Path, row: Row | None, thumbs: Thumbs, x: int, y: int, cell: int, font) -> None:
+    if row is None:
+        return
+    if row.state == "done" and row.id in thumbs.output and _paste_thumb(sheet, out / thumbs.output[row.id],
+                                                                        x, y, cell):
+        return
+    box = (x + 2, y + 2, x + cell - 3, y + cell - 3)
+    if row.state == "failed":
+        draw.rectangle(box, fill="#fde8e8", outline="#c53030", width=2)
+        draw.line(box, fill="#c53030", width=3)
+        draw.line((box[0], box[3], box[2], box[1]), fill="#c53030", width=3)
+        text = row.error_kind or "failed"
+    else:
+        draw.rectangle(box, fill="#f0f0f0", outline="#bbb")
+        text = row.state if row.state != "done" else "no preview"
+    draw.text((x + cell / 2, y + cell / 2), text, font=font, fill="#000", anchor="mm",
+              stroke_width=2, stroke_fill="#fff")
+
+
+# -- report.html ------------------------------------------------------------------------------------
+
+_STATE_ORDER = ("done", "failed", "running", "pending")
+
+
+def _e(s: object) -> str:
+    return html.escape(str(s), quote=True)
+
+
+def _href(rel: str) -> str:
+    return _e(quote(rel))
+
+
+def _num(v: float | None, fmt: str = "{:.4g}") -> str:
+    return "" if v is None else fmt.format(v)
+
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0 24px 48px;color:#222;background:#fafafa}
+h1{margin:20px 0 4px}h2{margin:32px 0 8px;border-bottom:1px solid #ddd}
+.muted{color:#777}.banner{padding:8px 12px;border-radius:4px;margin:8px 0}
+.warn{background:#fff4d6}.bad{background:#fde8e8}
+code,pre{background:#eee;padding:2px 5px;border-radius:3px}pre{padding:8px;overflow:auto}
+table{border-collapse:collapse}td,th{padding:3px 8px;text-align:left;vertical-align:top}
+.data td,.data th{border-bottom:1px solid #e4e4e4}.data td.n{text-align:right;font-variant-numeric:tabular-nums}
+.grid th,.grid td{padding:4px;width:136px;border:1px solid #e4e4e4;background:#fff}
+.grid thead th{position:sticky;top:0;z-index:1;background:#eee}
+.grid img,.ph{width:128px;height:128px;object-fit:contain;display:block}
+.ph{display:flex;align-items:center;justify-content:center;text-align:center;background:#f0f0f0;color:#666}
+.name{font-size:12px;word-break:break-all;font-weight:600}.cap{font-size:11px;color:#555}
+.err{width:128px;min-height:128px;background:#fde8e8;border:2px solid #c53030;font-size:11px;overflow-wrap:anywhere}
+.err b{display:block;color:#c53030;font-size:13px}
+.st{font-size:12px;padding:1px 6px;border-radius:8px;background:#eee}
+.st-done{background:#def7e5}.st-failed{background:#fde8e8}.st-running{background:#fff4d6}
+details{margin:6px 0}summary{cursor:pointer;font-weight:600}
+svg.curve{display:block}svg .axis,svg .scale{stroke:#999;fill:none}svg .scale{stroke-dasharray:2 2}
+svg polyline{fill:none;stroke-width:1.5}svg .lbl{font-size:9px;fill:#666}svg .r{text-anchor:end}
+.key span{display:inline-block;width:14px;height:3px;margin:0 4px 3px 10px}
+"""
+
+
+def _page(out: Path, grid: _Grid, settings: dict, summary: Summary, thumbs: Thumbs,
+          curves: dict[tuple[str, str], list[Point]], sheet: SheetLayout) -> str:
+    title = f"nst-batch report: {out.resolve().name}"
+    parts = [f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+             f'<meta name="viewport" content="width=device-width,initial-scale=1">'
+             f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>{_e(title)}</h1>",
+             *_overview(out, summary, grid, sheet),
+             *_contact_grid(grid, thumbs),
+             *_failures(out, summary),
+             *_per_style(grid, curves),
+             *_settings(settings),
+             "</body></html>\n"]
+    return "\n".join(parts)
+
+
+def _overview(out: Path, s: Summary, grid: _Grid, sheet: SheetLayout) -> Iterable[str]:
+    c = s.counts
+    yield (f'<p class="muted">{_e(out.resolve())} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))} · '
+           f'<a href="{SUMMARY_CSV}">summary.csv</a> · <a href="{CONTACT_SHEET}">contact_sheet.jpg</a></p>')
+    yield (f"<p><b>{s.total}</b> pairs ({len(grid.contents)} contents × {len(grid.styles)} styles): "
+           + " · ".join(f'<span class="st st-{k}">{c[k]} {k}</span>' for k in _STATE_ORDER) + "</p>")
+    rate = f"{s.pairs_per_hour:.1f}" if s.pairs_per_hour else "-"
+    mean = f"{s.seconds_mean:.1f} s" if s.seconds_mean else "-"
+    yield (f'<table class="data"><tr><th>compute, all done pairs</th><td class="n">{_dur(s.seconds_total)}</td>'
+           f'<th>mean per pair</th><td class="n">{mean}</td><th>pairs/hour</th><td class="n">{rate}</td>'
+           f'<th>ETA</th><td class="n">{_dur(s.eta_s)}</td></tr></table>')
+    if c["pending"] or c["running"]:
+        yield (f'<p class="banner warn">The run is not finished ({c["pending"]} pending, {c["running"]} running): '
+               f"this is a snapshot. <code>nst-batch report {_e(shlex.quote(str(out)))}</code> refreshes it.</p>")
+    if c["failed"]:
+        yield f'<p class="banner bad">{c["failed"]} pair(s) failed: see <a href="#failures">Failures</a>.</p>'
+    if (sheet.contents, sheet.styles) != (len(grid.contents), len(grid.styles)):
+        yield (f'<p class="muted">{CONTACT_SHEET} holds the first {sheet.contents} contents and '
+               f"{sheet.styles} styles (it stays under {SHEET_MAX_SIDE} px a side); this page has them all.</p>")
+
+
+def _contact_grid(grid: _Grid, thumbs: Thumbs) -> Iterable[str]:
+    yield '<h2 id="grid">Contact sheet</h2><table class="grid"><thead><tr><th></th>'
+    for k, style in enumerate(grid.styles):
+        yield (f'<th><a href="#style-{k}">{_img(thumbs.style.get(style), style)}'
+               f'<div class="name">{_e(style)}</div></a></th>')
+    yield "</tr></thead><tbody>"
+    for content in grid.contents:
+        cells = "".join(_grid_cell(grid.cells.get((content, style)), grid, thumbs) for style in grid.styles)
+        yield (f'<tr><th>{_img(thumbs.content.get(content), content)}<div class="name">{_e(content)}</div></th>'
+               f"{cells}</tr>")
+    yield "</tbody></table>"
+
+
+def _img(thumb: str | None, alt: str, placeholder: str = "no preview") -> str:
+    if thumb is None:
+        return f'<div class="ph">{_e(placeholder)}</div>'
+    return f'<img src="{_href(thumb)}" alt="{_e(alt)}" loading="lazy" decoding="async">'
+
+
+def _grid_cell(r: Row | None, grid: _Grid, thumbs: Thumbs) -> str:
+    if r is None:
+        return "<td></td>"
+    if r.state == "failed":
+        msg = r.error_message or ""
+        short = msg if len(msg) <= 160 else msg[:157] + "…"
+        return f'<td><div class="err" title="{_e(msg)}"><b>{_e(r.error_kind or "failed")}</b>{_e(short)}</div></td>'
+    if r.state != "done":
+        return f'<td><div class="ph"><span class="st st-{r.state}">{r.state}</span></div></td>'
+    name = f"{r.style} × {r.content}"
+    cap = f'<div class="cap">{_num(r.seconds, "{:.1f}")} s · total {_num(r.total_loss)}</div>'
+    if r.id not in grid.on_disk:
+        return f'<td><div class="ph">output missing</div>{cap}</td>'
+    return f'<td><a href="{_href(r.output)}" title="{_e(name)}">{_img(thumbs.output.get(r.id), name)}</a>{cap}</td>'
+
+
+def _failures(out: Path, s: Summary) -> Iterable[str]:
+    if not s.failures:
+        return
+    yield f'<h2 id="failures">Failures ({len(s.failures)})</h2><p>Re-run them with the same settings:</p>'
+    yield "<pre>" + "\n".join(_e(cmd) for cmd in retry_commands(out, s.failures)) + "</pre>"
+    yield '<table class="data"><tr><th>style</th><th>content</th><th>kind</th><th>attempts</th><th>reason</th></tr>'
+    for f in s.failures:
+        yield (f"<tr><td>{_e(f['style'])}</td><td>{_e(f['content'])}</td><td>{_e(f['kind'] or '')}</td>"
+               f"<td class=\"n\">{f['attempts']}</td><td>{_e(f['message'] or '')}</td></tr>")
+    yield "</table>"
+
+
+def _per_style(grid: _Grid, curves: dict[tuple[str, str], list[Point]]) -> Iterable[str]:
+    yield ('<h2 id="styles">Per style: final losses, seconds, loss curves</h2><p class="key">'
+           + "".join(f'<span style="background:{colour}"></span>{name}' for name, colour in _SERIES)
+           + ' loss over optimisation steps; a dashed line marks the start of a larger scale.</p>')
+    is_open = " open" if len(grid.cells) <= OPEN_SECTIONS_UP_TO else ""
+    for k, style in enumerate(grid.styles):
+        rows = [grid.cells[(c, style)] for c in grid.contents if (c, style) in grid.cells]
+        counts = " · ".join(f"{n} {state}" for state in _STATE_ORDER if (n := sum(r.state == state for r in rows)))
+        yield (f'<details id="style-{k}"{is_open}><summary>{_e(style)} <span class="muted">({counts})</span>'
+               '</summary><table class="data"><tr><th>content</th><th>state</th><th>attempts</th><th>steps</th>'
+               "<th>seconds</th><th>content loss</th><th>style loss</th><th>tv loss</th><th>total loss</th>"
+               "<th>loss curves</th></tr>")
+        for r in rows:
+            yield _style_row(r, r.id in grid.on_disk, curves.get((r.content, r.style), []))
+        yield "</table></details>"
+
+
+def _style_row(r: Row, on_disk: bool, points: list[Point]) -> str:
+    name = f'<a href="{_href(r.output)}">{_e(r.content)}</a>' if on_disk else _e(r.content)
+    state = f'<span class="st st-{r.state}">{r.state}</span>'
+    if r.state == "failed":
+        state += f"<br><b>{_e(r.error_kind or '')}</b>: {_e(r.error_message or '')}"
+    if r.note:
+        state += f'<br><span class="muted">{_e(r.note)}</span>'
+    nums = "".join(f'<td class="n">{v}</td>' for v in (
+        r.attempts, r.steps if r.steps is not None else "", _num(r.seconds, "{:.1f}"), _num(r.content_loss),
+        _num(r.style_loss), _num(r.tv_loss), _num(r.total_loss)))
+    curve = loss_svg(points) if points else '<span class="muted">-</span>'
+    return f"<tr><td>{name}</td><td>{state}</td>{nums}<td>{curve}</td></tr>"
+
+
+def _settings(settings: dict) -> Iterable[str]:
+    yield '<h2 id="settings">Settings</h2>'
+    if not settings:
+        yield '<p class="muted">The ledger holds no settings.</p>'
+        return
+    yield '<table class="data">'
+    for key, value in settings.items():
+        shown = value if isinstance(value, str) else json.dumps(value)
+        yield f"<tr><th>{_e(key)}</th><td><code>{_e(shown)}</code></td></tr>"
+    yield "</table>"

@@ -1,0 +1,270 @@
+"""The report files, built from a hand-made ledger (no VGG): done, failed, running and pending pairs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+from PIL import Image
+from rich.console import Console
+
+from nst_batch import report
+from nst_batch.errors import ConfigError
+from nst_batch.ledger import Ledger
+from nst_batch.runner import LOSS_COLUMNS, LOSS_LOG
+
+from conftest import make_image
+
+WORKER = "test-host:1"
+ODD = 'a b#1 & <x> "q".png'  # a content name that needs escaping in HTML and quoting in URLs
+LOSS_HEADER = ",".join(LOSS_COLUMNS) + "\n"
+
+
+@dataclass(frozen=True)
+class FakePair:
+    content: str
+    style: str
+    content_path: Path
+    style_path: Path
+    output: str
+    recipe: str = "r"
+
+
+def _loss_rows(content: str, style: str, attempt: int, steps: list[tuple[int, int]], scale: float) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for step, px in steps:
+        w.writerow([content, style, step, 0.5 * scale / step, 2.0 * scale / step, 0.01, 2.51 * scale / step,
+                    step * 0.1, attempt, px])
+    return buf.getvalue()
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """3 contents × 2 styles. s1: c1 done, odd-name done with its output gone, broken failed.
+    s2: c1 done on its 2nd attempt (the 1st was abandoned), odd-name running, broken pending."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    c1 = make_image(src / "c" / "c1.png", 64, 40, 1)
+    odd = make_image(src / "c" / ODD, 36, 60, 2)
+    broken = src / "c" / "broken.jpg"
+    broken.write_bytes(b"not a jpeg at all")
+    s1, s2 = make_image(src / "s" / "s1.png", 48, 48, 10), make_image(src / "s" / "s2.jpg", 56, 40, 11)
+    pairs = [FakePair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png") for s in (s1, s2)
+             for c in (c1, odd, broken)]
+    ledger = Ledger(out)
+    try:
+        ledger.sync(pairs, out, lease_s=60)
+        ledger.set_meta("settings", {"size": 64, "steps": 20, "scales": [0.5, 1.0], "out": str(out)})
+        ids = {(r.content, r.style): r.id for r in ledger.rows()}
+
+        def finish(content: str, style: str, total: float, write: bool = True) -> None:
+            row = ledger.claim(WORKER, 60, only={ids[(content, style)]})
+            if write:
+                make_image(out / row.output, 40, 32, row.id)
+            ledger.done(row.id, WORKER, 40, 0.5, 0.2, 0.01, total)
+
+        finish("c1.png", "s1.png", 0.7)
+        finish(ODD, "s1.png", 0.9, write=False)
+        ledger.claim(WORKER, 60, only={ids[("broken.jpg", "s1.png")]})
+        ledger.fail(ids[("broken.jpg", "s1.png")], WORKER, "unreadable", "broken.jpg: not an image <Pillow> can decode")
+        ledger.claim(WORKER, 60, only={ids[("c1.png", "s2.jpg")]})
+        ledger.release(ids[("c1.png", "s2.jpg")], WORKER)  # attempt 1 abandoned
+        finish("c1.png", "s2.jpg", 1.2)  # attempt 2
+        ledger.claim(WORKER, 60, only={ids[(ODD, "s2.jpg")]})
+    finally:
+        ledger.close()
+    (out / LOSS_LOG).write_text(
+        LOSS_HEADER
+        + _loss_rows("c1.png", "s1.png", 1, [(10, 32), (20, 32), (30, 64), (40, 64), (40, 64)], 1.0)
+        + _loss_rows("c1.png", "s2.jpg", 1, [(10, 999), (20, 999)], 1e6)  # the abandoned attempt
+        + _loss_rows("c1.png", "s2.jpg", 2, [(10, 32), (20, 32), (30, 64), (40, 64)], 1.0)
+        + _loss_rows(ODD, "s2.jpg", 1, [(10, 32)], 1.0)
+        + "c1.png,s2.jpg,50,0.1")  # a line cut short by a crash
+    return out
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.imgs: list[dict] = []
+        self.hrefs: list[str] = []
+        self.ids: set[str] = set()
+        self.body: dict = {}
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.imgs.append(a)
+        if tag == "a" and "href" in a:
+            self.hrefs.append(a["href"])
+        if "id" in a:
+            self.ids.add(a["id"])
+        if tag == "body":
+            self.body = a
+
+
+def _parse(text: str) -> _Links:
+    p = _Links()
+    p.feed(text)
+    p.close()
+    return p
+
+
+def test_html_parses_and_every_relative_link_resolves(run_dir: Path):
+    paths = report.write_report(run_dir)
+    assert paths[0] == run_dir / "report.html"
+    page = _parse(paths[0].read_text())
+    assert len(page.imgs) == 2 + 2 + 2  # content headers (broken.jpg has none), style headers, outputs on disk
+    assert all(img["loading"] == "lazy" for img in page.imgs)
+    for url in [img["src"] for img in page.imgs] + page.hrefs:
+        parts = urlsplit(url)
+        assert not parts.scheme and not parts.netloc, url  # nothing outside OUT, nothing on the network
+        if parts.path:
+            assert (run_dir / unquote(parts.path)).is_file(), url
+        else:
+            assert parts.fragment in page.ids, url
+
+
+def test_states_failures_and_escaping(run_dir: Path):
+    text = report.write_report(run_dir)[0].read_text()
+    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in text
+    assert f"nst-batch retry {run_dir}" in text
+    assert "<x>" not in text and "a b#1 &amp; &lt;x&gt; &quot;q&quot;.png" in text
+    assert "output missing" in text  # ODD × s1 is done but its file is gone
+    assert "no preview" in text  # broken.jpg cannot be decoded: a placeholder, not a crash
+    assert "st-running" in text and "st-pending" in text
+    assert '"size"' in text or "<th>size</th>" in text
+
+
+def test_abandoned_attempt_is_not_drawn(run_dir: Path):
+    report.write_report(run_dir)
+    rows = _ledger_rows(run_dir)
+    curves = report.read_curves(run_dir / LOSS_LOG, rows)
+    assert [(p.step, p.px) for p in curves[("c1.png", "s2.jpg")]] == [(10, 32), (20, 32), (30, 64), (40, 64)]
+    assert len(curves[("c1.png", "s1.png")]) == 4  # the final row replaces the repeated last step
+    text = (run_dir / "report.html").read_text()
+    assert "999px" not in text and "64px" in text
+    points = re.findall(r'<polyline points="([^"]*)"', text)
+    assert len(points) == 3 * 3  # content, style, total for the 3 pairs with rows in their current attempt
+    assert sorted(len(p.split()) for p in points) == [1] * 3 + [4] * 6
+
+
+def test_summary_csv(run_dir: Path):
+    report.write_report(run_dir)
+    with open(run_dir / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(report.SUMMARY_COLUMNS)
+    assert len(rows) == 6
+    by = {(r["content"], r["style"]): r for r in rows}
+    assert by[("c1.png", "s2.jpg")]["attempts"] == "2" and float(by[("c1.png", "s2.jpg")]["total_loss"]) == 1.2
+    assert by[("broken.jpg", "s1.png")]["error_kind"] == "unreadable"
+    assert sorted(r["state"] for r in rows) == ["done", "done", "done", "failed", "pending", "running"]
+
+
+def test_contact_sheet_is_rows_by_columns_cells(run_dir: Path):
+    report.write_report(run_dir)
+    with Image.open(run_dir / "contact_sheet.jpg") as im:
+        assert im.size == (3 * report.SHEET_CELL_PX, 4 * report.SHEET_CELL_PX)  # header + 2 styles, header + 3
+
+
+def test_sheet_layout_rule():
+    assert report.sheet_layout(3, 2) == report.SheetLayout(180, 3, 2)
+    assert report.sheet_layout(60, 10) == report.SheetLayout(131, 60, 10)
+    assert report.sheet_layout(500, 10) == report.SheetLayout(64, 124, 10)
+    big = report.sheet_layout(500, 500)
+    assert (big.contents + 1) * big.cell <= report.SHEET_MAX_SIDE
+
+
+def test_thumbnails_are_reused_until_the_output_changes(run_dir: Path):
+    report.write_report(run_dir)
+    thumbs = {p: p.stat().st_mtime_ns for p in (run_dir / "thumbs").iterdir()}
+    assert len(thumbs) == 4 + 2  # c1, odd, s1, s2 + the two outputs on disk
+    report.write_report(run_dir)
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "thumbs").iterdir()} == thumbs
+    output = run_dir / "s1" / "c1.png"
+    later = time.time() + 5
+    os.utime(output, (later, later))
+    report.write_report(run_dir)
+    changed = [p for p in (run_dir / "thumbs").iterdir() if p.stat().st_mtime_ns != thumbs[p]]
+    assert len(changed) == 1 and changed[0].name.startswith("o-")
+
+
+def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
+    (run_dir / LOSS_LOG).unlink()
+    assert "loss curves" in report.write_report(run_dir)[0].read_text()
+    with pytest.raises(ConfigError):
+        report.write_report(tmp_path / "nowhere")
+
+
+def test_terminal_report(run_dir: Path):
+    summary = report.load_summary(run_dir)
+    json.dumps(summary.to_dict())  # `status --json`
+    assert [s["total_loss"] for s in summary.highest_loss] == [1.2, 0.9, 0.7]
+    console = Console(record=True, width=200)
+    report.print_report(console, run_dir, summary)
+    text = console.export_text()
+    for expected in ("Slowest pairs", "Highest final total loss", "1 failed", "unreadable",
+                     f"nst-batch retry {run_dir}", "of compute in total"):
+        assert expected in text
+
+
+def test_retry_commands_name_each_kind_when_there_are_several():
+    fails = [{"kind": "oom"}, {"kind": "unreadable"}, {"kind": "oom"}]
+    assert report.retry_commands(Path("my out"), fails) == [
+        "nst-batch retry 'my out'", "nst-batch retry 'my out' --kind oom", "nst-batch retry 'my out' --kind unreadable"]
+    assert report.retry_commands(Path("r"), fails[:1]) == ["nst-batch retry r"]
+
+
+def _ledger_rows(out: Path):
+    ledger = Ledger(out, create=False)
+    try:
+        return ledger.rows()
+    finally:
+        ledger.close()
+
+
+# Injected into a copy of the page: records script errors, console errors and failed loads.
+_CHECK = """<script>
+window.__errors = [];
+addEventListener("error", e => __errors.push(e.message || "failed to load " + (e.target.src || e.target.href)), true);
+const __ce = console.error; console.error = (...a) => { __errors.push(a.join(" ")); __ce(...a); };
+addEventListener("load", () => {
+  const broken = [...document.images].filter(i => !i.complete || i.naturalWidth === 0).map(i => i.src);
+  document.body.dataset.images = document.images.length;
+  document.body.dataset.broken = JSON.stringify(broken);
+  document.body.dataset.errors = JSON.stringify(__errors);
+});
+</script>"""
+
+
+def test_page_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("chromium is not installed; CI must install it (apt-get install -y chromium)")
+        pytest.skip("chromium is not installed")
+    text = report.write_report(run_dir)[0].read_text()
+    # Lazy images below the fold never load in a headless dump; the check wants them all, so load eagerly.
+    check = run_dir / "check.html"
+    check.write_text(text.replace("<head>", "<head>" + _CHECK, 1).replace('loading="lazy"', 'loading="eager"'))
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+         check.as_uri()], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = _parse(proc.stdout).body
+    assert body.get("data-images") == "6", proc.stdout[:2000]
+    assert json.loads(body["data-broken"]) == []
+    assert json.loads(body["data-errors"]) == []
