@@ -1,0 +1,203 @@
+"""Manifest and option checking: every error is one line naming the key or path, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import cli
+from nst_batch import manifest
+from nst_batch.cli import _settings
+from nst_batch.errors import EXIT_USAGE, ConfigError
+from nst_batch.manifest import Settings
+
+
+def write_manifest(folder: Path, text: str, name: str = "pipeline.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def usage_error(*args: str, cwd: Path | None = None) -> str:
+    """Run the CLI, expect exit 2 and a one-line, traceback-free error; return stderr."""
+    r = cli(*args, cwd=cwd, timeout=120)
+    assert r.returncode == EXIT_USAGE, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr and "Traceback" not in r.stdout, r.stderr
+    assert r.stderr.startswith("error:"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, whatever the terminal width
+    return r.stderr
+
+
+# -- one test per error kind, through the CLI -----------------------------------------------------------
+
+
+def test_unknown_key_suggests_the_near_one(tmp_path):
+    m = write_manifest(tmp_path, "stpes: 10\n")
+    err = usage_error("run", str(m))
+    assert str(m) in err
+    assert "unknown key 'stpes'" in err
+    assert "did you mean 'steps'" in err
+
+
+def test_unknown_key_without_near_match_has_no_suggestion():
+    with pytest.raises(ConfigError, match="unknown key 'zzzzqqq'") as e:
+        manifest.apply(Settings(), {"zzzzqqq": 1}, "test")
+    assert "did you mean" not in str(e.value)
+
+
+def test_wrong_type(tmp_path):
+    m = write_manifest(tmp_path, "steps: ten\n")
+    err = usage_error("run", str(m))
+    assert "key 'steps'" in err and "integer" in err and "'ten'" in err
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("size: 5\n", "size", "between 16 and 16384, got 5"),
+    ("optimizer: sgd\n", "optimizer", "lbfgs, adam, got 'sgd'"),
+    ("scales: [0.5, 0.8]\n", "scales", "rise to 1.0"),
+    ("layers: {content: [relu4_2], style: [relu1_1, relu9_1]}\n", "layers.style", "relu9_1"),
+])
+def test_bad_value(tmp_path, text, key, words):
+    m = write_manifest(tmp_path, text)
+    err = usage_error("run", str(m))
+    assert f"key '{key}'" in err and words in err and str(m) in err
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"scales": [1.0, 0.5]}, "scales"),  # must rise
+    ({"scales": [0.5, 1.5]}, "scales"),
+    ({"scales": []}, "scales"),
+    ({"layers": "picasso"}, "layers"),
+    ({"layers": {"content": ["relu4_2"]}}, "layers"),  # style list missing
+    ({"layers": {"content": ["conv_99"], "style": ["relu1_1"]}}, "layers.content"),
+    ({"steps": 0}, "steps"),
+    ({"steps": True}, "steps"),  # a YAML boolean is not an integer
+    ({"lr": 0}, "lr"),
+    ({"quality": 101}, "quality"),
+    ({"format": "gif"}, "format"),
+    ({"device": "gpu"}, "device"),
+    ({"compile": "yes"}, "compile"),
+    ({"content": None}, "content"),
+    ({"style_weight": -1}, "style_weight"),
+    ({"max_megapixels": 0}, "max_megapixels"),
+])
+def test_bad_values_name_their_key(changes, key):
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        manifest.apply(Settings(), changes, "src")
+
+
+@pytest.mark.parametrize("key", ["lr", "content_weight", "stop_tolerance", "max_megapixels"])
+def test_nan_is_not_a_valid_number(key):
+    # `.nan` is a YAML float; it passed every `< lo` check and made every pair fail later as 'nonfinite'.
+    with pytest.raises(ConfigError, match=f"key '{key}'"):
+        manifest.apply(Settings(), {key: float("nan")}, "src")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    m = write_manifest(tmp_path, "steps: 3\nsize: [1, 2\nseed: 1\n")
+    err = usage_error("run", str(m))
+    assert str(m) in err and "not valid YAML" in err and "line " in err
+
+
+def test_manifest_that_is_not_a_mapping(tmp_path):
+    m = write_manifest(tmp_path, "- a\n- b\n")
+    err = usage_error("run", str(m))
+    assert str(m) in err and "mapping" in err
+
+
+def test_manifest_not_found(tmp_path):
+    err = usage_error("run", str(tmp_path / "nope.yaml"))
+    assert "manifest not found" in err and str(tmp_path / "nope.yaml") in err
+
+
+def test_missing_content_folder(folders):
+    content, styles, out = folders
+    missing = content.parent / "no-such-folder"
+    err = usage_error("run", "--content", str(missing), "--styles", str(styles), "--out", str(out))
+    assert str(missing) in err and "key 'content'" in err
+    assert not out.exists()  # nothing was started
+
+
+def test_empty_style_folder(folders):
+    content, _, out = folders
+    empty = content.parent / "empty-styles"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("not an image")  # a non-image file does not count
+    (empty / ".hidden.png").write_bytes(b"")
+    err = usage_error("run", "--content", str(content), "--styles", str(empty), "--out", str(out))
+    assert "no images" in err and str(empty) in err and "key 'styles'" in err
+
+
+@pytest.mark.parametrize("item", ["steps", "=3", " =3"])
+def test_set_syntax_error(item):
+    err = usage_error("run", "--set", item)
+    assert "--set" in err and "KEY=VALUE" in err and repr(item) in err
+
+
+def test_set_value_is_checked_like_the_manifest():
+    err = usage_error("run", "--set", "size=5")
+    assert "--set: key 'size'" in err
+
+
+def test_error_with_brackets_is_printed_verbatim(tmp_path):
+    # Paths are user data: a folder called "a[/b]" must not be read as rich markup (MarkupError traceback).
+    missing = tmp_path / "runs[/old]" / "pipeline.yaml"
+    err = usage_error("run", str(missing))
+    assert str(missing) in err
+
+
+# -- parsing, paths and precedence ----------------------------------------------------------------------
+
+
+def test_paths_resolve_relative_to_the_manifest_folder(tmp_path):
+    m = write_manifest(tmp_path / "project" / "conf", "content: ../photos\nstyles: /abs/styles\nout: res\n")
+    s = manifest.load(m)
+    assert s.content.resolve() == (tmp_path / "project" / "photos").resolve()
+    assert s.styles == Path("/abs/styles")
+    assert s.out.resolve() == (tmp_path / "project" / "conf" / "res").resolve()
+
+
+def test_empty_manifest_is_the_defaults(tmp_path):
+    assert manifest.load(write_manifest(tmp_path, "# nothing\n")) == Settings()
+
+
+def test_set_parses_yaml_values():
+    changes = manifest.parse_set(["layers=tutorial", "scales=[0.5,1]", "style_weight=1e4", "format=jpeg",
+                                  "content_weight=", "init = noise"])
+    s = manifest.apply(Settings(), changes, "--set")
+    assert s.layers == "tutorial"
+    assert s.scales == (0.5, 1.0)
+    assert s.style_weight == 1e4
+    assert s.format == "jpg"
+    assert s.content_weight is None
+    assert s.init == "noise"
+
+
+def test_set_layers_mapping_uses_canonical_names():
+    s = manifest.apply(Settings(), manifest.parse_set(["layers={content: [conv_4], style: [relu_1, relu3_1]}"]),
+                       "--set")
+    assert s.layers == {"content": ["conv2_2"], "style": ["relu1_1", "relu3_1"]}
+
+
+def test_precedence_manifest_then_set_then_options(tmp_path):
+    m = write_manifest(tmp_path, "steps: 10\nsize: 100\nseed: 7\nlr: 0.5\ncontent: c1\n")
+    s = _settings(m, {"steps": 30, "size": None, "content": tmp_path / "c3"}, ["steps=20", "size=200", "lr=0.1"])
+    assert s.steps == 30  # explicit option beats --set beats manifest
+    assert s.size == 200  # --set beats manifest; an option left unset (None) does not count
+    assert s.lr == 0.1
+    assert s.seed == 7  # manifest beats defaults
+    assert s.content == tmp_path / "c3"
+    assert s.steps != Settings().steps
+
+
+def test_options_are_checked_too(tmp_path):
+    with pytest.raises(ConfigError, match="option: key 'size'"):
+        _settings(write_manifest(tmp_path, ""), {"size": 3}, [])
+
+
+def test_settings_round_trip_through_to_dict():
+    s = manifest.apply(Settings(), {"scales": [0.5, 1.0], "layers": {"content": ["relu4_2"], "style": ["relu1_1"]},
+                                    "content": "/x/c"}, "t")
+    assert manifest.apply(Settings(), s.to_dict(), "ledger") == s
