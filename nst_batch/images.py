@@ -53,8 +53,9 @@ def discover(root: Path, skip: Path | None = None) -> list[Path]:
 def _to_rgb(im: Image.Image) -> Image.Image:
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         a = np.asarray(im, dtype=np.float64)
-        # 16-bit PNGs decode to 'I' or 'I;16'; their range is 0..65535.
-        top = 65535.0 if a.max() > 255 else 255.0
+        # 16-bit PNGs decode to 'I;16' (range 0..65535 whatever the content: a dark photo stays dark);
+        # plain 'I' may hold either range, so only there does the data decide.
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
         im = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
