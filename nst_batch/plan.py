@@ -51,7 +51,25 @@ def _stems(root: Path, files: list[Path]) -> dict[Path, str]:
     seen: dict[str, int] = {}
     for s in bare.values():
         seen[s.casefold()] = seen.get(s.casefold(), 0) + 1
-    return {p: (s if seen[s.casefold()] == 1 else f"{s}_{rel[p].suffix.lstrip('.').lower()}") for p, s in bare.items()}
+    return _unique({p: (s if seen[s.casefold()] == 1 else f"{s}_{rel[p].suffix.lstrip('.').lower()}")
+                    for p, s in bare.items()})
+
+
+def _unique(names: dict[Path, str]) -> dict[Path, str]:
+    """Names made distinct, ignoring case (one file on macOS/Windows), by adding _2, _3, ... in file order.
+
+    A suffixed or flattened name can equal another file's own name (a.jpg -> a_jpg and a_jpg.png).
+    """
+    taken: set[str] = set()
+    out = {}
+    for p, name in names.items():
+        cand, n = name, 1
+        while cand.casefold() in taken:
+            n += 1
+            cand = f"{name}_{n}"
+        taken.add(cand.casefold())
+        out[p] = cand
+    return out
 
 
 def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
@@ -70,7 +88,9 @@ def make_plan(settings: Settings) -> list[Pair]:
             raise ConfigError(f"no images found in {key} folder {root} (key '{key}')")
         found[key] = (root.resolve(), files)
     (croot, contents), (sroot, styles) = found["content"], found["styles"]
-    cstem, sstem = _stems(croot, contents), _stems(sroot, styles)
+    # One folder per style, flat, so a style in a subfolder cannot collide with a content path.
+    cstem = _stems(croot, contents)
+    sstem = _unique({p: s.replace('/', '__') for p, s in _stems(sroot, styles).items()})
     hashes = {p: file_hash(p) for p in contents + styles}
     pairs = []
     for s in styles:
@@ -78,8 +98,7 @@ def make_plan(settings: Settings) -> list[Pair]:
             pairs.append(Pair(
                 content=c.relative_to(croot).as_posix(), style=s.relative_to(sroot).as_posix(),
                 content_path=c, style_path=s,
-                # One folder per style, flat, so a style in a subfolder cannot collide with a content path.
-                output=f"{sstem[s].replace('/', '__')}/{cstem[c]}.{settings.format}",
+                output=f"{sstem[s]}/{cstem[c]}.{settings.format}",
                 recipe=recipe_hash(settings, hashes[c], hashes[s]),
                 content_hash=hashes[c], style_hash=hashes[s],
             ))
