@@ -189,12 +189,22 @@ def write_report(out: Path) -> list[Path]:
     return paths
 
 
+def shown(r: Row, column: str) -> object:
+    """A ledger value as the report shows it. A pair that is not done can still hold the losses of an
+    earlier, successful attempt (and a pending or running one its seconds): those are not its result."""
+    if column in ("steps", "content_loss", "style_loss", "tv_loss", "total_loss") and r.state != "done":
+        return None
+    if column == "seconds" and r.state not in ("done", "failed"):
+        return None
+    return getattr(r, column)
+
+
 def summary_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SUMMARY_COLUMNS)
     for r in rows:
-        w.writerow(["" if v is None else v for v in (getattr(r, c) for c in SUMMARY_COLUMNS)])
+        w.writerow(["" if v is None else v for v in (shown(r, c) for c in SUMMARY_COLUMNS)])
     return buf.getvalue()
 
 
@@ -357,7 +367,7 @@ def loss_svg(points: list[Point]) -> str:
             parts.append(f'<path d="M{x(b.step):.0f} 4V{_H - _B}" class="scale"/>'
                          f'<text x="{x(b.step) + 2:.0f}" y="12" class="lbl">{b.px}px</text>')
     for name, colour in _SERIES:
-        xy = " ".join(f"{x(p.step):.1f},{y(getattr(p, name)):.1f}" for p in pts)
+        xy = " ".join(f"{x(p.step):.0f},{y(getattr(p, name)):.0f}" for p in pts)  # whole pixels: a smaller page
         parts.append(f'<polyline points="{xy}" stroke="{colour}" class="{name}"/>')
     parts.append(f'<text x="{_L - 3}" y="10" class="lbl r">{hi:.3g}</text>'
                  f'<text x="{_L - 3}" y="{_H - _B}" class="lbl r">{lo if log else ylo:.3g}</text>'
@@ -463,7 +473,7 @@ def _href(rel: str) -> str:
     return _e(quote(rel))
 
 
-def _num(v: float | None, fmt: str = "{:.4g}") -> str:
+def _num(v: object, fmt: str = "{:.4g}") -> str:
     return "" if v is None else fmt.format(v)
 
 
@@ -474,7 +484,7 @@ h1{margin:20px 0 4px}h2{margin:32px 0 8px;border-bottom:1px solid #ddd}
 .warn{background:#fff4d6}.bad{background:#fde8e8}
 code,pre{background:#eee;padding:2px 5px;border-radius:3px}pre{padding:8px;overflow:auto}
 table{border-collapse:collapse}td,th{padding:3px 8px;text-align:left;vertical-align:top}
-.data td,.data th{border-bottom:1px solid #e4e4e4}.data td.n{text-align:right;font-variant-numeric:tabular-nums}
+.data td,.data th{border-bottom:1px solid #e4e4e4;max-width:32em}.data td.n{text-align:right;font-variant-numeric:tabular-nums}
 .grid th,.grid td{padding:4px;width:136px;border:1px solid #e4e4e4;background:#fff}
 .grid thead th{position:sticky;top:0;z-index:1;background:#eee}
 .grid img,.ph{width:128px;height:128px;object-fit:contain;display:block}
@@ -600,8 +610,8 @@ def _style_row(r: Row, on_disk: bool, points: list[Point]) -> str:
     if r.note:
         state += f'<br><span class="muted">{_e(r.note)}</span>'
     nums = "".join(f'<td class="n">{v}</td>' for v in (
-        r.attempts, r.steps if r.steps is not None else "", _num(r.seconds, "{:.1f}"), _num(r.content_loss),
-        _num(r.style_loss), _num(r.tv_loss), _num(r.total_loss)))
+        r.attempts, _num(shown(r, "steps"), "{}"), _num(shown(r, "seconds"), "{:.1f}"),
+        *(_num(shown(r, c)) for c in ("content_loss", "style_loss", "tv_loss", "total_loss"))))
     curve = loss_svg(points) if points else '<span class="muted">-</span>'
     return f"<tr><td>{name}</td><td>{state}</td>{nums}<td>{curve}</td></tr>"
 

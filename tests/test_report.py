@@ -172,6 +172,22 @@ def test_summary_csv(run_dir: Path):
     assert sorted(r["state"] for r in rows) == ["done", "done", "done", "failed", "pending", "running"]
 
 
+def test_a_failed_retry_does_not_show_the_losses_of_an_earlier_success(run_dir: Path):
+    ledger = Ledger(run_dir)
+    try:
+        row = next(r for r in ledger.rows() if (r.content, r.style) == ("c1.png", "s1.png"))
+        # What `sync` does to a done pair whose recipe changed: pending again, its old losses still stored.
+        ledger.db.execute("UPDATE pairs SET state='pending' WHERE id=?", (row.id,))
+        ledger.claim(WORKER, 60, only={row.id})
+        ledger.fail(row.id, WORKER, "internal", "RuntimeError: boom")
+    finally:
+        ledger.close()
+    report.write_report(run_dir)
+    with open(run_dir / "summary.csv", newline="") as f:
+        got = next(r for r in csv.DictReader(f) if (r["content"], r["style"]) == ("c1.png", "s1.png"))
+    assert got["state"] == "failed" and got["total_loss"] == "" and got["seconds"] != ""
+
+
 def test_contact_sheet_is_rows_by_columns_cells(run_dir: Path):
     report.write_report(run_dir)
     with Image.open(run_dir / "contact_sheet.jpg") as im:
