@@ -62,7 +62,8 @@ def canonical_layer(name: str) -> str:
 
 @dataclass(frozen=True)
 class Convention:
-    """How a weight source expects its input: x_net = (x_rgb01[order] * scale - mean) / std."""
+    """How a weight source expects its input: x_net = (x_rgb01[order] * scale - mean) / std,
+    with mean and std given in the net's channel order."""
 
     bgr: bool
     scale: float
@@ -82,8 +83,9 @@ class VGGFeatures(nn.Module):
         super().__init__()
         self.convention = convention
         c = convention
-        mean = torch.tensor(c.mean[::-1] if c.bgr else c.mean).view(1, 3, 1, 1)
-        std = torch.tensor(c.std[::-1] if c.bgr else c.std).view(1, 3, 1, 1)
+        # mean/std are in the net's own channel order (BGR for Caffe), applied after the flip.
+        mean = torch.tensor(c.mean).view(1, 3, 1, 1)
+        std = torch.tensor(c.std).view(1, 3, 1, 1)
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.names = LAYERS[: LAYERS.index(last_layer) + 1]
