@@ -160,7 +160,8 @@ def _state_dict_convs(state: dict, origin: str) -> list[tuple[torch.Tensor, torc
         out_ch = _CHANNELS[int(name[4]) - 1]
         wk, bk = f"{prefix}{idx}.weight", f"{prefix}{idx}.bias"
         if wk not in state or bk not in state:
-            raise WeightsError(f"{origin}: missing key {wk!r}; expected a torchvision VGG19 state dict")
+            missing = wk if wk not in state else bk
+            raise WeightsError(f"{origin}: missing key {missing!r}; expected a torchvision VGG19 state dict")
         w, b = state[wk], state[bk]
         if tuple(w.shape) != (out_ch, in_ch, 3, 3) or tuple(b.shape) != (out_ch,):
             raise WeightsError(f"{origin}: {wk} has shape {tuple(w.shape)}, VGG19 needs {(out_ch, in_ch, 3, 3)}")
