@@ -68,7 +68,9 @@ def gram(f: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C) Gram matrices / (C·H·W), in fp32 whatever the feature dtype."""
     b, c, h, w = f.shape
     flat = f.reshape(b, c, h * w).float()
-    return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
+    # Autocast would run bmm in bf16 again, whatever the input dtype (the runner builds style targets inside it).
+    with torch.autocast(f.device.type, enabled=False):
+        return torch.bmm(flat, flat.transpose(1, 2)) / (c * h * w)
 
 
 @dataclass
