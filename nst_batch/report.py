@@ -272,18 +272,19 @@ def _thumbnail(src: Path, dst: Path) -> bool:
 
 def make_thumbnails(out: Path, rows: list[Row]) -> Thumbs:
     (out / THUMBS).mkdir(exist_ok=True)
-    jobs: dict[tuple[str, str | int], tuple[Path, str]] = {}
+    content, style, output = {}, {}, {}
     for r in rows:
-        jobs[("content", r.content)] = (Path(r.content_path), _thumb_name("c", r.content_path))
-        jobs[("style", r.style)] = (Path(r.style_path), _thumb_name("s", r.style_path))
+        content[r.content] = _thumb_name("c", r.content_path)
+        style[r.style] = _thumb_name("s", r.style_path)
         if r.state == "done":
-            jobs[("output", r.id)] = (out / r.output, _thumb_name("o", r.output))
+            output[r.id] = _thumb_name("o", r.output)
+    sources = {content[r.content]: Path(r.content_path) for r in rows}
+    sources |= {style[r.style]: Path(r.style_path) for r in rows}
+    sources |= {output[r.id]: out / r.output for r in rows if r.id in output}
     # Decoding, resizing and encoding release the GIL: threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        ok = pool.map(lambda job: _thumbnail(job[0], out / job[1]), jobs.values())
-        made = {key: name for (key, (_, name)), good in zip(jobs.items(), ok) if good}
-    pick = lambda kind: {k[1]: v for k, v in made.items() if k[0] == kind}  # noqa: E731
-    return Thumbs(pick("content"), pick("style"), pick("output"))
+        ok = dict(zip(sources, pool.map(lambda name: _thumbnail(sources[name], out / name), sources)))
+    return Thumbs(*({k: name for k, name in d.items() if ok[name]} for d in (content, style, output)))
 
 
 # -- loss curves -----------------------------------------------------------------------------------
@@ -326,6 +327,8 @@ def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point
                 p = Point(int(rec[istep]), int(rec[ipx]), *(float(rec[i]) for i in il))
             except (IndexError, ValueError):  # a line cut short by a crash
                 continue
+            if not all(map(math.isfinite, (p.content, p.style, p.total))):
+                continue
             series = curves.setdefault(key, [])
             if series and p.step < series[-1].step:
                 series.clear()
@@ -349,7 +352,7 @@ def loss_svg(points: list[Point]) -> str:
     """A small chart of content, style and total loss over steps; log y when they span 10× or more."""
     pts = _thin(points, CURVE_MAX_POINTS)
     values = [getattr(p, name) for p in pts for name, _ in _SERIES]
-    positive = [v for v in values if v > 0 and math.isfinite(v)]
+    positive = [v for v in values if v > 0]
     if not positive:
         return '<span class="muted">no losses logged</span>'
     lo, hi = min(positive), max(positive)
@@ -357,8 +360,13 @@ def loss_svg(points: list[Point]) -> str:
     f = (lambda v: math.log10(max(v, lo))) if log else (lambda v: v)
     ylo, yhi = (f(lo), f(hi)) if log else (min(0.0, min(values)), hi)
     s0, s1 = pts[0].step, pts[-1].step
-    x = lambda s: _L + (s - s0) / ((s1 - s0) or 1) * (_W - _L - 4)  # noqa: E731
-    y = lambda v: 4 + (1 - (f(v) - ylo) / ((yhi - ylo) or 1)) * (_H - _B - 8)  # noqa: E731
+
+    def x(step: int) -> float:
+        return _L + (step - s0) / ((s1 - s0) or 1) * (_W - _L - 4)
+
+    def y(v: float) -> float:
+        return 4 + (1 - (f(v) - ylo) / ((yhi - ylo) or 1)) * (_H - _B - 8)
+
     parts = [f'<svg class="curve" width="{_W}" height="{_H}" viewBox="0 0 {_W} {_H}" role="img" '
              f'aria-label="loss over steps">',
              f'<path d="M{_L} 4V{_H - _B}H{_W}" class="axis"/>']
@@ -392,10 +400,6 @@ def sheet_layout(n_contents: int, n_styles: int) -> SheetLayout:
     return SheetLayout(cell, min(n_contents, fit), min(n_styles, fit))
 
 
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
 def _paste_thumb(sheet: Image.Image, path: Path, x: int, y: int, cell: int) -> bool:
     try:
         with Image.open(path) as im:
@@ -407,13 +411,13 @@ def _paste_thumb(sheet: Image.Image, path: Path, x: int, y: int, cell: int) -> b
     return True
 
 
-def _label(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int, text: str, font, fill="#fff", band="#000a"):
+def _label(draw: ImageDraw.ImageDraw, x: int, y: int, cell: int, text: str, font) -> None:
     """Text on a band along the bottom of a cell, cut to fit."""
     while text and draw.textlength(text, font=font) > cell - 6:
         text = text[:-2] + "…" if len(text) > 2 else ""
     h = font.getbbox("Ag")[3] + 4
-    draw.rectangle((x, y + cell - h, x + cell - 1, y + cell - 1), fill=band)
-    draw.text((x + 3, y + cell - h + 2), text, font=font, fill=fill)
+    draw.rectangle((x, y + cell - h, x + cell - 1, y + cell - 1), fill="#000a")
+    draw.text((x + 3, y + cell - h + 2), text, font=font, fill="#fff")
 
 
 def _contact_sheet(out: Path, grid: _Grid, thumbs: Thumbs, layout: SheetLayout) -> Image.Image:
@@ -421,7 +425,7 @@ def _contact_sheet(out: Path, grid: _Grid, thumbs: Thumbs, layout: SheetLayout) 
     contents, styles = grid.contents[:layout.contents], grid.styles[:layout.styles]
     sheet = Image.new("RGB", ((len(styles) + 1) * cell, (len(contents) + 1) * cell), "white")
     draw = ImageDraw.Draw(sheet, "RGBA")
-    font = _font(max(9, cell // 14))
+    font = ImageFont.load_default(size=max(9, cell // 14))
     labels = cell >= 96
     draw.rectangle((0, 0, sheet.width, cell - 1), fill="#e8e8e8")
     draw.rectangle((0, 0, cell - 1, sheet.height), fill="#e8e8e8")
@@ -484,7 +488,8 @@ h1{margin:20px 0 4px}h2{margin:32px 0 8px;border-bottom:1px solid #ddd}
 .warn{background:#fff4d6}.bad{background:#fde8e8}
 code,pre{background:#eee;padding:2px 5px;border-radius:3px}pre{padding:8px;overflow:auto}
 table{border-collapse:collapse}td,th{padding:3px 8px;text-align:left;vertical-align:top}
-.data td,.data th{border-bottom:1px solid #e4e4e4;max-width:32em}.data td.n{text-align:right;font-variant-numeric:tabular-nums}
+.data td,.data th{border-bottom:1px solid #e4e4e4;max-width:32em}
+.data td.n{text-align:right;font-variant-numeric:tabular-nums}
 .grid th,.grid td{padding:4px;width:136px;border:1px solid #e4e4e4;background:#fff}
 .grid thead th{position:sticky;top:0;z-index:1;background:#eee}
 .grid img,.ph{width:128px;height:128px;object-fit:contain;display:block}
@@ -519,7 +524,7 @@ def _page(out: Path, grid: _Grid, settings: dict, summary: Summary, thumbs: Thum
 
 def _overview(out: Path, s: Summary, grid: _Grid, sheet: SheetLayout) -> Iterable[str]:
     c = s.counts
-    yield (f'<p class="muted">{_e(out.resolve())} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S"))} · '
+    yield (f'<p class="muted">{_e(out.resolve())} · written {_e(time.strftime("%Y-%m-%d %H:%M:%S %Z"))} · '
            f'<a href="{SUMMARY_CSV}">summary.csv</a> · <a href="{CONTACT_SHEET}">contact_sheet.jpg</a></p>')
     yield (f"<p><b>{s.total}</b> pairs ({len(grid.contents)} contents × {len(grid.styles)} styles): "
            + " · ".join(f'<span class="st st-{k}">{c[k]} {k}</span>' for k in _STATE_ORDER) + "</p>")
@@ -535,7 +540,7 @@ def _overview(out: Path, s: Summary, grid: _Grid, sheet: SheetLayout) -> Iterabl
         yield f'<p class="banner bad">{c["failed"]} pair(s) failed: see <a href="#failures">Failures</a>.</p>'
     if (sheet.contents, sheet.styles) != (len(grid.contents), len(grid.styles)):
         yield (f'<p class="muted">{CONTACT_SHEET} holds the first {sheet.contents} contents and '
-               f"{sheet.styles} styles (it stays under {SHEET_MAX_SIDE} px a side); this page has them all.</p>")
+               f"{sheet.styles} styles (at most {SHEET_MAX_SIDE} px a side); this page has them all.</p>")
 
 
 def _contact_grid(grid: _Grid, thumbs: Thumbs) -> Iterable[str]:
@@ -551,9 +556,9 @@ def _contact_grid(grid: _Grid, thumbs: Thumbs) -> Iterable[str]:
     yield "</tbody></table>"
 
 
-def _img(thumb: str | None, alt: str, placeholder: str = "no preview") -> str:
+def _img(thumb: str | None, alt: str) -> str:
     if thumb is None:
-        return f'<div class="ph">{_e(placeholder)}</div>'
+        return '<div class="ph">no preview</div>'
     return f'<img src="{_href(thumb)}" alt="{_e(alt)}" loading="lazy" decoding="async">'
 
 
