@@ -1,0 +1,82 @@
+"""The `nst-batch` command end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from PIL import Image
+
+from conftest import cli, make_image
+from nst_batch.errors import EXIT_PAIRS_FAILED, EXIT_WEIGHTS
+
+HEADER = "content,style,step,content_loss,style_loss,tv_loss,total_loss,elapsed_s,attempt,px"
+
+
+def test_run_end_to_end(folders, tmp_path):
+    content, styles, out = folders
+    # Paths in the manifest are relative to its folder; run it from somewhere else.
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "pipeline.yaml").write_text("content: ../content\nstyles: ../styles\nout: ../out\nsteps: 50\n")
+    (tmp_path / "cwd").mkdir()
+    r = cli("run", str(conf / "pipeline.yaml"), "--size", "32", "--steps", "3", "--device", "cpu",
+            "--set", "log_every=1", "--quiet", cwd=tmp_path / "cwd")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+
+    sizes = {"wide": (64, 40), "tall": (36, 60), "square": (48, 48)}
+    for style in ("s1", "s2"):
+        for name, (w, h) in sizes.items():
+            with Image.open(out / style / f"{name}.png") as im:
+                assert max(im.size) == 32
+                # the content's aspect ratio, within a pixel
+                assert abs(im.size[0] - round(32 * w / max(w, h))) <= 1 and abs(im.size[1] - round(32 * h / max(w, h))) <= 1
+                assert im.mode == "RGB"
+    assert sorted(p.name for p in out.rglob("*.png")) == sorted(f"{n}.png" for n in sizes for _ in range(2))
+
+    text = (out / "losses.csv").read_text()
+    assert text.splitlines()[0] == HEADER
+    rows = list(csv.DictReader(text.splitlines()))
+    pairs = {(c, s) for c in ("square.png", "tall.jpg", "wide.png") for s in ("s1.png", "s2.jpg")}
+    assert {(r["content"], r["style"]) for r in rows} == pairs
+    assert len(rows) == 6 * 3  # a row per step (log_every=1); the last step's row is the final one
+    for pair in pairs:
+        mine = [r for r in rows if (r["content"], r["style"]) == pair]
+        assert [int(r["step"]) for r in mine] == [1, 2, 3]
+        assert {r["px"] for r in mine} == {"32"} and {r["attempt"] for r in mine} == {"1"}
+        assert all(float(r["total_loss"]) > 0 for r in mine)
+
+
+def test_a_bad_pair_fails_alone_with_exit_1(tmp_path):
+    content, styles, out = tmp_path / "c", tmp_path / "s", tmp_path / "out"
+    make_image(content / "good.png", 40, 30, 1)
+    (content / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    make_image(content / "tiny.png", 10, 40, 2)
+    make_image(styles / "s.png", 32, 32, 3)
+    r = cli("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--size", "32",
+            "--steps", "1", "--device", "cpu", "--set", "layers={content: [relu2_1], style: [relu1_1]}", "--quiet")
+    assert r.returncode == EXIT_PAIRS_FAILED, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert (out / "s" / "good.png").is_file()
+    assert not (out / "s" / "broken.png").exists() and not (out / "s" / "tiny.png").exists()
+    assert "unreadable" in r.stdout and "too_small" in r.stdout
+
+
+def test_missing_weights_exit_3(folders, tmp_path):
+    content, styles, out = folders
+    missing = tmp_path / "nowhere" / "vgg19.pth"
+    r = cli("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--weights", str(missing),
+            "--device", "cpu")
+    assert r.returncode == EXIT_WEIGHTS, r.stdout + r.stderr
+    assert str(missing) in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [("--help",), ("run", "--help"), ("retry", "--help"), ("status", "--help"),
+                                  ("report", "--help")])
+def test_help(args):
+    r = cli(*args, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "Usage" in r.stdout
+    if args[0] == "run":
+        assert "--set" in r.stdout and "--size" in r.stdout
