@@ -80,3 +80,49 @@ def test_help(args):
     assert "Usage" in r.stdout
     if args[0] == "run":
         assert "--set" in r.stdout and "--size" in r.stdout
+
+
+# User names (folders like "x[/b]" or "[draft]") reach rich's markup parser in report.py and progress.py.
+BRACKETED = "x[/b]/bad.jpg"
+
+
+@pytest.mark.xfail(strict=True, reason="report.print_status renders paths and failure messages as rich markup: "
+                                       "a name containing '[/b]' raises MarkupError at the end of a run")
+def test_status_prints_bracketed_names_verbatim():
+    import io
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from nst_batch.report import Summary, print_status
+
+    failures = [{"content": BRACKETED, "style": "[draft].png", "kind": "unreadable",
+                 "message": f"{BRACKETED}: not an image", "attempts": 1}]
+    summary = Summary({"pending": 0, "running": 0, "done": 0, "failed": 1}, 1, 0.0, None, None, 0.0, failures)
+    buf = io.StringIO()
+    print_status(Console(file=buf, width=300), Path("out[/x]"), summary)
+    text = buf.getvalue()
+    assert "out[/x]" in text and BRACKETED in text and "[draft].png" in text
+
+
+@pytest.mark.xfail(strict=True, reason="progress.LiveDisplay prints pair names and failure messages as rich "
+                                       "markup: a name containing '[/b]' raises MarkupError mid-run")
+def test_live_display_prints_bracketed_names_verbatim():
+    import io
+
+    from rich.console import Console
+
+    from nst_batch.progress import LiveDisplay
+
+    buf = io.StringIO()
+    d = LiveDisplay(Console(file=buf, force_terminal=True, width=300))
+    d.start(2, 0)
+    try:
+        name = f"[draft].png × {BRACKETED}"
+        d.pair_start(name, 10)
+        d.step(1, 0.5)
+        d.pair_end(name, False, 1.0, f"unreadable: {BRACKETED}: not an image")
+        d.pair_end(name, True, 1.0, "ran out of memory at [512] px")
+    finally:
+        d.close()
+    assert BRACKETED in buf.getvalue() and "[draft].png" in buf.getvalue()
