@@ -201,13 +201,23 @@ def test_over_max_megapixels(tmp_path):
     assert images.load_rgb(p, max_megapixels=0.005).size == (64, 64)
 
 
-@pytest.mark.parametrize("limit", [3000, 1000])  # over the warning limit, over twice it (Pillow's error)
-def test_decompression_bomb(tmp_path, monkeypatch, limit):
+def test_decompression_bomb_over_twice_pillows_limit(tmp_path, monkeypatch):
     p = make_image(tmp_path / "bomb.png", 64, 64, 0)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 x 1000: Pillow refuses to open it
     with pytest.raises(PairError) as e:
         images.load_rgb(p)
-    assert e.value.kind == "too_large"
+    assert e.value.kind == "too_large" and "bomb.png" in str(e.value)
+
+
+def test_max_megapixels_not_undercut_by_pillows_warning(tmp_path, monkeypatch):
+    # Pillow warns from 89.5 MP, under the 100 MP default: a 95 MP photo must load. Scaled down here:
+    # Pillow's warning at 3000 px, our limit at 0.005 MP, the image 4096 px.
+    p = make_image(tmp_path / "big.png", 64, 64, 0)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
+    assert images.load_rgb(p, max_megapixels=0.005).size == (64, 64)
+    with pytest.raises(PairError) as e:
+        images.load_rgb(p, max_megapixels=0.004)
+    assert e.value.kind == "too_large" and "max_megapixels" in str(e.value)
 
 
 @pytest.mark.parametrize("data", [b"", b"\xff\xd8\xff\xe0 not really a jpeg", b"hello"])
