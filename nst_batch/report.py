@@ -301,11 +301,12 @@ class Point:
 def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point]]:
     """Per (content, style): the loss-log rows of the ledger's current attempt, in step order.
 
-    Rows of earlier, abandoned attempts are skipped. Within one attempt an out-of-memory retry
+    Rows of earlier, abandoned attempts are skipped, and so are those of a pending pair (its last
+    attempt was interrupted or is to be redone). Within one attempt an out-of-memory retry
     starts again from step 1 at a smaller size: only that last start is kept. The final row
     repeats the last step with the losses of the image as written: it replaces that step.
     """
-    want = {(r.content, r.style): r.attempts for r in rows if r.attempts}
+    want = {(r.content, r.style): r.attempts for r in rows if r.attempts and r.state != "pending"}
     curves: dict[tuple[str, str], list[Point]] = {}
     try:
         f = open(path, newline="", encoding="utf-8")

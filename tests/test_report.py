@@ -160,6 +160,19 @@ def test_abandoned_attempt_is_not_drawn(run_dir: Path):
     assert sorted(len(p.split()) for p in points) == [1] * 3 + [4] * 6
 
 
+def test_curves_of_failed_and_running_pairs_but_not_of_pending_ones(run_dir: Path):
+    with open(run_dir / LOSS_LOG, "a") as f:
+        f.write("\n" + _loss_rows("broken.jpg", "s1.png", 1, [(10, 32)], 1.0))
+    curves = report.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
+    assert ("broken.jpg", "s1.png") in curves and (ODD, "s2.jpg") in curves  # progress until it failed; so far
+    ledger = Ledger(run_dir)
+    try:
+        ledger.requeue_failed()
+    finally:
+        ledger.close()
+    assert ("broken.jpg", "s1.png") not in report.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
+
+
 def test_summary_csv(run_dir: Path):
     report.write_report(run_dir)
     with open(run_dir / "summary.csv", newline="") as f:
