@@ -33,7 +33,9 @@ from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from .ledger import STATES, Ledger, Row
 
@@ -111,8 +113,9 @@ def _dur(s: float | None) -> str:
 
 
 def print_status(console: Console, out: Path, summary: Summary) -> None:
+    # Paths, names and messages are user data: never rich markup ('[draft]' would vanish, 'x[/b]' raise).
     c = summary.counts
-    console.print(f"[bold]{out}[/bold]: {summary.total} pairs — [green]{c['done']} done[/green], "
+    console.print(f"[bold]{escape(str(out))}[/bold]: {summary.total} pairs — [green]{c['done']} done[/green], "
                   f"{c['pending']} pending, {c['running']} running, "
                   f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
     rate = f"{summary.pairs_per_hour:.1f} pairs/hour" if summary.pairs_per_hour else "rate unknown yet"
@@ -124,10 +127,10 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
         for col in ("style", "content", "kind", "reason"):
             t.add_column(col, overflow="fold")
         for f in summary.failures:
-            t.add_row(f["style"], f["content"], f["kind"] or "", f["message"] or "")
+            t.add_row(*(Text(v or "") for v in (f["style"], f["content"], f["kind"], f["message"])))
         console.print(t)
         console.print("re-run them with: " + "\n  or: ".join(retry_commands(out, summary.failures)),
-                      highlight=False)
+                      markup=False, highlight=False)
 
 
 def print_report(console: Console, out: Path, summary: Summary) -> None:
@@ -139,7 +142,7 @@ def print_report(console: Console, out: Path, summary: Summary) -> None:
             for col in ("style", "content", key):
                 t.add_column(col, overflow="fold")
             for r in top:
-                t.add_row(r["style"], r["content"], fmt.format(r[key]))
+                t.add_row(Text(r["style"]), Text(r["content"]), fmt.format(r[key]))
             console.print(t)
     print_status(console, out, summary)
 

@@ -248,6 +248,18 @@ def test_terminal_report(run_dir: Path):
         assert expected in text
 
 
+def test_terminal_report_prints_names_verbatim():
+    odd = "x[/b]/[draft].png"  # rich markup would drop '[draft]' and raise on '[/b]'
+    pair = {"content": odd, "style": "[s]", "seconds": 3.0, "total_loss": 1.0}
+    summary = report.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
+                             [{"content": odd, "style": "[s]", "kind": "unreadable", "message": f"{odd}: bad",
+                               "attempts": 1}], [pair], [pair])
+    console = Console(record=True, width=200)
+    report.print_report(console, Path("out[/x]"), summary)
+    text = console.export_text()
+    assert text.count(odd) == 4 and "[s]" in text and "nst-batch retry 'out[/x]'" in text
+
+
 def test_retry_commands_name_each_kind_when_there_are_several():
     fails = [{"kind": "oom"}, {"kind": "unreadable"}, {"kind": "oom"}]
     assert report.retry_commands(Path("my out"), fails) == [
