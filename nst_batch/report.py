@@ -1,4 +1,4 @@
-"""What a run made and what went wrong, read from the ledger (never blocking a worker).
+"""What a run made and what went wrong, read from the ledger while workers may still be going.
 
 `summarize` / `print_status` / `print_report` are the terminal view. `write_report` writes the
 files a person opens later, all inside OUT and linked by relative paths only, so they keep
