@@ -48,7 +48,7 @@ def _finish(result, out: Path, quiet: bool) -> None:
     from .report import print_status, summarize
     from .ledger import Ledger
 
-    ledger = Ledger(out)
+    ledger = Ledger(out, readonly=True)
     try:
         summary = summarize(ledger.rows())
     finally:
@@ -62,11 +62,13 @@ def _finish(result, out: Path, quiet: bool) -> None:
 def _write_report(out: Path, quiet: bool) -> None:
     from . import report
 
-    writer = getattr(report, "write_report", None)
-    if writer is not None:
-        paths = writer(out)
-        if not quiet and paths:
-            console.print(f"report: {paths[0]}", markup=False, highlight=False)
+    try:
+        paths = report.write_report(out)
+    except OSError as e:  # a full disk must not turn a finished run into a traceback
+        err.print(f"warning: could not write the report in {out}: {e}", markup=False, highlight=False)
+        return
+    if not quiet and paths:
+        console.print(f"report: {paths[0]}", markup=False, highlight=False)
 
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
@@ -110,7 +112,7 @@ def run(
 def _stored_settings(out: Path) -> manifest.Settings:
     from .ledger import Ledger
 
-    ledger = Ledger(out, create=False)
+    ledger = Ledger(out, readonly=True)
     try:
         stored = ledger.get_meta("settings")
     finally:
@@ -164,14 +166,14 @@ def report(
     out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
 ) -> None:
     """Write report.html, summary.csv and contact_sheet.jpg into OUT and print a summary."""
-    from .report import load_summary, print_status
+    from .report import load_summary, print_report
 
     try:
         summary = load_summary(out)
         _write_report(out, quiet=False)
     except NstError as e:
         raise _fail(e)
-    print_status(console, out, summary)
+    print_report(console, out, summary)
 
 
 if __name__ == "__main__":

@@ -107,10 +107,13 @@ def _claim_is_live(r, now: float, lease_s: float) -> bool:
 
 
 class Ledger:
-    def __init__(self, out: Path, create: bool = True):
+    def __init__(self, out: Path, create: bool = True, readonly: bool = False):
         self.path = out / FILENAME
-        if not create and not self.path.is_file():
+        if (readonly or not create) and not self.path.is_file():
             raise ConfigError(f"no run ledger in {out} (expected {self.path}); run 'nst-batch run' first")
+        if readonly:
+            self._open_readonly()
+            return
         out.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: we open transactions ourselves, so each is explicit and short.
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -122,6 +125,22 @@ class Ledger:
         except sqlite3.DatabaseError as e:
             self.db.close()
             raise ConfigError(f"{self.path}: not a usable ledger ({e}); move it away to start afresh") from None
+
+    def _open_readonly(self) -> None:
+        """For `status` and `report`: no migration and no journal-mode change, so no write lock to
+        wait for (or to hold) while workers claim pairs."""
+        self.db = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True, timeout=30,
+                                  isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        try:
+            version = int(self.get_meta("schema_version", 0))
+        except (sqlite3.DatabaseError, ValueError) as e:
+            self.db.close()
+            raise ConfigError(f"{self.path}: not a usable ledger ({e}); move it away to start afresh") from None
+        if not 0 < version <= SCHEMA_VERSION:
+            self.db.close()
+            raise ConfigError(f"{self.path}: schema {version}, this nst-batch knows {SCHEMA_VERSION}; "
+                              "use the nst-batch that wrote it")
 
     def _migrate(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
@@ -228,7 +247,8 @@ class Ledger:
                 if (only is None or r["id"] in only) and not _claim_is_live(r, now, lease_s):
                     self.db.execute(
                         "UPDATE pairs SET state='running', worker=?, heartbeat=?, started_at=?, "
-                        "attempts=attempts+1, error_kind=NULL, error_message=NULL, note=NULL WHERE id=?",
+                        "attempts=attempts+1, error_kind=NULL, error_message=NULL, note=NULL, steps=NULL, seconds=NULL, "
+                        "content_loss=NULL, style_loss=NULL, tv_loss=NULL, total_loss=NULL WHERE id=?",
                         (worker, now, now, r["id"]))
                     return self.get(r["id"])
         return None

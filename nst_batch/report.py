@@ -148,7 +148,7 @@ def print_report(console: Console, out: Path, summary: Summary) -> None:
 
 
 def _read_ledger(out: Path) -> tuple[list[Row], dict]:
-    ledger = Ledger(out, create=False)
+    ledger = Ledger(out, readonly=True)
     try:
         return ledger.rows(), ledger.get_meta("settings", {}) or {}
     finally:
