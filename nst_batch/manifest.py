@@ -137,7 +137,7 @@ def _check(key: str, v: Any, source: str) -> Any:
     if key in _PATH_KEYS:
         if not isinstance(v, (str, Path)) or not str(v):
             raise _fail(key, f"must be a folder path, got {v!r}", source)
-        return Path(v)
+        return Path(v).expanduser()  # 'content: ~/Pictures' in a manifest: no shell expands it there
     if key == "size":
         return _int(key, v, source, lo=16, hi=16384)
     if key == "style_size":
