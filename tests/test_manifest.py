@@ -159,6 +159,14 @@ def test_paths_resolve_relative_to_the_manifest_folder(tmp_path):
     assert s.out.resolve() == (tmp_path / "project" / "conf" / "res").resolve()
 
 
+def test_home_folder_in_a_manifest_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    s = manifest.load(write_manifest(tmp_path / "conf", "content: ~/Pictures\nout: ~/styled\n"))
+    assert s.content == tmp_path / "home" / "Pictures"  # not conf/~/Pictures
+    assert s.out == tmp_path / "home" / "styled"
+    assert manifest.apply(Settings(), manifest.parse_set(["styles=~/art"]), "--set").styles == tmp_path / "home" / "art"
+
+
 def test_empty_manifest_is_the_defaults(tmp_path):
     assert manifest.load(write_manifest(tmp_path, "# nothing\n")) == Settings()
 
