@@ -79,7 +79,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
 
     `content` is (B, 3, H, W) in [0, 1] on the net's device; all B share one size.
     `style_for(h, w)` returns the style Targets for a working size (the caller caches them).
-    `on_log` gets one LogRow per image every `log_every` steps and at the end of each scale.
+    `on_log` gets one LogRow per image every `log_every` steps and at the end of each coarse scale;
+    the final losses come back in Result.final.
     """
     t0 = time.perf_counter()
     device = content.device
@@ -90,7 +91,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     x: torch.Tensor | None = None
     H, W = content.shape[-2:]
 
-    for h, w in scale_shapes(H, W, cfg.scales):
+    shapes = scale_shapes(H, W, cfg.scales)
+    for h, w in shapes:
         px = max(h, w)
         c_img = resize(content, h, w).contiguous(memory_format=fmt)
         with torch.no_grad(), amp:
@@ -103,6 +105,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
         x = start.clone().contiguous(memory_format=fmt).requires_grad_(True)
         history: list[tuple[int, float]] = []  # (step, summed total) at log points, for the stopping rule
         scale_steps = 0
+        last: list[losses.LossTerms | None] = [None]
 
         def evaluate() -> losses.LossTerms:
             with amp:
@@ -123,7 +126,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                 on_log(rows)
             if cfg.stop_window and not force:
                 old = [l for s, l in history if s <= scale_steps - cfg.stop_window]
-                if old and (old[-1] - history[-1][1]) < cfg.stop_tolerance * abs(old[-1]):
+                if old and (old[-1] - history[-1][1]) <= cfg.stop_tolerance * abs(old[-1]):
                     raise _Stop
 
         def closure() -> torch.Tensor:
@@ -136,6 +139,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             loss.backward()
             steps_done += 1
             scale_steps += 1
+            last[0] = terms
             log(terms)
             return loss
 
@@ -155,6 +159,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                         x.clamp_(0, 1)
         except _Stop:
             pass
+        if (h, w) != shapes[-1] and scale_steps % cfg.log_every and last[0] is not None:
+            log(last[0], force=True)  # a coarse scale's last step; the caller logs the final one itself
 
     assert x is not None
     with torch.no_grad():

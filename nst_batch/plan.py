@@ -72,9 +72,13 @@ def _unique(names: dict[Path, str]) -> dict[Path, str]:
     return out
 
 
+# Bump when a code change alters the pixels the same settings produce, so finished folders are redone.
+ENGINE_VERSION = 1
+
+
 def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
-    d.update(content=content_hash, style=style_hash)
+    d.update(content=content_hash, style=style_hash, engine=ENGINE_VERSION)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -59,7 +60,7 @@ class LiveDisplay(Display):
     def pair_start(self, name: str, total_steps: int) -> None:
         if self.current is not None:
             self.progress.remove_task(self.current)
-        self.current = self.progress.add_task(f"  {name}", total=total_steps, info="")
+        self.current = self.progress.add_task(f"  {escape(name)}", total=total_steps, info="")
 
     def step(self, step: int, loss: float) -> None:
         if self.current is not None:
@@ -68,9 +69,9 @@ class LiveDisplay(Display):
     def pair_end(self, name: str, ok: bool, seconds: float, message: str = "") -> None:
         self.finished += 1
         if not ok:
-            self.progress.console.print(f"[red]failed[/red] {name}: {message}", highlight=False)
+            self.progress.console.print(f"[red]failed[/red] {escape(name)}: {escape(message)}", highlight=False)
         elif message:
-            self.progress.console.print(f"{name}: {message}", highlight=False)
+            self.progress.console.print(f"{name}: {message}", markup=False, highlight=False)
         if self.pairs is not None:
             self.progress.advance(self.pairs)
 

@@ -109,8 +109,6 @@ def test_status_prints_bracketed_names_verbatim():
     assert "out[/x]" in text and BRACKETED in text and "[draft].png" in text
 
 
-@pytest.mark.xfail(strict=True, reason="progress.LiveDisplay prints pair names and failure messages as rich "
-                                       "markup: a name containing '[/b]' raises MarkupError mid-run")
 def test_live_display_prints_bracketed_names_verbatim():
     import io
 

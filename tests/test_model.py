@@ -483,8 +483,6 @@ def test_stopping_rule_stops_a_stalled_run(small_net):
     assert full.steps == 8  # ...so it is not stopped
 
 
-@pytest.mark.xfail(strict=True, reason="optimize.py: the stopping rule compares improvement < tol*|loss| "
-                                       "strictly, so a loss that is exactly 0 never counts as converged")
 def test_stopping_rule_stops_at_zero_loss(small_net):
     obj = Objective(("relu2_1",), ("relu1_1",), content_weight=1.0, style_weight=0.0, tv_weight=0.0,
                     normalization="relative")
