@@ -226,6 +226,14 @@ class Ledger:
                     counts["dropped"] += 1
         return counts
 
+    def failed_ids(self, kinds: Iterable[str] | None = None) -> list[int]:
+        kinds = set(kinds or ())
+        return [r["id"] for r in self.db.execute("SELECT id, error_kind FROM pairs WHERE state='failed'")
+                if not kinds or r["error_kind"] in kinds]
+
+    def pending_ids(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT id FROM pairs WHERE state='pending'")}
+
     def requeue_failed(self, kinds: Iterable[str] | None = None) -> list[int]:
         """Failed pairs (optionally of some error kinds) back to pending; returns their ids."""
         with self._tx():

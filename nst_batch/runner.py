@@ -164,18 +164,31 @@ class Interrupted(BaseException):
 
 
 class _Heartbeat:
-    """Keeps a claim alive from a thread of its own, with its own connection, however long a step takes."""
+    """Keeps this worker's claims alive from a thread of its own, with its own connection, however
+    long a step takes. It beats for every pair held, from the claim until the ledger records the end."""
 
-    def __init__(self, out: Path, pair_ids: list[int], worker: str, every: float):
+    def __init__(self, out: Path, worker: str, every: float):
+        self.held: set[int] = set()
+        self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._t = threading.Thread(target=self._beat, args=(out, pair_ids, worker, every), daemon=True)
+        self._t = threading.Thread(target=self._beat, args=(out, worker, every), daemon=True)
         self._t.start()
 
-    def _beat(self, out, pair_ids, worker, every):
+    def hold(self, pair_id: int) -> None:
+        with self._lock:
+            self.held.add(pair_id)
+
+    def drop(self, pair_id: int) -> None:
+        with self._lock:
+            self.held.discard(pair_id)
+
+    def _beat(self, out, worker, every):
         ledger = Ledger(out)
         try:
             while not self._stop.wait(every):
-                for pair_id in pair_ids:
+                with self._lock:
+                    ids = list(self.held)
+                for pair_id in ids:
                     ledger.heartbeat(pair_id, worker)
         finally:
             ledger.close()
@@ -183,6 +196,55 @@ class _Heartbeat:
     def stop(self):
         self._stop.set()
         self._t.join()
+
+
+class _Signals:
+    """SIGINT/SIGTERM become `Interrupted`, but only while computing. During ledger bookkeeping
+    (a claim just committed, a result being recorded) the signal waits until `check()`, so the
+    ledger never holds a claim that nobody will release."""
+
+    def __init__(self):
+        self.computing = False
+        self.pending: int | None = None
+
+    def __enter__(self):
+        self._old = {sig: signal.signal(sig, self._on) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for sig, h in self._old.items():
+            signal.signal(sig, h)
+        return False
+
+    def _on(self, signum, frame):
+        if self.computing:
+            raise Interrupted(signum)
+        self.pending = signum
+
+    def check(self) -> None:
+        if self.pending is not None:
+            raise Interrupted(self.pending)
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete `.NAME.PID.tmp` files left by writers killed mid-write (their process is gone)."""
+    removed = 0
+    for tmp in out.rglob(".*.tmp"):
+        pid = tmp.name[:-4].rpartition(".")[2]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -207,11 +269,15 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
     try:
+        remove_stale_temporaries(out)
+        # Failed before syncing: a failed pair whose input was since fixed becomes pending in sync,
+        # and is still one of the pairs `retry` is asked for.
+        failed_before = set(ledger.failed_ids(only_failed_kinds)) if retry else set()
         ledger.sync(plan, out, settings.lease_s)
         ledger.set_meta("settings", settings.to_dict())
         only = None
         if retry:
-            only = set(ledger.requeue_failed(only_failed_kinds))
+            only = set(ledger.requeue_failed(only_failed_kinds)) | (failed_before & ledger.pending_ids())
         counts = ledger.counts()
         already = counts["done"]
         todo = len(only) if only is not None else counts["pending"] + counts["running"]
@@ -283,76 +349,87 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
     result = RunResult({}, worker=worker)
     loss_log = LossLog(out)
     io = _BackgroundIO(s.max_megapixels)
+    beat = _Heartbeat(out, worker, every=max(1.0, s.lease_s / 4))
     steps_per_pair = s.steps * len(s.scales)
+    writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
 
     def record_failure(row: Row, e: BaseException) -> None:
         name = f"{row.style} × {row.content}"
         kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
         ledger.fail(row.id, worker, kind, msg)
+        beat.drop(row.id)
         result.failed += 1
         result.failures.append((name, kind, msg))
         display.pair_end(name, False, time.time() - (row.started_at or time.time()), f"{kind}: {msg}")
 
     def settle(wait: bool = False) -> None:
         for row, res, note, error, finished_at in io.finished(wait):
+            writing.discard(row.id)
             if error is not None:
                 record_failure(row, error)
                 continue
             f = res.final[0]
             ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note, finished_at)
+            beat.drop(row.id)
             result.made += 1
             display.pair_end(f"{row.style} × {row.content}", True, finished_at - (row.started_at or finished_at),
                              note or "")
 
-    def on_signal(signum, frame):
-        raise Interrupted(signum)
+    def claim(style: str | None = None) -> Row | None:
+        row = ledger.claim(worker, s.lease_s, only, style=style)
+        if row is not None:
+            beat.hold(row.id)
+        return row
 
-    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     display.start(already + todo, already)
-    try:
-        while (first := ledger.claim(worker, s.lease_s, only)) is not None:
-            claimed = [first]
-            while len(claimed) < s.batch and (r := ledger.claim(worker, s.lease_s, only, style=first.style)):
-                claimed.append(r)
-            nxt = ledger.peek(only)
-            if nxt is not None:
-                io.prefetch(nxt.content_path)
-            beat = _Heartbeat(out, [r.id for r in claimed], worker, every=max(1.0, s.lease_s / 4))
-            open_rows = list(claimed)  # claimed, neither written nor failed yet: released on Ctrl-C
-            try:
-                for group in _decode_and_group(claimed, io, s.size, record_failure, open_rows):
+    with _Signals() as signals:
+        try:
+            while (first := claim()) is not None:
+                claimed = [first]
+                while len(claimed) < s.batch and (r := claim(first.style)):
+                    claimed.append(r)
+                signals.check()
+                nxt = ledger.peek(only)
+                if nxt is not None:
+                    io.prefetch(nxt.content_path)
+                for group in _decode_and_group(claimed, io, s.size, record_failure):
                     rows = [r for r, _ in group]
                     display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
+                    signals.computing = True
                     try:
                         made = _make_with_oom_retry(engine, rows, [im for _, im in group], loss_log, display)
                     except Exception as e:  # one pair's (or batch's) failure is recorded and the run goes on
+                        signals.computing = False
                         for r in rows:
                             record_failure(r, e)
-                            open_rows.remove(r)
                         continue
+                    finally:
+                        signals.computing = False
                     for r, note, res in made:
                         io.write(r, res, out / r.output, s.format, s.quality, note)
-                        open_rows.remove(r)
-            except Interrupted:
-                for r in open_rows:
-                    ledger.release(r.id, worker)
-                raise
-            finally:
-                beat.stop()
-            settle()
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-        # Outputs already computed are worth keeping, even on Ctrl-C: wait for their files.
-        settle(wait=True)
-        io.close()
-        display.close()
-        loss_log.close()
+                        writing.add(r.id)
+                    signals.check()
+                settle()
+                signals.check()
+        except Interrupted:
+            with beat._lock:
+                unfinished = beat.held - writing
+            for pair_id in unfinished:
+                ledger.release(pair_id, worker)
+                beat.drop(pair_id)
+            raise
+        finally:
+            # Outputs already computed are worth keeping, even on Ctrl-C: wait for their files.
+            settle(wait=True)
+            beat.stop()
+            io.close()
+            display.close()
+            loss_log.close()
     result.counts = ledger.counts()
     return result
 
 
-def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_failure, open_rows: list[Row]):
+def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_failure):
     """Decode each claimed pair's photo; yield groups of (row, image) whose working shapes match,
     since only same-shape images can share a batch tensor. Undecodable photos fail right here."""
     groups: dict[tuple[int, int], list] = {}
@@ -361,7 +438,6 @@ def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_fail
             im = io.content(r.content_path)
         except Exception as e:
             record_failure(r, e)
-            open_rows.remove(r)
             continue
         groups.setdefault(images.fit_long_side(*im.size, size), []).append((r, im))
     yield from groups.values()

@@ -352,8 +352,6 @@ def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
     return s, content, styles
 
 
-@pytest.mark.xfail(strict=True, reason="runner: nothing removes the temporary file of an image write that "
-                   "kill -9 interrupted (.NAME.PID.tmp); it stays in OUT for ever")
 def test_stale_temporary_files_of_a_killed_worker_are_removed(tmp_path):
     s, content, styles = _ledger_all_done(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -367,9 +365,6 @@ def test_stale_temporary_files_of_a_killed_worker_are_removed(tmp_path):
     assert not [p for p in stale if p.exists()]
 
 
-@pytest.mark.xfail(strict=True, reason="runner: `retry` runs only the ids requeue_failed returns; a failed "
-                   "pair whose input was fixed is made pending by sync first, so retry skips it, says "
-                   "'nothing to do: all N pair(s) are done' and exits 0 with the pair still pending")
 def test_retry_makes_a_failed_pair_whose_input_was_replaced(tmp_path):
     s, content, styles = _ledger_all_done(tmp_path)
     led = Ledger(s.out)
@@ -400,9 +395,6 @@ app(prog_name="nst-batch")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="runner: a pair whose image is written stays 'running' until the next "
-                   "batch is computed, with its heartbeat already stopped; once that takes longer than "
-                   "lease_s another worker may claim the finished pair and make it again")
 def test_a_written_pair_is_never_free_for_another_worker_to_claim(grid, tmp_path):
     content, styles, out = grid(2, 1)
     lease = 2.0  # heartbeats every second
@@ -443,10 +435,6 @@ app(prog_name="nst-batch")
 """
 
 
-@pytest.mark.xfail(strict=True, reason="runner: _work releases only the pairs it holds in `open_rows`, set up "
-                   "after the claim(s), peek, prefetch and the heartbeat thread's start; a SIGINT/SIGTERM in that "
-                   "gap (the thread start alone takes ms, and a test that signals as the claim appears hits it "
-                   "often) leaves the pair 'running' instead of pending")
 def test_sigint_as_a_claim_is_committed_puts_the_pair_back(grid, tmp_path):
     content, styles, out = grid(1, 1)
     (tmp_path / "sigint_after_claim.py").write_text(_SIGNAL_AFTER_CLAIM)
