@@ -85,19 +85,16 @@ def n_state(rows: dict, state: str) -> int:
     return sum(r["state"] == state for r in rows.values())
 
 
-def check_outputs(out: Path, rows: dict, killed_pid: int | None = None) -> list[list[str]]:
-    """Every done pair's image decodes, no temporary file is left, losses.csv parses with 10 fields a row.
-
-    killed_pid: tolerate the temporary files of that (kill -9'd) worker, which nothing removes yet; see
-    test_stale_temporary_files_of_a_killed_worker_are_removed. Tighten this once that test passes."""
+def check_outputs(out: Path, rows: dict) -> list[list[str]]:
+    """Every done pair's image decodes, no temporary file is left (not even a kill -9'd writer's),
+    losses.csv parses with 10 fields a row."""
     for r in rows.values():
         if r["state"] == "done":
             with Image.open(out / r["output"]) as im:
                 im.load()
                 assert im.mode == "RGB" and max(im.size) == 32
     left = [p for p in out.rglob("*") if p.name.endswith(".tmp")]
-    assert not [p for p in left if not (killed_pid and p.name.endswith(f".{killed_pid}.tmp"))], \
-        f"temporary files left in OUT: {left}"
+    assert not left, f"temporary files left in OUT: {left}"
     with open(out / "losses.csv", newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["content", "style", "step", "content_loss", "style_loss", "tv_loss", "total_loss",
@@ -156,7 +153,7 @@ def test_kill_9_mid_run_then_resume_makes_every_pair_once(grid, tmp_path):
     for k, row in done_before.items():  # not redone
         assert (row["finished_at"], row["attempts"]) == (rows[k]["finished_at"], rows[k]["attempts"])
     assert all(row["attempts"] in (1, 2) for row in rows.values())
-    table = check_outputs(out, rows, killed_pid=p.pid)
+    table = check_outputs(out, rows)
     # Each pair's image came from the attempt the ledger names, and that attempt logged one final row.
     finals = {(c, s, int(a)) for c, s, *_, a, _px in table}
     assert all((c, s, row["attempts"]) in finals for (c, s), row in rows.items())
@@ -329,7 +326,7 @@ def test_exit_code_2_for_manifest_and_folder_errors(tmp_path):
     assert r.returncode == 2 and "no run ledger" in r.stderr
 
 
-# -- known gaps (fix proposed in the runner; see the reasons) ----------------------------------------
+# -- gaps these tests found in the runner (fixed in d702aa0) ------------------------------------------
 
 
 def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
