@@ -226,12 +226,18 @@ class _Signals:
             raise Interrupted(self.pending)
 
 
-def remove_stale_temporaries(out: Path) -> int:
-    """Delete `.NAME.PID.tmp` files left by writers killed mid-write (their process is gone)."""
+def remove_stale_temporaries(out: Path, min_age_s: float = 600.0) -> int:
+    """Delete `.NAME.PID.tmp` files left by writers killed mid-write: their process is gone, or, for a
+    folder shared between machines (where a PID means nothing), they are older than any write takes."""
     removed = 0
+    now = time.time()
     for tmp in out.rglob(".*.tmp"):
         pid = tmp.name[:-4].rpartition(".")[2]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        try:
+            old = now - tmp.stat().st_mtime > min_age_s
+        except FileNotFoundError:
+            continue
+        if pid.isdigit() and (old or not _pid_alive(int(pid))):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
@@ -310,6 +316,9 @@ class _BackgroundIO:
         self.writes: list[tuple[Row, Future, object, str | None]] = []
 
     def prefetch(self, path: str) -> None:
+        # One look-ahead only: a photo another worker took instead must not pile up in memory.
+        for other in [p for p in self.loads if p != path]:
+            self.loads.pop(other).cancel()
         if path not in self.loads:
             self.loads[path] = self.pool.submit(images.load_rgb, Path(path), self.max_mp)
 
