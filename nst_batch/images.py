@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import PairError
+from .files import write_atomic
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MIN_SIDE = 16  # VGG19 pools 4 times before conv5_1: smaller images have no conv5 features
@@ -123,18 +124,8 @@ def to_pil(t: torch.Tensor) -> Image.Image:
 
 
 def save_atomic(im: Image.Image, path: Path, fmt: str, quality: int = 95) -> None:
-    """Write through a hidden temporary file + rename, so a crash never leaves a truncated image."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            if fmt == "jpg":
-                im.save(f, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
-            else:
-                im.save(f, "PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Encode `im` as PNG or JPEG and write it atomically (see files.write_atomic)."""
+    if fmt == "jpg":
+        write_atomic(path, lambda f: im.save(f, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2))
+    else:
+        write_atomic(path, lambda f: im.save(f, "PNG"))

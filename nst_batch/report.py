@@ -37,6 +37,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from .files import write_atomic, write_text_atomic
 from .ledger import STATES, Ledger, Row
 
 REPORT_HTML = "report.html"
@@ -161,19 +162,6 @@ def load_summary(out: Path) -> Summary:
 
 # -- files ------------------------------------------------------------------------------------------
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_report(out: Path) -> list[Path]:
     """Write report.html, summary.csv and contact_sheet.jpg (and thumbs/) into OUT; report.html first."""
     # Imported here, not at the top: they load torch, which `status` (a user of this module) never needs.
@@ -187,8 +175,8 @@ def write_report(out: Path) -> list[Path]:
     sheet = sheet_layout(len(grid.contents), len(grid.styles))
     paths = [out / REPORT_HTML, out / SUMMARY_CSV, out / CONTACT_SHEET]
     save_atomic(_contact_sheet(out, grid, thumbs, sheet), paths[2], "jpg", quality=85)
-    _write_text_atomic(paths[1], summary_csv(rows))
-    _write_text_atomic(paths[0], _page(out, grid, settings, summarize(rows), thumbs, curves, sheet))
+    write_text_atomic(paths[1], summary_csv(rows))
+    write_text_atomic(paths[0], _page(out, grid, settings, summarize(rows), thumbs, curves, sheet))
     return paths
 
 
@@ -262,14 +250,7 @@ def _thumbnail(src: Path, dst: Path) -> bool:
             rgb = _to_rgb(im)
     except Exception:  # Pillow raises many kinds for bad files; any of them means "no preview"
         return False
-    # Atomic but not fsynced: a thumbnail is a cache, and 5000 fsyncs would dominate the report's time.
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    try:
-        rgb.save(tmp, "JPEG", quality=85)
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(dst, lambda f: rgb.save(f, "JPEG", quality=85), durable=False)  # a cache: no fsync
     return True
 
 
