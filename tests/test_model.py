@@ -145,7 +145,7 @@ def test_presets_use_the_layers_they_document():
 @pytest.fixture(scope="module")
 def torchvision_features(tmp_path_factory):
     """torchvision's own vgg19().features, randomly initialised, and its state dict saved to a file."""
-    torchvision = pytest.importorskip("torchvision")
+    pytest.importorskip("torchvision")
     from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)

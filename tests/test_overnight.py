@@ -136,7 +136,7 @@ def test_kill_9_mid_run_then_resume_makes_every_pair_once(grid, tmp_path):
     args = run_args(content, styles, out, "--steps", "5", "--set", "lease_s=600")
     p = start(*args, cwd=tmp_path)
     try:
-        before = poll(out, lambda rows: n_state(rows, "done") >= 1 and n_state(rows, "running") >= 1, p)
+        poll(out, lambda rows: n_state(rows, "done") >= 1 and n_state(rows, "running") >= 1, p)
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)  # reaped: a zombie would still look alive to the next run
     finally:
