@@ -102,14 +102,16 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
         else:
             start = resize(x.detach(), h, w).clamp(0, 1)
-        x = start.clone().contiguous(memory_format=fmt).requires_grad_(True)
+        # The optimised pixels keep the default layout: L-BFGS flattens their gradient with .view(-1),
+        # which fails on a channels_last tensor. The net gets a channels_last copy instead (3 channels: cheap).
+        x = start.clone().contiguous().requires_grad_(True)
         history: list[tuple[int, float]] = []  # (step, summed total) at log points, for the stopping rule
         scale_steps = 0
         last: list[losses.LossTerms | None] = [None]
 
         def evaluate() -> losses.LossTerms:
             with amp:
-                feats = net(x, obj.layers)
+                feats = net(x.contiguous(memory_format=fmt), obj.layers)
             return losses.compute(obj, feats, x, c_tgt, s_tgt)
 
         def log(terms: losses.LossTerms, force: bool = False) -> None:
