@@ -101,7 +101,14 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
         if x is None:
             start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
         else:
-            start = resize(x.detach(), h, w).clamp(0, 1)
+            prev = x.detach()
+            start = resize(prev, h, w)
+            if cfg.init == "content":
+                # Upsampling blurs, and the fine style layers then start far above where content init
+                # would put them. Put back the content detail the coarser scale could not hold (one
+                # Laplacian-pyramid level): measured, this is what makes coarse-to-fine pay off.
+                start = start + c_img - resize(resize(c_img, *prev.shape[-2:]), h, w)
+            start = start.clamp(0, 1)
         # The optimised pixels keep the default layout: L-BFGS flattens their gradient with .view(-1),
         # which fails on a channels_last tensor. The net gets a channels_last copy instead (3 channels: cheap).
         x = start.clone().contiguous().requires_grad_(True)
