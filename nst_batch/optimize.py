@@ -135,7 +135,9 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                 on_log(rows)
             if cfg.stop_window and not force:
                 old = [l for s, l in history if s <= scale_steps - cfg.stop_window]
-                if old and (old[-1] - history[-1][1]) <= cfg.stop_tolerance * abs(old[-1]):
+                # abs(): L-BFGS without line search spikes early in a scale (the loss x2..x300 for a few
+                # steps); a spike is not convergence, and stopping there would keep the spiked image.
+                if old and abs(old[-1] - history[-1][1]) <= cfg.stop_tolerance * abs(old[-1]):
                     raise _Stop
 
         def closure() -> torch.Tensor:
