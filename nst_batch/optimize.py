@@ -115,6 +115,11 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
         history: list[tuple[int, float]] = []  # (step, summed total) at log points, for the stopping rule
         scale_steps = 0
         last: list[losses.LossTerms | None] = [None]
+        # The best image seen so far, per image of the batch: L-BFGS without a line search can jump to a
+        # much worse point late in a scale (seen: a loss of 0.74 ending at 3.6), and the tutorial kept
+        # whatever the last step gave. Tracked with torch.where, so no host-device sync is added.
+        best_x = x.detach().clone()
+        best_loss = torch.full((x.shape[0],), float("inf"), device=device)
 
         def evaluate() -> losses.LossTerms:
             with amp:
@@ -148,6 +153,11 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             terms = evaluate()
             loss = terms.total.sum()  # images in a batch are independent: summing keeps their gradients apart
             loss.backward()
+            with torch.no_grad():
+                tot = terms.total.detach().float()
+                better = tot < best_loss  # NaN compares False: a broken step is never kept
+                best_loss.copy_(torch.where(better, tot, best_loss))
+                best_x.copy_(torch.where(better.view(-1, 1, 1, 1), x.detach(), best_x))
             steps_done += 1
             scale_steps += 1
             last[0] = terms
@@ -156,8 +166,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
 
         try:
             if cfg.optimizer == "lbfgs":
-                # max_iter one above max_eval: the loop then ends right after an evaluation,
-                # so the image we keep is the last one measured.
+                # max_iter one above max_eval: the loop ends right after an evaluation, not on an
+                # update that was never measured.
                 opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps,
                                         history_size=100, line_search_fn=None)
                 opt.step(closure)
@@ -170,13 +180,13 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                         x.clamp_(0, 1)
         except _Stop:
             pass
+        x = best_x
         if (h, w) != shapes[-1] and scale_steps % cfg.log_every and last[0] is not None:
             log(last[0], force=True)  # a coarse scale's last step; the caller logs the final one itself
 
     assert x is not None
     with torch.no_grad():
-        x.clamp_(0, 1)
-        final_terms = evaluate()
+        final_terms = evaluate()  # the best image of the last scale, already inside [0, 1]
     vals = torch.stack([final_terms.content, final_terms.style, final_terms.tv, final_terms.total], 1).cpu()
     if not torch.isfinite(vals).all():
         raise PairError("nonfinite", f"the final loss is {vals.sum().item()}; try lower weights or precision fp32")

@@ -405,6 +405,14 @@ def run_stylize(net, cfg: OptimConfig, content=None, style=None, obj=OBJ):
     return res, [r for batch in rows for r in batch]
 
 
+def test_the_kept_image_is_the_best_one_seen(small_net):
+    # Adam with a far too large step overshoots: later steps are worse than earlier ones. The output must
+    # be the best image measured, not the last.
+    res, rows = run_stylize(small_net, OptimConfig(steps=12, optimizer="adam", lr=0.8, log_every=1))
+    assert rows[-1].total > min(r.total for r in rows)  # the run really did get worse at the end
+    assert res.final[0].total == pytest.approx(min(r.total for r in rows), rel=1e-4)
+
+
 @pytest.mark.parametrize("opt, lr", [("lbfgs", 1.0), ("adam", 0.05)])
 def test_loss_falls(small_net, opt, lr):
     res, rows = run_stylize(small_net, OptimConfig(steps=8, optimizer=opt, lr=lr, log_every=1))
