@@ -377,6 +377,18 @@ def test_relative_losses_are_zero_at_the_target_and_weighted(caffe_net):
     assert float(t.tv) == 0.0
 
 
+def test_gram_gradient_matches_autograd():
+    # The hand-written backward must give exactly what autograd gives for F Fᵀ / (C·H·W).
+    f = torch.randn(2, 5, 4, 3)
+    g = torch.randn(2, 5, 5)  # not symmetric: both halves of the backward matter
+    f32 = f.detach().float().requires_grad_(True)
+    (losses.gram(f32) * g).sum().backward()
+    ref = f.detach().float().requires_grad_(True)
+    flat = ref.reshape(2, 5, 12)
+    ((torch.bmm(flat, flat.transpose(1, 2)) / 60) * g).sum().backward()
+    torch.testing.assert_close(f32.grad, ref.grad)
+
+
 def test_tv_loss():
     flat = torch.full((1, 3, 8, 8), 0.3)
     assert float(losses.tv_loss(flat)) == 0.0
