@@ -44,9 +44,9 @@ class Settings:
     format: str = "png"
     quality: int = 95
     log_every: int = 10
-    scales: tuple[float, ...] = (1.0,)
-    stop_window: int = 0
-    stop_tolerance: float = 1e-3
+    scales: tuple[float, ...] = (0.5, 1.0)
+    stop_window: int = 20
+    stop_tolerance: float = 0.01
     precision: str = "auto"
     compile: bool = False
     batch: int = 1

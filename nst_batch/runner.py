@@ -93,9 +93,13 @@ class Engine:
         return im
 
     def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
+        im = self._style_image(path, style_hash)
+        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
+        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
+        long_side = max(long_side, math.ceil(images.MIN_SIDE * max(im.size) / min(im.size)))
         key = (style_hash, long_side, self.objective, self.settings.weights, self.settings.pooling)
         if key not in self._style_targets:
-            t = images.to_tensor(self._style_image(path, style_hash), long_side).to(self.device)
+            t = images.to_tensor(im, long_side).to(self.device)
             if self.optim.channels_last:
                 t = t.contiguous(memory_format=torch.channels_last)
             amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)

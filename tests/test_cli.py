@@ -27,7 +27,7 @@ def test_run_end_to_end(folders, tmp_path):
     (conf / "pipeline.yaml").write_text("content: ../content\nstyles: ../styles\nout: ../out\nsteps: 50\n")
     (tmp_path / "cwd").mkdir()
     r = cli("run", str(conf / "pipeline.yaml"), "--size", "32", "--steps", "3", "--device", "cpu",
-            "--set", "log_every=1", "--quiet", cwd=tmp_path / "cwd")
+            "--set", "log_every=1", "--set", "scales=[1.0]", "--quiet", cwd=tmp_path / "cwd")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
 

@@ -230,7 +230,8 @@ def test_two_workers_share_one_folder_then_a_second_run_redoes_exactly_what_chan
     host = socket.gethostname()
     assert {r["worker"] for r in rows.values()} <= {f"{host}:{p.pid}" for p in procs}
     table = check_outputs(out, rows)
-    assert sorted((c, s) for c, s, *_ in table) == sorted(rows)  # one final loss row per pair, no more
+    # one final full-size loss row per pair, no more (steps < log_every; coarse scales log their own last step)
+    assert sorted((c, s) for c, s, *_, px in table if px == "32") == sorted(rows)
 
     first = rows
     (out / first[("c0.png", "s0.png")]["output"]).unlink()  # a deleted output
@@ -246,7 +247,7 @@ def test_two_workers_share_one_folder_then_a_second_run_redoes_exactly_what_chan
     assert r.returncode == 0, r.stdout + r.stderr
     third = ledger_rows(out)
     assert all(third[k]["finished_at"] != second[k]["finished_at"] for k in first)
-    assert all(row["state"] == "done" and row["steps"] == 4 for row in third.values())
+    assert all(row["state"] == "done" and row["steps"] in (4, 8) for row in third.values())  # 4 a scale, 1 or 2 scales
     check_outputs(out, third)
 
 
