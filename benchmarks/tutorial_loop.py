@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nst_batch.vgg import LAYERS, VGGFeatures, _caffe_convs
+from nst_batch.vgg import VGGFeatures, _caffe_convs, build_layers
 
 CONTENT_LAYERS = ["conv_4"]
 STYLE_LAYERS = ["conv_1", "conv_2", "conv_3", "conv_4", "conv_5"]
@@ -40,20 +40,7 @@ def caffe_vgg19_features() -> nn.Sequential:
 
     Left trainable, as the seed's `models.vgg19(pretrained=True).features` is.
     """
-    convs = iter(_caffe_convs())
-    layers: list[nn.Module] = []
-    for name in LAYERS:
-        if name.startswith("conv"):
-            w, b = next(convs)
-            conv = nn.Conv2d(w.shape[1], w.shape[0], kernel_size=3, padding=1)
-            conv.weight.data.copy_(w)
-            conv.bias.data.copy_(b)
-            layers.append(conv)
-        elif name.startswith("relu"):
-            layers.append(nn.ReLU(inplace=False))
-        else:
-            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-    return nn.Sequential(*layers).eval()
+    return nn.Sequential(*build_layers(_caffe_convs())).eval()
 
 
 class Normalization(nn.Module):

@@ -75,6 +75,26 @@ CAFFE = Convention(bgr=True, scale=255.0, mean=(103.939, 116.779, 123.68), std=(
 IMAGENET = Convention(bgr=False, scale=1.0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
+def build_layers(convs: list[tuple[torch.Tensor, torch.Tensor]], names: list[str] = LAYERS,
+                 pooling: str = "max") -> list[nn.Module]:
+    """VGG19's layers, in torchvision's order, for the given layer names, with the given conv weights."""
+    layers: list[nn.Module] = []
+    conv_iter = iter(convs)
+    for name in names:
+        if name.startswith("conv"):
+            w, b = next(conv_iter)
+            conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
+            conv.weight.data.copy_(w)
+            conv.bias.data.copy_(b)
+            layers.append(conv)
+        elif name.startswith("relu"):
+            # Not in-place: a conv output captured as a feature must not be overwritten.
+            layers.append(nn.ReLU(inplace=False))
+        else:
+            layers.append(nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2))
+    return layers
+
+
 class VGGFeatures(nn.Module):
     """RGB [0, 1] images -> the activations of the named layers, in one pass."""
 
@@ -89,20 +109,7 @@ class VGGFeatures(nn.Module):
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
         self.names = LAYERS[: LAYERS.index(last_layer) + 1]
-        layers: list[nn.Module] = []
-        conv_iter = iter(convs)
-        for name in self.names:
-            if name.startswith("conv"):
-                w, b = next(conv_iter)
-                conv = nn.Conv2d(w.shape[1], w.shape[0], 3, padding=1)
-                conv.weight.data.copy_(w)
-                conv.bias.data.copy_(b)
-                layers.append(conv)
-            elif name.startswith("relu"):
-                # Not in-place: a conv output captured as a feature must not be overwritten.
-                layers.append(nn.ReLU(inplace=False))
-            else:
-                layers.append(nn.MaxPool2d(2, 2) if pooling == "max" else nn.AvgPool2d(2, 2))
+        layers = build_layers(convs, self.names, pooling)
         self.layers = nn.ModuleList(layers)
         self.requires_grad_(False)
         self.eval()
