@@ -67,9 +67,10 @@ TUTORIAL = losses.PRESETS["tutorial"]
 
 # Chosen from the measurements in docs/benchmarks.md; any Settings key can be set, values are YAML.
 DEFAULT_CONFIGS = [
-    "single:layers=tutorial;steps=300",  # like for like: one scale, 300 steps (the loop makes 320)
-    "c2f:layers=tutorial;scales=[0.5,1.0];steps=250",  # coarse to fine, 250 steps per scale
-    "c2f-short:layers=tutorial;scales=[0.5,1.0];steps=150",
+    # Each names its scales and stop rule: the Settings defaults move, these rows must not.
+    "single:layers=tutorial;steps=300;scales=[1.0];stop_window=0",  # like for like (the loop makes 320)
+    "c2f:layers=tutorial;scales=[0.5,1.0];steps=250;stop_window=0",  # coarse to fine, 250 steps per scale
+    "c2f-short:layers=tutorial;scales=[0.5,1.0];steps=150;stop_window=0",
 ]
 
 
