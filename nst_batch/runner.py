@@ -1,9 +1,9 @@
 """One run, end to end: plan -> ledger -> engine -> outputs and loss log.
 
 The `Engine` holds what is loaded once per run: the device, VGG19 and the style-target
-cache. `run` claims pairs from the ledger one at a time until none is left, so any number
-of processes can share an output folder, and records every outcome; one bad pair never
-stops the others.
+cache. `run` claims pairs from the ledger (one at a time, or `batch` of one style) until none
+is left, so any number of processes can share an output folder, and records every outcome;
+one bad pair never stops the others.
 """
 
 from __future__ import annotations
@@ -402,10 +402,11 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                 while len(claimed) < s.batch and (r := claim(first.style)):
                     claimed.append(r)
                 signals.check()
-                nxt = ledger.peek(only)
+                groups = _decode_and_group(claimed, io, s.size, record_failure)
+                nxt = ledger.peek(only)  # decoded on a thread while this batch computes
                 if nxt is not None:
                     io.prefetch(nxt.content_path)
-                for group in _decode_and_group(claimed, io, s.size, record_failure):
+                for group in groups:
                     rows = [r for r, _ in group]
                     display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
                     signals.computing = True
@@ -442,8 +443,8 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
     return result
 
 
-def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_failure):
-    """Decode each claimed pair's photo; yield groups of (row, image) whose working shapes match,
+def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_failure) -> list[list]:
+    """Decode each claimed pair's photo; return groups of (row, image) whose working shapes match,
     since only same-shape images can share a batch tensor. Undecodable photos fail right here."""
     groups: dict[tuple[int, int], list] = {}
     for r in rows:
@@ -453,7 +454,7 @@ def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_fail
             record_failure(r, e)
             continue
         groups.setdefault(images.fit_long_side(*im.size, size), []).append((r, im))
-    yield from groups.values()
+    return list(groups.values())
 
 
 def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: LossLog, display: Display,
