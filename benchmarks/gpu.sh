@@ -40,18 +40,18 @@ bench() {  # bench LIMIT_S NAME ARGS...: one part, output to the terminal and to
 
 start=$SECONDS
 bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
-    --config "fp32:precision=fp32;steps=300" \
-    --config "bf16:precision=bf16;steps=300" \
-    --config "bf16-no-channels-last:precision=bf16;steps=300;channels_last=false" \
-    --config "bf16-no-cudnn-benchmark:precision=bf16;steps=300;cudnn_benchmark=false" \
-    --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250" \
-    --config "bf16-c2f-150:precision=bf16;scales=[0.5,1.0];steps=150" \
+    --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
+    --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
+    --config "bf16-no-channels-last:precision=bf16;steps=300;channels_last=false;scales=[1.0];stop_window=0" \
+    --config "bf16-no-cudnn-benchmark:precision=bf16;steps=300;cudnn_benchmark=false;scales=[1.0];stop_window=0" \
+    --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0" \
+    --config "bf16-c2f-150:precision=bf16;scales=[0.5,1.0];steps=150;stop_window=0" \
     --batch --profile --memory-sizes 512,1024,2048
 bench 150 gpu_512_compile --size 512 --pairs 1x2 --no-default-row \
-    --config "bf16:precision=bf16;steps=300" \
-    --config "bf16-compile:precision=bf16;steps=300;compile=true"
+    --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
+    --config "bf16-compile:precision=bf16;steps=300;compile=true;scales=[1.0];stop_window=0"
 bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
-    --config "fp32:precision=fp32;steps=300" \
-    --config "bf16:precision=bf16;steps=300" \
-    --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250"
+    --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
+    --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
+    --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
 echo "total $((SECONDS - start)) s; results in $out"
