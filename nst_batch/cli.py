@@ -134,7 +134,7 @@ def retry(
 ) -> None:
     """Re-run only the failed pairs of OUT, with the same settings or with overrides."""
     try:
-        s = _stored_settings(out)
+        s = _stored_settings(out).replace(out=out)  # the folder given, wherever it has moved since
         s = manifest.apply(s, manifest.parse_set(set_), "--set")
         s = manifest.apply(s, {k: v for k, v in dict(size=size, steps=steps, device=device).items() if v is not None},
                            "option")

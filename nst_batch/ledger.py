@@ -234,13 +234,27 @@ class Ledger:
     def pending_ids(self) -> set[int]:
         return {r[0] for r in self.db.execute("SELECT id FROM pairs WHERE state='pending'")}
 
-    def requeue_failed(self, kinds: Iterable[str] | None = None) -> list[int]:
-        """Failed pairs (optionally of some error kinds) back to pending; returns their ids."""
+    def requeue_failed(self, kinds: Iterable[str] | None = None, plan: Iterable | None = None) -> list[int]:
+        """Failed pairs (optionally of some error kinds) back to pending; returns their ids.
+        With a plan, each takes the plan's recipe, output and paths (a retry's settings and inputs)."""
+        fresh = {(p.content, p.style): p for p in plan or ()}
         with self._tx():
-            rows = self.db.execute("SELECT id, error_kind FROM pairs WHERE state='failed'").fetchall()
+            rows = self.db.execute("SELECT id, content, style, error_kind FROM pairs WHERE state='failed'").fetchall()
             kinds = set(kinds) if kinds is not None else set()  # once: a generator is good for one pass
-            ids = [r["id"] for r in rows if not kinds or r["error_kind"] in kinds]
-            self.db.executemany("UPDATE pairs SET state='pending' WHERE id=?", [(i,) for i in ids])
+            ids = []
+            for r in rows:
+                if kinds and r["error_kind"] not in kinds:
+                    continue
+                p = fresh.get((r["content"], r["style"]))
+                if plan is not None and p is None:
+                    continue  # its input is gone: nothing to retry
+                ids.append(r["id"])
+                if p is None:
+                    self.db.execute("UPDATE pairs SET state='pending' WHERE id=?", (r["id"],))
+                else:
+                    self.db.execute("UPDATE pairs SET state='pending', recipe=?, output=?, content_path=?, "
+                                    "style_path=? WHERE id=?",
+                                    (p.recipe, p.output, str(p.content_path), str(p.style_path), r["id"]))
         return ids
 
     # -- claiming and finishing -------------------------------------------------------------------

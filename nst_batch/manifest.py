@@ -214,6 +214,9 @@ def apply(settings: Settings, changes: dict[str, Any], source: str, base_dir: Pa
         v = _check(key, value, source)
         if key in _PATH_KEYS and base_dir is not None and not v.is_absolute():
             v = base_dir / v
+        if key == "weights" and v not in WEIGHT_SOURCES and base_dir is not None:
+            p = Path(v).expanduser()  # a state-dict path: relative to the manifest, like the folders
+            v = str(p if p.is_absolute() else base_dir / p)
         checked[key] = v
     return settings.replace(**checked)
 

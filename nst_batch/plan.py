@@ -78,6 +78,8 @@ ENGINE_VERSION = 1
 
 def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
+    if settings.format != "jpg":
+        d.pop("quality")  # PNG ignores it: changing it must not redo PNGs
     d.update(content=content_hash, style=style_hash, engine=ENGINE_VERSION)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -221,9 +221,9 @@ class _Signals:
         return False
 
     def _on(self, signum, frame):
+        self.pending = signum  # also when raising: a library may wrap the exception in its own
         if self.computing:
             raise Interrupted(signum)
-        self.pending = signum
 
     def check(self) -> None:
         if self.pending is not None:
@@ -274,20 +274,25 @@ class RunResult:
 def run(settings: Settings, display: Display, only_failed_kinds: list[str] | None = None,
         retry: bool = False) -> RunResult:
     """Make every pair of the plan that is not done yet. With retry=True, only the failed ones."""
-    plan = make_plan(settings)
+    # The model and device first: a weights typo must fail before the ledger is touched, or the
+    # recipe change it implies would send every finished pair back to pending.
+    engine = Engine(settings)
+    # The recipe records the precision actually used (auto means bf16 on CUDA, fp32 elsewhere).
+    effective = settings.replace(precision="bf16" if engine.optim.autocast_dtype else "fp32")
+    plan = make_plan(effective)
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
     try:
         remove_stale_temporaries(out)
-        # Failed before syncing: a failed pair whose input was since fixed becomes pending in sync,
-        # and is still one of the pairs `retry` is asked for.
-        failed_before = set(ledger.failed_ids(only_failed_kinds)) if retry else set()
-        ledger.sync(plan, out, settings.lease_s)
-        ledger.set_meta("settings", settings.to_dict())
         only = None
         if retry:
-            only = set(ledger.requeue_failed(only_failed_kinds)) | (failed_before & ledger.pending_ids())
+            # Only the failed pairs change: their recipe becomes this retry's, the rest of the
+            # ledger (and the settings a plain `run` compares against) stay as they were.
+            only = set(ledger.requeue_failed(only_failed_kinds, plan))
+        else:
+            ledger.sync(plan, out, settings.lease_s)
+            ledger.set_meta("settings", _absolute(settings).to_dict())
         counts = ledger.counts()
         already = counts["done"]
         todo = len(only) if only is not None else counts["pending"] + counts["running"]
@@ -296,13 +301,19 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
             display.note(f"{skipped_failed} failed pair(s) from earlier runs are left alone; "
                          f"'nst-batch retry {out}' re-runs them")
         if todo == 0:
-            display.note(f"nothing to do: all {already} pair(s) in {out} are done")
+            what = "no failed pairs to retry" if retry else f"all {already} pair(s) are done or failed"
+            display.note(f"nothing to do in {out}: {what}")
             return RunResult(ledger.counts(), worker=worker_id())
-        engine = Engine(settings)
         display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
         return _work(ledger, engine, display, only, already, todo)
     finally:
         ledger.close()
+
+
+def _absolute(settings: Settings) -> Settings:
+    """Folders as absolute paths, so `retry` works from any directory."""
+    return settings.replace(content=settings.content.resolve(), styles=settings.styles.resolve(),
+                            out=settings.out.resolve())
 
 
 class _BackgroundIO:
@@ -414,6 +425,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                         made = _make_with_oom_retry(engine, rows, [im for _, im in group], loss_log, display)
                     except Exception as e:  # one pair's (or batch's) failure is recorded and the run goes on
                         signals.computing = False
+                        signals.check()  # an Interrupted that a library wrapped is still a Ctrl-C
                         for r in rows:
                             record_failure(r, e)
                         continue

@@ -337,7 +337,8 @@ def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
     for i in range(n):
         make_image(content / f"c{i}.png", 40, 36, i)
     make_image(styles / "s.png", 40, 40, 9)
-    s = Settings(content=content, styles=styles, out=out, size=32, steps=3, device="cpu")
+    s = Settings(content=content, styles=styles, out=out, size=32, steps=3, device="cpu",
+                 precision="fp32")  # what `run` records on a CPU for precision: auto
     led = Ledger(out)
     try:
         led.sync(make_plan(s), out, s.lease_s)
@@ -441,3 +442,36 @@ def test_sigint_as_a_claim_is_committed_puts_the_pair_back(grid, tmp_path):
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240)
     assert r.returncode == 130, r.stdout + r.stderr
     assert [row["state"] for row in ledger_rows(out).values()] == ["pending"]
+
+
+def test_a_weights_typo_leaves_finished_pairs_done(tmp_path):
+    s, content, styles = _ledger_all_done(tmp_path)
+    before = ledger_rows(s.out)
+    r = nst(*run_args(content, styles, s.out, "--weights", "nope.pth"), cwd=tmp_path)
+    assert r.returncode == 3 and "nope.pth" in r.stderr
+    assert ledger_rows(s.out) == before  # not reset to pending by the settings the failed run asked for
+
+
+def test_retry_with_an_override_touches_only_the_failed_pairs(tmp_path):
+    s, content, styles = _ledger_all_done(tmp_path)
+    led = Ledger(s.out)
+    try:
+        led.db.execute("UPDATE pairs SET state='failed', error_kind='oom', error_message='x' WHERE content='c1.png'")
+        stored = led.get_meta("settings")
+    finally:
+        led.close()
+    before = ledger_rows(s.out)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = nst("retry", s.out, "--kind", "oom", "--size", "40", cwd=elsewhere)  # from another directory
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = ledger_rows(s.out)
+    assert after[("c0.png", "s.png")] == before[("c0.png", "s.png")]  # the done pair: untouched
+    assert after[("c1.png", "s.png")]["state"] == "done"
+    with Image.open(s.out / after[("c1.png", "s.png")]["output"]) as im:
+        assert max(im.size) == 40  # made with the override
+    led = Ledger(s.out)
+    try:
+        assert led.get_meta("settings") == stored  # a later plain `run` still compares against the manifest's
+    finally:
+        led.close()
