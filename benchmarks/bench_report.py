@@ -17,25 +17,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from nst_batch import report
+from nst_batch.plan import Pair
 from nst_batch.ledger import Ledger
 from nst_batch.runner import LOSS_COLUMNS, LOSS_LOG
-
-
-@dataclass(frozen=True)
-class _Pair:
-    content: str
-    style: str
-    content_path: Path
-    style_path: Path
-    output: str
-    recipe: str = "r"
 
 
 def _image(path: Path, w: int, h: int, rng: np.random.Generator, fmt: str) -> None:
@@ -53,7 +43,7 @@ def synthesize(out: Path, n_contents: int, n_styles: int) -> None:
     styles = [src / "styles" / f"style_{j:02d}.jpg" for j in range(n_styles)]
     for p in contents + styles:
         _image(p, 256, 192, rng, "JPEG")
-    pairs = [_Pair(c.name, s.name, c, s, f"{s.stem}/{c.stem}.png") for s in styles for c in contents]
+    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{c.stem}.png", "r", "", "") for s in styles for c in contents]
     ledger = Ledger(out)
     try:
         ledger.sync(pairs, out, lease_s=60)

@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -21,6 +20,7 @@ from rich.console import Console
 
 from nst_batch import report
 from nst_batch.errors import ConfigError
+from nst_batch.plan import Pair
 from nst_batch.ledger import Ledger
 from nst_batch.runner import LOSS_COLUMNS, LOSS_LOG
 
@@ -29,16 +29,6 @@ from conftest import make_image
 WORKER = "test-host:1"
 ODD = 'a b#1 & <x> "q".png'  # a content name that needs escaping in HTML and quoting in URLs
 LOSS_HEADER = ",".join(LOSS_COLUMNS) + "\n"
-
-
-@dataclass(frozen=True)
-class FakePair:
-    content: str
-    style: str
-    content_path: Path
-    style_path: Path
-    output: str
-    recipe: str = "r"
 
 
 def _loss_rows(content: str, style: str, attempt: int, steps: list[tuple[int, int]], scale: float) -> str:
@@ -60,7 +50,7 @@ def run_dir(tmp_path: Path) -> Path:
     broken = src / "c" / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
     s1, s2 = make_image(src / "s" / "s1.png", 48, 48, 10), make_image(src / "s" / "s2.jpg", 56, 40, 11)
-    pairs = [FakePair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png") for s in (s1, s2)
+    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png", "r", "", "") for s in (s1, s2)
              for c in (c1, odd, broken)]
     ledger = Ledger(out)
     try:
