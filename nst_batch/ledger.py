@@ -3,7 +3,10 @@
 SQLite in WAL mode: readers (`status`, `report`) never block a worker, every change is one
 short transaction, and `kill -9` at any moment leaves the last committed state. Several
 workers share one ledger: a pair is claimed atomically (BEGIN IMMEDIATE) and held by a
-heartbeat; a claim whose heartbeat is older than the lease is free to take again.
+heartbeat; a claim whose heartbeat is older than the lease is free to take again. Each worker
+also registers the settings it makes pixels with (table `workers`, kept alive by the same
+heartbeat): a worker with other settings is refused while one is live, since each would send
+the other's pairs back to be made its own way.
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the workers table
 FILENAME = "ledger.sqlite"
 STATES = ("pending", "running", "done", "failed")
 
@@ -51,6 +54,17 @@ CREATE TABLE IF NOT EXISTS pairs (
     UNIQUE (content, style)
 );
 CREATE INDEX IF NOT EXISTS pairs_state ON pairs (state);
+"""
+
+# Schema 2. A live row (fresh heartbeat, process not known dead) holds the output folder to its settings.
+_WORKERS = """
+CREATE TABLE IF NOT EXISTS workers (
+    worker     TEXT PRIMARY KEY,          -- host:pid
+    settings   TEXT NOT NULL,             -- JSON of plan.recipe_settings: what makes its pixels
+    lease_s    REAL NOT NULL,
+    heartbeat  REAL NOT NULL,
+    started_at REAL NOT NULL
+);
 """
 
 COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
@@ -102,6 +116,17 @@ def _is_dead(worker: str | None) -> bool:
     return False
 
 
+Recipes = Mapping[tuple[str, str], str]  # (content, style) -> recipe, as a worker's plan has them
+
+
+def _ours(r, recipes: Recipes | None) -> bool:
+    return recipes is None or recipes.get((r["content"], r["style"])) == r["recipe"]
+
+
+def _show(v: Any) -> str:
+    return "(unset)" if v is None else v if isinstance(v, str) else json.dumps(v)
+
+
 def _claim_is_live(r, now: float, lease_s: float) -> bool:
     return r["state"] == "running" and (r["heartbeat"] or 0) > now - lease_s and not _is_dead(r["worker"])
 
@@ -150,15 +175,17 @@ class Ledger:
             if has_meta:
                 r = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
                 version = int(r[0]) if r else None
+            if version is not None and version > SCHEMA_VERSION:
+                raise ConfigError(f"{self.path} was written by a newer nst-batch (schema {version}, "
+                                  f"this one knows {SCHEMA_VERSION}); upgrade nst-batch")
             if version is None:
                 for stmt in _SCHEMA.strip().split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+            if version is None or version < 2:  # 1 -> 2: a new table, the pairs are kept as they are
+                self.db.execute(_WORKERS)
+            if version != SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            elif version > SCHEMA_VERSION:
-                raise ConfigError(f"{self.path} was written by a newer nst-batch (schema {version}, "
-                                  f"this one knows {SCHEMA_VERSION}); upgrade nst-batch")
-            # Older schemas would be migrated here, one step per version.
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -178,6 +205,37 @@ class Ledger:
     def get_meta(self, key: str, default: Any = None) -> Any:
         r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(r[0]) if r else default
+
+    # -- workers and their settings ------------------------------------------------------------
+    def register(self, worker: str, settings: dict[str, Any], lease_s: float) -> None:
+        """Record that `worker` makes pixels with `settings` (plan.recipe_settings). ConfigError, one
+        line naming the keys, if a live worker on this ledger has other settings: each would send the
+        other's pairs back to pending under its own recipe. Checked and recorded in one transaction,
+        so of two workers starting together the second one sees the first."""
+        now = time.time()
+        mine = json.loads(json.dumps(settings, sort_keys=True, default=str))
+        with self._tx():
+            for r in self.db.execute("SELECT * FROM workers WHERE worker != ?", (worker,)).fetchall():
+                if r["heartbeat"] <= now - r["lease_s"] or _is_dead(r["worker"]):
+                    self.db.execute("DELETE FROM workers WHERE worker=?", (r["worker"],))  # gone: forget it
+                    continue
+                theirs = json.loads(r["settings"])
+                diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+                if diff:
+                    said = ", ".join(f"{k} {_show(mine.get(k))} here vs {_show(theirs.get(k))} there" for k in diff)
+                    raise ConfigError(f"another worker ({r['worker']}) is running on {self.path.parent} with "
+                                      f"different settings: {said}; wait for it to finish or use another "
+                                      "output folder")
+            self.db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?)",
+                            (worker, json.dumps(mine, sort_keys=True), lease_s, now, now))
+
+    def worker_heartbeat(self, worker: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE workers SET heartbeat=? WHERE worker=?", (time.time(), worker))
+
+    def unregister(self, worker: str) -> None:
+        with self._tx():
+            self.db.execute("DELETE FROM workers WHERE worker=?", (worker,))
 
     # -- planning ---------------------------------------------------------------------------------
     def sync(self, pairs: Iterable, out: Path, lease_s: float) -> dict[str, int]:
@@ -258,15 +316,18 @@ class Ledger:
         return ids
 
     # -- claiming and finishing -------------------------------------------------------------------
-    def claim(self, worker: str, lease_s: float, only: set[int] | None = None, style: str | None = None) -> Row | None:
+    def claim(self, worker: str, lease_s: float, only: set[int] | None = None, style: str | None = None,
+              recipes: Recipes | None = None) -> Row | None:
         """Atomically take the next pending pair (or one whose claim expired); None when none is left.
-        With `style`, only a pair of that style (to fill a batch)."""
+        With `style`, only a pair of that style (to fill a batch). With `recipes` ((content, style) ->
+        recipe, from the worker's own plan), only a pair whose stored recipe is the one this worker
+        makes: checked inside the claim's transaction, so what it renders is what the ledger says."""
         now = time.time()
         with self._tx():
             cur = self.db.execute("SELECT * FROM pairs WHERE state IN ('pending', 'running') AND style = COALESCE(?, style) "
                                   "ORDER BY id", (style,))
             for r in cur.fetchall():
-                if (only is None or r["id"] in only) and not _claim_is_live(r, now, lease_s):
+                if (only is None or r["id"] in only) and _ours(r, recipes) and not _claim_is_live(r, now, lease_s):
                     self.db.execute(
                         "UPDATE pairs SET state='running', worker=?, heartbeat=?, started_at=?, "
                         "attempts=attempts+1, error_kind=NULL, error_message=NULL, note=NULL, steps=NULL, seconds=NULL, "
@@ -275,10 +336,10 @@ class Ledger:
                     return self.get(r["id"])
         return None
 
-    def peek(self, only: set[int] | None = None) -> Row | None:
+    def peek(self, only: set[int] | None = None, recipes: Recipes | None = None) -> Row | None:
         """The pair a claim would most likely take next, without claiming it (for prefetching)."""
         for r in self.db.execute("SELECT * FROM pairs WHERE state='pending' ORDER BY id"):
-            if only is None or r["id"] in only:
+            if (only is None or r["id"] in only) and _ours(r, recipes):
                 return Row(**dict(r))
         return None
 
@@ -287,18 +348,33 @@ class Ledger:
             self.db.execute("UPDATE pairs SET heartbeat=? WHERE id=? AND worker=? AND state='running'",
                             (time.time(), pair_id, worker))
 
-    def _finish(self, pair_id: int, worker: str, sets: str, args: tuple, finished_at: float | None = None) -> None:
+    def _finish(self, pair_id: int, worker: str, sets: str, args: tuple, finished_at: float | None = None,
+                recipe: str | None = None) -> bool:
+        """Record the end of a claim that is still this worker's (and, given `recipe`, still for that
+        recipe); False, recording nothing, when it is not: its lease ran out and the pair was reset."""
         now = finished_at or time.time()
         with self._tx():
-            self.db.execute(
+            cur = self.db.execute(
                 f"UPDATE pairs SET {sets}, finished_at=?, seconds=? - started_at, heartbeat=NULL "
-                "WHERE id=? AND worker=?", (*args, now, now, pair_id, worker))
+                "WHERE id=? AND worker=? AND state='running' AND recipe=COALESCE(?, recipe)",
+                (*args, now, now, pair_id, worker, recipe))
+            if cur.rowcount == 1:
+                return True
+            if recipe is not None:
+                # Our image may have just replaced the file of a worker that has since made this pair
+                # with another recipe and recorded it done: that file is no longer what its recipe says.
+                self.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL "
+                                "WHERE id=? AND state='done' AND recipe != ?", (pair_id, recipe))
+            return False
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
-             total: float, note: str | None = None, finished_at: float | None = None) -> None:
-        self._finish(pair_id, worker,
-                     "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
-                     (steps, content, style, tv, total, note), finished_at)
+             total: float, note: str | None = None, finished_at: float | None = None,
+             recipe: str | None = None) -> bool:
+        """Mark done a pair this worker made with `recipe` (the recipe it claimed the pair under).
+        False when the claim is no longer this worker's or the pair's recipe has changed since."""
+        return self._finish(pair_id, worker,
+                            "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
+                            (steps, content, style, tv, total, note), finished_at, recipe)
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",

@@ -76,11 +76,19 @@ def _unique(names: dict[Path, str]) -> dict[Path, str]:
 ENGINE_VERSION = 1
 
 
-def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
+def recipe_settings(settings: Settings) -> dict:
+    """The settings that change an output's pixels, and the engine version: a recipe hashes these and
+    the two input files; workers sharing an output folder must agree on them."""
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
     if settings.format != "jpg":
         d.pop("quality")  # PNG ignores it: changing it must not redo PNGs
-    d.update(content=content_hash, style=style_hash, engine=ENGINE_VERSION)
+    d["engine"] = ENGINE_VERSION
+    return d
+
+
+def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
+    d = recipe_settings(settings)
+    d.update(content=content_hash, style=style_hash)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -18,7 +18,7 @@ import pytest
 from nst_batch.errors import ConfigError
 from nst_batch.ledger import FILENAME, SCHEMA_VERSION, Ledger, worker_id
 from nst_batch.manifest import Settings
-from nst_batch.plan import make_plan
+from nst_batch.plan import make_plan, recipe_settings
 
 from conftest import make_image
 
@@ -246,6 +246,110 @@ def test_release_puts_a_claim_back_and_never_undoes_done(ledger, out):
     ledger.done(a.id, "w:1", 3, 1, 1, 1, 3)
     ledger.release(a.id, "w:1")  # e.g. Ctrl-C landing right after the pair was recorded
     assert ledger.get(a.id).state == "done"
+
+
+# -- workers with other settings (issue 8) ------------------------------------------------------------
+
+
+def test_a_worker_never_claims_a_pair_stored_under_another_recipe(ledger, out):
+    """Worker A (recipe r1) made a pair; a worker B with other settings synced it back to pending under
+    its recipe r2. A must not claim it: it would make it A's way and record it done under r2."""
+    ledger.sync([pair("a.png"), pair("b.png")], out, LEASE)
+    finish(ledger, out, "A:1")
+    ledger.sync([pair("a.png", recipe="r2"), pair("b.png", recipe="r2")], out, LEASE)  # B's sync
+    assert set(states(ledger).values()) == {"pending"}
+    mine = {("a.png", "s.png"): "r1", ("b.png", "s.png"): "r1"}
+    assert ledger.claim("A:1", LEASE, recipes=mine) is None
+    assert ledger.peek(recipes=mine) is None  # nothing to prefetch either
+    theirs = {k: "r2" for k in mine}
+    got = ledger.claim("B:2", LEASE, recipes=theirs)
+    assert got is not None and got.recipe == "r2"
+
+
+def test_done_is_refused_once_the_claim_was_reset_under_another_recipe(ledger, out):
+    """A's lease ran out (a stopped process) while it made a pair; B reset it under its recipe, made it
+    and recorded it done. A's late done must not count, and since A's file may now have replaced B's,
+    the pair goes back to pending rather than stay done under a recipe its file may not have."""
+    ledger.sync([pair("a.png")], out, LEASE)
+    a = ledger.claim("A:1", LEASE, recipes={("a.png", "s.png"): "r1"})
+    ledger.sync([pair("a.png", recipe="r2")], out, 0.0)  # lease 0: A's claim counts as lapsed
+    b = ledger.claim("B:2", LEASE, recipes={("a.png", "s.png"): "r2"})
+    assert b.id == a.id
+    (out / b.output).parent.mkdir(parents=True, exist_ok=True)
+    (out / b.output).write_bytes(b"png")
+    assert ledger.done(b.id, "B:2", 3, 1, 1, 1, 3, recipe="r2") is True
+    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1") is False
+    row = ledger.get(a.id)
+    assert (row.state, row.recipe, row.worker) == ("pending", "r2", None)
+
+
+def test_done_needs_the_recipe_the_pair_was_claimed_under(ledger, out):
+    ledger.sync([pair("a.png")], out, LEASE)
+    a = ledger.claim("A:1", LEASE)
+    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r2") is False  # made for another recipe
+    assert ledger.get(a.id).state == "running"
+    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1") is True
+    assert ledger.get(a.id).state == "done"
+
+
+def _settings(**kw) -> dict:
+    return recipe_settings(Settings(**{**dict(size=32, steps=3, device="cpu", precision="fp32"), **kw}))
+
+
+def test_a_worker_with_other_settings_is_refused_while_another_is_live(ledger, out):
+    live = f"{HOST}:{os.getppid()}"  # our parent: a live process, and not us
+    ledger.register(live, _settings(), LEASE)
+    with pytest.raises(ConfigError) as e:
+        ledger.register(worker_id(), _settings(size=48, precision="bf16"), LEASE)
+    msg = str(e.value)
+    assert "\n" not in msg and live in msg and str(out) in msg
+    assert "precision bf16 here vs fp32 there, size 48 here vs 32 there" in msg
+    # Settings that do not change pixels do not count: the device (same precision), the lease, PNG quality.
+    ledger.register(worker_id(), _settings(device="auto", lease_s=5, log_every=1, quality=50), LEASE)
+    # A worker that has gone (unregistered, dead, or silent past its lease) holds nothing.
+    ledger.unregister(live)
+    ledger.register(worker_id(), _settings(size=48), LEASE)
+    ledger.unregister(worker_id())
+    for gone, beat in ((f"{HOST}:{dead_pid()}", time.time()), ("elsewhere:1", time.time() - LEASE - 1)):
+        ledger.register(gone, _settings(), LEASE)
+        ledger.db.execute("UPDATE workers SET heartbeat=? WHERE worker=?", (beat, gone))
+        ledger.register(worker_id(), _settings(size=48), LEASE)
+        ledger.unregister(worker_id())
+    assert ledger.db.execute("SELECT COUNT(*) FROM workers").fetchone()[0] == 0  # the gone ones forgotten
+
+
+def test_worker_heartbeat_keeps_a_registration_live(ledger, out):
+    other = "elsewhere:1"
+    ledger.register(other, _settings(), LEASE)
+    ledger.db.execute("UPDATE workers SET heartbeat=?", (time.time() - LEASE + 0.5,))
+    ledger.worker_heartbeat(other)
+    time.sleep(0.6)  # the old beat would have expired by now
+    with pytest.raises(ConfigError, match="size 48 here vs 32 there"):
+        ledger.register(worker_id(), _settings(size=48), LEASE)
+
+
+def test_a_schema_1_ledger_opens_and_is_migrated(out):
+    """Schema 1 is schema 2 without the workers table."""
+    led = Ledger(out)
+    led.sync([pair("a.png")], out, LEASE)
+    finish(led, out)
+    before = led.rows()
+    led.close()
+    db = sqlite3.connect(out / FILENAME)
+    db.execute("DROP TABLE workers")
+    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    ro = Ledger(out, readonly=True)  # status and report read it as it is
+    assert ro.rows() == before
+    ro.close()
+    led = Ledger(out)
+    try:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 2
+        assert led.rows() == before
+        led.register(worker_id(), _settings(), LEASE)
+    finally:
+        led.close()
 
 
 def test_claim_is_atomic_across_threads(out):
