@@ -9,7 +9,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, Text
 
 
 class Display:
-    """Plain lines: one per finished pair. Used with --quiet and when stdout is not a terminal."""
+    """Plain lines: one per finished pair. Used with --quiet and when stdout is not a terminal.
+
+    Printed with soft_wrap: rich would otherwise wrap at the console width (80 columns when stdout is
+    a file or a pipe), and a log is grepped one line per pair."""
 
     def __init__(self, console: Console):
         self.console = console
@@ -30,10 +33,10 @@ class Display:
         status = "done" if ok else "FAILED"
         extra = f" ({message})" if message else ""
         self.console.print(f"[{self.finished}/{self.total}] {status} {name} in {seconds:.1f}s{extra}",
-                           markup=False, highlight=False)
+                           markup=False, highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False)
+        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         pass
