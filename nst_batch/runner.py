@@ -13,10 +13,12 @@ import os
 import signal
 import time
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -25,8 +27,9 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
 from .optimize import LogRow, OptimConfig, Result, stylize
-from .plan import file_hash, make_plan
+from .plan import file_hash, make_plan, recipe_settings
 from .progress import Display
+from .report import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
 
 LOSS_LOG = "losses.csv"
 LOSS_COLUMNS = ("content", "style", "step", "content_loss", "style_loss", "tv_loss", "total_loss", "elapsed_s",
@@ -49,6 +52,13 @@ def pick_device(name: str) -> torch.device:
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ConfigError("device 'mps' asked for, but this PyTorch has no MPS support here (key 'device')")
     return torch.device(name)
+
+
+# Styles whose decoded image and Gram targets the engine keeps, least recently used dropped first.
+# Pairs are claimed style by style, so 2 (the style in use and the one before) redo nothing in a
+# plain run. Measured for one style at 512 px, gatys: targets 2.33 MiB a scale whatever the size
+# (4.66 MiB at scales [0.5, 1.0]); the decoded image 4 bytes a pixel (2.9 MiB for 1071×712).
+STYLE_CACHE = 2
 
 
 class Engine:
@@ -76,13 +86,21 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         if settings.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
-        self._style_images: dict[str, object] = {}  # style hash -> decoded image or the PairError it raised
+        # style hash -> decoded image or the PairError it raised; the STYLE_CACHE most recently used
+        # styles only, with their targets (pairs run style by style: more would only grow memory)
+        self._style_images: OrderedDict[str, object] = OrderedDict()
         self._style_targets: dict[tuple, losses.Targets] = {}
         self._style_hash: dict[Path, str] = {}
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
 
     def _style_image(self, path: Path, key: str):
-        if key not in self._style_images:
+        if key in self._style_images:
+            self._style_images.move_to_end(key)
+        else:
+            while len(self._style_images) >= STYLE_CACHE:
+                old, _ = self._style_images.popitem(last=False)
+                for k in [k for k in self._style_targets if k[0] == old]:
+                    del self._style_targets[k]
             try:
                 self._style_images[key] = images.load_rgb(path, self.settings.max_megapixels)
             except PairError as e:
@@ -132,18 +150,24 @@ class LossLog:
     """OUT/losses.csv, appended a whole line per write() on an O_APPEND file: rows from several
     workers never interleave mid-line, and a killed run keeps every row it wrote."""
 
+    HEADER = (",".join(LOSS_COLUMNS) + "\n").encode()
+
     def __init__(self, out: Path):
         self.path = out / LOSS_LOG
-        if not self.path.exists():
-            # Create with the header in one step (link fails if another worker got there first).
-            tmp = out / f".{LOSS_LOG}.{os.getpid()}.tmp"
-            tmp.write_text(",".join(LOSS_COLUMNS) + "\n")
-            try:
-                os.link(tmp, self.path)
-            except FileExistsError:
-                pass
-            finally:
-                tmp.unlink(missing_ok=True)
+        # No temporary file and no link (FAT and exFAT have no hard links). The header is the only thing
+        # ever written in the file's first len(HEADER) bytes, and no row is appended before they are
+        # there: whoever finds the file shorter than that (the worker that created it, one that opened
+        # it a moment after, or a run after a creator killed in between) writes the same header at
+        # offset 0 itself first. Several doing so at once write the same bytes to the same place.
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:  # another worker, or an earlier run, got there first
+            fd = os.open(self.path, os.O_WRONLY)
+        try:
+            if os.fstat(fd).st_size < len(self.HEADER):
+                os.write(fd, self.HEADER)  # at offset 0: this descriptor is ours alone and not O_APPEND
+        finally:
+            os.close(fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def write(self, row: Row, attempt: int, logs: list[LogRow]) -> None:
@@ -192,6 +216,7 @@ class _Heartbeat:
             while not self._stop.wait(every):
                 with self._lock:
                     ids = list(self.held)
+                ledger.worker_heartbeat(worker)  # holds the folder to this worker's settings
                 for pair_id in ids:
                     ledger.heartbeat(pair_id, worker)
         finally:
@@ -230,13 +255,21 @@ class _Signals:
             raise Interrupted(self.pending)
 
 
-def remove_stale_temporaries(out: Path, min_age_s: float = 600.0) -> int:
+def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float = 600.0) -> int:
     """Delete `.NAME.PID.tmp` files left by writers killed mid-write: their process is gone, or, for a
-    folder shared between machines (where a PID means nothing), they are older than any write takes."""
+    folder shared between machines (where a PID means nothing), they are older than any write takes.
+
+    Only our own: the temporaries files.write_atomic makes for a file nst-batch writes (an output of
+    `outputs`, the report's files, a thumbnail) and the one older loss logs were made through. A
+    user's `.notes.123.tmp` in OUT is none of these and stays."""
+    ours = {*outputs, LOSS_LOG, REPORT_HTML, SUMMARY_CSV, CONTACT_SHEET}
     removed = 0
     now = time.time()
     for tmp in out.rglob(".*.tmp"):
-        pid = tmp.name[:-4].rpartition(".")[2]
+        target, _, pid = tmp.name[1:-4].rpartition(".")
+        rel = tmp.parent.relative_to(out) / target
+        if not (rel.as_posix() in ours or (rel.parent.as_posix() == THUMBS and target.endswith(".jpg"))):
+            continue
         try:
             old = now - tmp.stat().st_mtime > min_age_s
         except FileNotFoundError:
@@ -280,11 +313,15 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     # The recipe records the precision actually used (auto means bf16 on CUDA, fp32 elsewhere).
     effective = settings.replace(precision="bf16" if engine.optim.autocast_dtype else "fp32")
     plan = make_plan(effective)
+    recipes = {(p.content, p.style): p.recipe for p in plan}
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(out)
+    worker = worker_id()
     try:
-        remove_stale_temporaries(out)
+        # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
+        ledger.register(worker, recipe_settings(effective), settings.lease_s)
+        remove_stale_temporaries(out, [p.output for p in plan] + [r.output for r in ledger.rows()])
         only = None
         if retry:
             # Only the failed pairs change: their recipe becomes this retry's, the rest of the
@@ -303,11 +340,14 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
         if todo == 0:
             what = "no failed pairs to retry" if retry else f"all {already} pair(s) are done or failed"
             display.note(f"nothing to do in {out}: {what}")
-            return RunResult(ledger.counts(), worker=worker_id())
+            return RunResult(ledger.counts(), worker=worker)
         display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
-        return _work(ledger, engine, display, only, already, todo)
+        return _work(ledger, engine, display, only, already, todo, recipes)
     finally:
-        ledger.close()
+        try:
+            ledger.unregister(worker)
+        finally:
+            ledger.close()
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -366,7 +406,8 @@ class _BackgroundIO:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, todo: int) -> RunResult:
+def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, todo: int,
+          recipes: dict[tuple[str, str], str]) -> RunResult:
     s = engine.settings
     out = s.out
     worker = worker_id()
@@ -393,14 +434,19 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                 record_failure(row, error)
                 continue
             f = res.final[0]
-            ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note, finished_at)
+            recorded = ledger.done(row.id, worker, res.steps, f.content, f.style, f.tv, f.total, note, finished_at,
+                                   recipe=row.recipe)
             beat.drop(row.id)
+            if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
+                display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "
+                             "and the pair was reset; it is made again with its current recipe")
+                continue
             result.made += 1
             display.pair_end(f"{row.style} × {row.content}", True, finished_at - (row.started_at or finished_at),
                              note or "")
 
     def claim(style: str | None = None) -> Row | None:
-        row = ledger.claim(worker, s.lease_s, only, style=style)
+        row = ledger.claim(worker, s.lease_s, only, style=style, recipes=recipes)
         if row is not None:
             beat.hold(row.id)
         return row
@@ -414,7 +460,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                     claimed.append(r)
                 signals.check()
                 groups = _decode_and_group(claimed, io, s.size, record_failure)
-                nxt = ledger.peek(only)  # decoded on a thread while this batch computes
+                nxt = ledger.peek(only, recipes)  # decoded on a thread while this batch computes
                 if nxt is not None:
                     io.prefetch(nxt.content_path)
                 for group in groups:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -39,13 +40,15 @@ def _default_signals() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def nst(*args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "nst_batch.cli", *map(str, args)], cwd=cwd, env=ENV,
+def nst(*args: str, cwd: Path, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nst_batch.cli", *map(str, args)], cwd=cwd, env=env or ENV,
                           capture_output=True, text=True, timeout=timeout, preexec_fn=_default_signals)
 
 
-def start(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "nst_batch.cli", *map(str, args)], cwd=cwd, env=ENV,
+def start(*args: str, cwd: Path, script: Path | None = None) -> subprocess.Popen:
+    """`nst-batch ARGS` in the background; with `script`, through that wrapper of the CLI instead."""
+    cmd = [str(script)] if script else ["-m", "nst_batch.cli"]
+    return subprocess.Popen([sys.executable, *cmd, *map(str, args)], cwd=cwd, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_signals)
 
 
@@ -203,32 +206,47 @@ def test_sigint_then_sigterm_put_the_pair_back_and_a_third_run_finishes(grid, tm
 
 # -- two workers, and status while they work ---------------------------------------------------------
 
+# The CLI, except that a worker's first pair is recorded only once another worker holds a pair: each of
+# two workers started together then makes some, however the machine schedules their starts.
+_MEET = """
+import time
+from nst_batch import ledger
+real = ledger.Ledger.done
+def done(self, pair_id, worker, *a, **kw):
+    end = time.monotonic() + 200
+    while time.monotonic() < end and not self.db.execute(
+            "SELECT 1 FROM pairs WHERE worker IS NOT NULL AND worker != ?", (worker,)).fetchone():
+        time.sleep(0.05)
+    return real(self, pair_id, worker, *a, **kw)
+ledger.Ledger.done = done
+from nst_batch.cli import app
+app(prog_name="nst-batch")
+"""
+
 
 def test_two_workers_share_one_folder_then_a_second_run_redoes_exactly_what_changed(grid, tmp_path):
-    """Two workers on one folder, `status` while they work; then a deleted output, a changed style
-    and a changed setting, each redoing exactly the pairs it affects."""
+    """Two workers on one folder, both making pairs, `status` while they work; then a deleted output,
+    a changed style and a changed setting, each redoing exactly the pairs it affects."""
     content, styles, out = grid(3, 2)
     args = run_args(content, styles, out, "--set", "lease_s=30")
-    procs = [start(*args, cwd=tmp_path) for _ in range(2)]
+    (tmp_path / "meet.py").write_text(_MEET)
+    procs = [start(*args, cwd=tmp_path, script=tmp_path / "meet.py") for _ in range(2)]
     try:
         poll(out, lambda rows: n_state(rows, "running") >= 1, procs[0])
-        t0 = time.monotonic()
-        st = nst("status", out, "--json", cwd=tmp_path, timeout=60)
-        took = time.monotonic() - t0
+        st = nst("status", out, "--json", cwd=tmp_path, timeout=60)  # a read of the ledger, while they work
         results = [p.communicate(timeout=240) for p in procs]
     finally:
         reap(*procs)
     assert st.returncode == 0, st.stderr
     summary = json.loads(st.stdout)
     assert summary["total"] == 6 and sum(summary["counts"].values()) == 6
-    assert took < 20  # a read of the ledger, not a wait for the workers
     assert [p.returncode for p in procs] == [0, 0], results
 
     rows = ledger_rows(out)
     assert n_state(rows, "done") == 6
     assert {r["attempts"] for r in rows.values()} == {1}  # no pair made twice
     host = socket.gethostname()
-    assert {r["worker"] for r in rows.values()} <= {f"{host}:{p.pid}" for p in procs}
+    assert {r["worker"] for r in rows.values()} == {f"{host}:{p.pid}" for p in procs}  # both made pairs
     table = check_outputs(out, rows)
     # one final full-size loss row per pair, no more (steps < log_every; coarse scales log their own last step)
     assert sorted((c, s) for c, s, *_, px in table if px == "32") == sorted(rows)
@@ -249,6 +267,84 @@ def test_two_workers_share_one_folder_then_a_second_run_redoes_exactly_what_chan
     assert all(third[k]["finished_at"] != second[k]["finished_at"] for k in first)
     assert all(row["state"] == "done" and row["steps"] in (4, 8) for row in third.values())  # 4 a scale, 1 or 2 scales
     check_outputs(out, third)
+
+
+# -- a worker with other settings (issue 8) ----------------------------------------------------------
+
+# The CLI, except that after its first pair the worker touches GATE.waiting and waits for the file GATE
+# (named first on the command line) before it claims another: until then it is live, heartbeat going,
+# as a worker busy with a long pair would be, and the ledger stays as it is.
+_HOLD = """
+import sys, time
+from pathlib import Path
+from nst_batch import ledger
+gate = Path(sys.argv.pop(1))
+real = ledger.Ledger.claim
+calls = [0]
+def claim(self, *a, **kw):
+    calls[0] += 1
+    if calls[0] == 2:
+        gate.with_suffix(".waiting").touch()
+        while not gate.exists():
+            time.sleep(0.05)
+    return real(self, *a, **kw)
+ledger.Ledger.claim = claim
+from nst_batch.cli import app
+app(prog_name="nst-batch")
+"""
+
+
+def unbeaten(rows: dict) -> dict:
+    return {k: {**r, "heartbeat": None} for k, r in rows.items()}
+
+
+def test_a_worker_with_other_settings_is_refused_while_one_is_live(grid, tmp_path):
+    """Worker A at --size 32; B on the same folder at --size 48 (or another precision, as a CPU worker
+    beside a CUDA one would have) would send A's pairs back to pending under its own recipe, and A
+    would make them its way, recorded under B's. B is refused with exit 2 and one line; A is untouched."""
+    content, styles, out = grid(3, 1)
+    gate = tmp_path / "go"
+    (tmp_path / "hold.py").write_text(_HOLD)
+    args = run_args(content, styles, out, "--set", "lease_s=30")
+    a = start(gate, *args, cwd=tmp_path, script=tmp_path / "hold.py")
+    try:
+        before = poll(out, lambda rows: gate.with_suffix(".waiting").exists(), a)
+        for extra, said in ((("--size", "48"), "size 48 here vs 32 there"),
+                            (("--set", "precision=bf16"), "precision bf16 here vs fp32 there")):
+            b = nst(*args, *extra, cwd=tmp_path)
+            lines = b.stderr.strip().splitlines()
+            assert b.returncode == 2 and len(lines) == 1, b.stdout + b.stderr
+            assert f"another worker ({socket.gethostname()}:{a.pid}) is running on {out}" in lines[0], lines
+            assert f"different settings: {said}; wait for it to finish" in lines[0], lines
+            assert unbeaten(ledger_rows(out)) == unbeaten(before)  # not a pair touched (but A's heartbeat)
+        gate.touch()
+        o, e = a.communicate(timeout=240)
+    finally:
+        reap(a)
+    assert a.returncode == 0, o + e
+    rows = ledger_rows(out)
+    s = Settings(content=content, styles=styles, out=out, size=32, steps=3, device="cpu", precision="fp32",
+                 lease_s=30)
+    assert {(p.content, p.style): p.recipe for p in make_plan(s)} == {k: r["recipe"] for k, r in rows.items()}
+    assert n_state(rows, "done") == 3
+    check_outputs(out, rows)  # every image 32 px: A's
+
+    b = nst(*args, "--size", "48", cwd=tmp_path)  # A is gone: B may start, and redoes everything its way
+    assert b.returncode == 0, b.stdout + b.stderr
+    assert all(r["state"] == "done" and r["attempts"] == 2 for r in ledger_rows(out).values())
+
+
+def test_one_line_per_pair_in_a_log_whatever_the_width(tmp_path):
+    """Off a terminal rich wraps at the console width: a long name split "[1/1] done ... in" / "1.2s"."""
+    content, styles, out = tmp_path / "content", tmp_path / "styles", tmp_path / "out"
+    name = "a_long_photo_name_straight_from_the_camera_roll_2024-06-01_18-42-07_IMG_4711.png"
+    make_image(content / name, 40, 36, 1)
+    make_image(styles / "s.png", 40, 40, 2)
+    r = nst(*run_args(content, styles, out), cwd=tmp_path, env={**ENV, "COLUMNS": "40"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    done = [line for line in r.stdout.splitlines() if line.startswith("[")]
+    assert len(done) == 1 and re.fullmatch(rf"\[1/1\] done s\.png × {re.escape(name)} in \d+\.\ds", done[0]), \
+        r.stdout
 
 
 # -- failures stay local -----------------------------------------------------------------------------
@@ -352,16 +448,22 @@ def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
 
 
 def test_stale_temporary_files_of_a_killed_worker_are_removed(tmp_path):
+    """Only nst-batch's own: a user's `.notes.123.tmp` in OUT looks the same but is not ours."""
     s, content, styles = _ledger_all_done(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [s.out / "s" / f".c0.png.{dead.pid}.tmp", s.out / f".losses.csv.{dead.pid}.tmp"]
-    for p in stale:
+    stale = [s.out / "s" / f".c0.png.{dead.pid}.tmp", s.out / f".losses.csv.{dead.pid}.tmp",
+             s.out / f".report.html.{dead.pid}.tmp", s.out / "thumbs" / f".o-0123456789abcdef.jpg.{dead.pid}.tmp"]
+    users = [s.out / f".notes.{dead.pid}.tmp", s.out / "s" / f".draft.png.{dead.pid}.tmp",
+             s.out / "mine" / f".c0.png.{dead.pid}.tmp"]
+    for p in stale + users:
+        p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(b"half an image")
     r = nst(*run_args(content, styles, s.out), cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "nothing to do" in r.stdout
     assert not [p for p in stale if p.exists()]
+    assert all(p.read_bytes() == b"half an image" for p in users)
 
 
 def test_retry_makes_a_failed_pair_whose_input_was_replaced(tmp_path):

@@ -1,13 +1,22 @@
-"""The runner's own machinery: photos decoded ahead on the I/O thread while the previous pair computes."""
+"""The runner's own machinery: photos decoded ahead on the I/O thread while the previous pair computes,
+the bounded style cache, and the loss log."""
 
 from __future__ import annotations
 
+import errno
+import os
 import threading
+from pathlib import Path
+from types import SimpleNamespace
 
+import torch
 from rich.console import Console
 
 from nst_batch import images, runner
+from nst_batch.optimize import LogRow
 from nst_batch.progress import Display
+
+from conftest import make_image
 
 
 def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
@@ -25,3 +34,69 @@ def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
     prefetched = sum(name.startswith("nst-io") for name in threads)
     # All but the first photo come from the look-ahead (the first has nothing before it to overlap with).
     assert content_loads == 6 and prefetched == 5, threads
+
+
+# -- issue 8: the style cache is bounded, the loss log needs no hard link ----------------------------
+
+
+def test_style_cache_keeps_at_most_its_bound_and_every_pair_gets_its_own_style(fast_settings, tmp_path, monkeypatch):
+    """More styles than the bound, in an order that makes evicted styles come back: the cache never holds
+    more than STYLE_CACHE styles, and a style made again after eviction gives the very same image."""
+    monkeypatch.setattr(runner, "STYLE_CACHE", 2)
+    s = fast_settings.replace(steps=2, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
+    styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 200 + i) for i in range(3)]
+    photo = images.load_rgb(s.content / "square.png", s.max_megapixels)
+    engine = runner.Engine(s)
+    made: dict[str, list[torch.Tensor]] = {}
+    order = [0, 1, 2, 0, 1, 0]
+    for i in order:
+        res = engine.make([SimpleNamespace(style_path=str(styles[i]))], [photo], 32)
+        made.setdefault(styles[i].name, []).append(res.images)
+        held = {k[0] for k in engine._style_targets}
+        assert len(engine._style_images) <= 2 and len(held) <= 2 and held <= set(engine._style_images)
+    # s0 and s1 were dropped and made again (2 and 1 times); s0's last use found it still held.
+    assert engine.style_passes == 5
+    for name, outs in made.items():
+        assert all(torch.equal(outs[0], o) for o in outs[1:]), name
+    firsts = [made[p.name][0] for p in styles]
+    assert not torch.equal(firsts[0], firsts[1]) and not torch.equal(firsts[1], firsts[2])
+
+
+def _fat_like(monkeypatch) -> None:
+    def no_link(*a, **kw):
+        raise PermissionError(errno.EPERM, "Operation not permitted")  # what FAT and exFAT answer
+
+    monkeypatch.setattr(os, "link", no_link)
+
+
+def _log_lines(out: Path) -> list[str]:
+    return (out / runner.LOSS_LOG).read_text().splitlines()
+
+
+def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
+    _fat_like(monkeypatch)
+    result = runner.run(fast_settings.replace(steps=1), Display(Console(quiet=True)))
+    assert result.made == 6 and result.failed == 0
+    lines = _log_lines(fast_settings.out)
+    assert lines[0] == ",".join(runner.LOSS_COLUMNS) and len(lines) > 6
+    assert not list(fast_settings.out.rglob("*.tmp"))
+
+
+def test_loss_log_header_comes_first_whoever_opens_it_first(tmp_path, monkeypatch):
+    """A worker that finds losses.csv created but still empty (its creator not yet at the header, or
+    killed right there) writes the header itself before any row; the creator's header changes nothing."""
+    _fat_like(monkeypatch)
+    header = ",".join(runner.LOSS_COLUMNS)
+    row = SimpleNamespace(content="c.png", style="s.png")
+    step = LogRow(step=1, content=1.0, style=2.0, tv=0.5, total=3.5, elapsed_s=0.1, px=32)
+    (tmp_path / runner.LOSS_LOG).write_bytes(b"")  # created, header not written yet
+    second = runner.LossLog(tmp_path)
+    second.write(row, 1, [step])
+    first = runner.LossLog(tmp_path)  # the creator gets to its header only now
+    first.write(row, 2, [step])
+    second.write(row, 1, [step])
+    for log in (first, second):
+        log.close()
+    lines = _log_lines(tmp_path)
+    assert lines[0] == header and header not in lines[1:]
+    assert [line.split(",")[-2] for line in lines[1:]] == ["1", "2", "1"]  # the attempt column: no row lost
