@@ -109,6 +109,14 @@ def _same_folder(a: Path, b_id: tuple[int, int] | None) -> bool:
     return (st.st_dev, st.st_ino) == b_id
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # Python holds undecodable file-name bytes as lone surrogates
+        return False
+    return True
+
+
 def scan(root: Path, key: str = "content", skip: Path | None = None) -> Found:
     """The image files under `root` (recursively) and every entry left out, with why.
 
@@ -150,6 +158,8 @@ def scan(root: Path, key: str = "content", skip: Path | None = None) -> Found:
                 reason = "hidden"
             elif not p.is_file():  # a broken link, a pipe, a socket
                 reason = "not_file"
+            elif not _utf8(rel(p)):  # e.g. Latin-1 bytes from an old camera or zip: the ledger, the CSV
+                reason = "bad_name"  # files and the report all hold names as UTF-8 text
             else:
                 reason = _file_skip_reason(p)
             if reason:

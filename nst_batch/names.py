@@ -47,6 +47,7 @@ SKIP_REASONS: dict[str, tuple[str, str]] = {
     "no_avif": ("AVIF (this Pillow cannot read AVIF: install Pillow >= 11.3)",
                 "AVIF (this Pillow cannot read AVIF: install Pillow >= 11.3)"),
     "not_file": ("not a regular file", "not regular files"),
+    "bad_name": ("name not valid UTF-8 (rename it)", "names not valid UTF-8 (rename them)"),
     "folder_link": ("link to a folder (not followed)", "links to folders (not followed)"),
     "output_folder": ("output folder", "output folders"),
 }

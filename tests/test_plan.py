@@ -13,6 +13,7 @@ from conftest import make_image
 from nst_batch import images
 from nst_batch.errors import ConfigError, PairError
 from nst_batch.images import discover
+from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
 from nst_batch.names import Skipped, skipped_line
 from nst_batch.plan import make_plan
@@ -279,3 +280,26 @@ def test_avif_without_pillow_support_is_skipped_with_the_reason(tmp_path, monkey
     make_image(styles / "s.png", 20, 20, 2)
     plan = make_plan(settings(content, styles, tmp_path / "out"))
     assert [(k.path, k.reason) for k in plan.skipped] == [("p.avif", "no_avif")]
+
+
+def test_a_name_that_is_not_utf8_is_skipped_not_a_crash(tmp_path):
+    # Latin-1 bytes from an old camera or a zip made on Windows: the ledger (SQLite text), summary.csv and
+    # report.html hold names as UTF-8, and such a name crashed the ledger with a traceback.
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    try:
+        make_image(Path(os.fsdecode(bytes(content) + b"/caf\xe9.png")), 20, 20, 2)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    make_image(styles / "s.png", 20, 20, 3)
+    s = settings(content, styles, tmp_path / "out")
+    plan = make_plan(s)
+    assert [p.content for p in plan] == ["a.png"]
+    assert [(k.path, k.reason) for k in plan.skipped] == [(os.fsdecode(b"caf\xe9.png"), "bad_name")]
+    ledger = Ledger(s.out)
+    try:
+        ledger.sync(plan, s.out, s.lease_s)
+        ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])
+        assert ledger.get_meta("skipped")[0]["path"] == os.fsdecode(b"caf\xe9.png")
+    finally:
+        ledger.close()
