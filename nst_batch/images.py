@@ -48,9 +48,7 @@ def heif_support() -> bool:
     """
     try:
         import pillow_heif
-    except ImportError:
-        return False
-    except Exception:  # installed but broken (e.g. a libheif it cannot load): as good as absent
+    except Exception:  # not installed, or installed but broken (a libheif it cannot load): as good as absent
         return False
     pillow_heif.register_heif_opener()
     return True
@@ -71,8 +69,11 @@ def _heif_data(path: Path) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
 
 
+_LISTED_SUFFIXES = IMAGE_SUFFIXES | HEIF_SUFFIXES | AVIF_SUFFIXES
+
+
 def _is_image(path: Path) -> bool:
-    if path.suffix.lower() in IMAGE_SUFFIXES | HEIF_SUFFIXES | AVIF_SUFFIXES:
+    if path.suffix.lower() in _LISTED_SUFFIXES:
         return True
     try:
         with Image.open(path):
