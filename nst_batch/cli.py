@@ -16,6 +16,7 @@ from rich.markup import escape
 
 from . import manifest
 from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
+from .names import printable
 
 app = typer.Typer(
     help="Batch neural style transfer: every photo in every style, resumable overnight.",
@@ -28,8 +29,8 @@ err = Console(stderr=True, soft_wrap=True)  # soft wrap: an error stays one line
 
 
 def _fail(e: NstError) -> typer.Exit:
-    # Escaped: messages carry user paths and values, and "a[/b]" is not markup.
-    err.print(f"[bold red]error:[/bold red] {escape(str(e))}", highlight=False)
+    # Escaped: messages carry user paths and values, and "a[/b]" is not markup; printable: nor is ESC a command.
+    err.print(f"[bold red]error:[/bold red] {escape(printable(e))}", highlight=False)
     return typer.Exit(e.exit_code)
 
 
@@ -45,14 +46,9 @@ def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: li
 
 
 def _finish(result, out: Path, quiet: bool) -> None:
-    from .report import print_status, summarize
-    from .ledger import Ledger
+    from .report import load_summary, print_status
 
-    ledger = Ledger(out, readonly=True)
-    try:
-        summary = summarize(ledger.rows())
-    finally:
-        ledger.close()
+    summary = load_summary(out)
     _write_report(out, quiet)
     if not quiet or summary.counts["failed"]:
         print_status(console, out, summary)
@@ -65,10 +61,10 @@ def _write_report(out: Path, quiet: bool) -> None:
     try:
         paths = report.write_report(out)
     except OSError as e:  # a full disk must not turn a finished run into a traceback
-        err.print(f"warning: could not write the report in {out}: {e}", markup=False, highlight=False)
+        err.print(printable(f"warning: could not write the report in {out}: {e}"), markup=False, highlight=False)
         return
     if not quiet and paths:
-        console.print(f"report: {paths[0]}", markup=False, highlight=False)
+        console.print(printable(f"report: {paths[0]}"), markup=False, highlight=False)
 
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):

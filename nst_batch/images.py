@@ -3,7 +3,11 @@
 Decisions a user may care about:
 - Files are found by content: anything Pillow recognises, plus files with an image
   extension that Pillow cannot read (so a corrupt `.jpg` shows up as a failed pair
-  instead of silently vanishing). Hidden files/folders and the output folder are skipped.
+  instead of silently vanishing). Everything else in the folders is skipped *and listed*
+  (`scan`), with the reason: hidden, not an image, HEIC without the `heif` extra, the output
+  folder... so a photo never vanishes without a word.
+- HEIC/HEIF (iPhone photos) are read through pillow-heif when the optional extra
+  `nst-batch[heif]` is installed; AVIF through Pillow itself (its wheels read AVIF since 11.3).
 - EXIF orientation is applied before anything else.
 - Transparency is composited over white, the colour a transparent PNG shows on a page.
 - 16-bit greyscale is scaled (not clipped) to 8 bits; CMYK, palette and greyscale become RGB.
@@ -11,23 +15,65 @@ Decisions a user may care about:
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import PairError
 from .files import write_atomic
+from .ledger import FILENAME as LEDGER_FILENAME
+from .names import Skipped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+HEIF_SUFFIXES = {".heic", ".heif", ".hif", ".heics", ".heifs"}
+AVIF_SUFFIXES = {".avif", ".avifs"}
+# ISO-BMFF major brands of HEVC-coded HEIF files (an iPhone photo says 'heic'): how a HEIC
+# photo renamed to .jpg is still recognised, to say what it needs instead of "not an image".
+_HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 MIN_SIDE = 16  # VGG19 pools 4 times before conv5_1: smaller images have no conv5 features
 
 
+@functools.cache
+def heif_support() -> bool:
+    """Teach Pillow HEIC/HEIF through pillow-heif (the `heif` extra), once per process; False without it.
+
+    Lazy: only runs that meet a HEIC file, or decode one, pay for the import. pillow-heif 1.x reads
+    HEIF only: its AVIF support was dropped once Pillow gained its own.
+    """
+    try:
+        import pillow_heif
+    except Exception:  # not installed, or installed but broken (a libheif it cannot load): as good as absent
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
+@functools.cache
+def avif_support() -> bool:
+    """Pillow's own AVIF plugin: in its wheels from 11.3 on (not Windows arm64), in builds with libavif."""
+    return bool(features.check("avif"))
+
+
+def _heif_data(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+    except OSError:
+        return False
+    return head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS
+
+
+_LISTED_SUFFIXES = IMAGE_SUFFIXES | HEIF_SUFFIXES | AVIF_SUFFIXES
+
+
 def _is_image(path: Path) -> bool:
-    if path.suffix.lower() in IMAGE_SUFFIXES:
+    if path.suffix.lower() in _LISTED_SUFFIXES:
         return True
     try:
         with Image.open(path):
@@ -36,19 +82,97 @@ def _is_image(path: Path) -> bool:
         return False
 
 
-def discover(root: Path, skip: Path | None = None) -> list[Path]:
-    """Image files under `root` (recursively), sorted by relative path for a stable order."""
+@dataclass(frozen=True)
+class Found:
+    files: list[Path]  # the images, sorted by relative path
+    skipped: list[Skipped]  # everything else in the folder, sorted by relative path
+
+
+def _file_skip_reason(path: Path) -> str | None:
+    """Why a file in an input folder is not an input; None when it is one."""
+    suffix = path.suffix.lower()
+    if suffix in HEIF_SUFFIXES and not heif_support():
+        return "needs_heif"
+    if suffix in AVIF_SUFFIXES and not avif_support():
+        return "no_avif"
+    if _is_image(path):
+        return None
+    return "needs_heif" if _heif_data(path) and not heif_support() else "not_image"
+
+
+def _same_folder(a: Path, b_id: tuple[int, int] | None) -> bool:
+    if b_id is None:
+        return False
+    try:
+        st = a.stat()
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == b_id
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # Python holds undecodable file-name bytes as lone surrogates
+        return False
+    return True
+
+
+def scan(root: Path, key: str = "content", skip: Path | None = None) -> Found:
+    """The image files under `root` (recursively) and every entry left out, with why.
+
+    `skip` is the output folder: it is never entered, and neither is any folder holding a run
+    ledger (another run's output folder), so nothing nst-batch wrote is read back as an input.
+    Folders are compared by identity (device, inode), so a link or a differently cased name on a
+    case-insensitive disk cannot get around that. Links to folders are not followed (no loops).
+    """
     root = root.resolve()
-    skip = skip.resolve() if skip is not None else None
-    found = []
+    skip_id = None
+    if skip is not None:
+        try:
+            st = skip.stat()
+            skip_id = (st.st_dev, st.st_ino)
+        except OSError:  # not made yet: nothing in it to read
+            pass
+    found: list[Path] = []
+    skipped: list[Skipped] = []
+
+    def rel(p: Path, folder: bool = False) -> str:
+        return p.relative_to(root).as_posix() + ("/" if folder else "")
+
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
-        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and (skip is None or (d / n).resolve() != skip))
+        keep = []
+        for n in sorted(dirnames):
+            p = d / n
+            reason = ("hidden_folder" if n.startswith(".") else "folder_link" if p.is_symlink()
+                      else "output_folder" if _same_folder(p, skip_id) or (p / LEDGER_FILENAME).is_file()
+                      else None)
+            if reason:
+                skipped.append(Skipped(key, rel(p, True), reason))
+            else:
+                keep.append(n)
+        dirnames[:] = keep
         for name in filenames:
             p = d / name
-            if not name.startswith(".") and p.is_file() and _is_image(p):
+            if name.startswith("."):
+                reason = "hidden"
+            elif not p.is_file():  # a broken link, a pipe, a socket
+                reason = "not_file"
+            elif not _utf8(rel(p)):  # e.g. Latin-1 bytes from an old camera or zip: the ledger, the CSV
+                reason = "bad_name"  # files and the report all hold names as UTF-8 text
+            else:
+                reason = _file_skip_reason(p)
+            if reason:
+                skipped.append(Skipped(key, rel(p), reason))
+            else:
                 found.append(p)
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return Found(sorted(found, key=lambda p: p.relative_to(root).as_posix()), sorted(skipped, key=lambda s: s.path))
+
+
+def discover(root: Path, skip: Path | None = None) -> list[Path]:
+    """Image files under `root` (recursively), sorted by relative path for a stable order."""
+    return scan(root, skip=skip).files
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -80,6 +204,7 @@ def fit_long_side(width: int, height: int, long_side: int) -> tuple[int, int]:
 
 def load_rgb(path: Path, max_megapixels: float = 100.0) -> Image.Image:
     """Decode `path` fully into an upright RGB image, or raise PairError naming the file."""
+    heif_support()  # a HEIC photo is decoded by pillow-heif's opener, when the extra is installed
     try:
         with warnings.catch_warnings():
             # Our own limit, checked right below from the header alone, is the one the user set. Pillow's
@@ -100,6 +225,8 @@ def load_rgb(path: Path, max_megapixels: float = 100.0) -> Image.Image:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         # OSError covers truncated files and missing files; SyntaxError is how some decoders say "corrupt".
         detail = "not an image Pillow can decode" if isinstance(e, UnidentifiedImageError) else str(e)
+        if isinstance(e, UnidentifiedImageError) and _heif_data(path) and not heif_support():
+            detail = "HEIC/HEIF data, which needs pillow-heif: install nst-batch[heif]"
         raise PairError("unreadable", f"{path.name}: {detail}") from None
     if min(rgb.size) < MIN_SIDE:
         raise PairError("too_small", f"{path.name}: {rgb.size[0]}x{rgb.size[1]} is smaller than {MIN_SIDE} px")

@@ -254,6 +254,21 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _folder_id(p: Path) -> tuple[int, int]:
+    st = p.stat()
+    return st.st_dev, st.st_ino
+
+
+def _is_or_inside(inner: Path, outer: Path) -> bool:
+    """`inner` is the folder `outer` or lies inside it, compared by identity (device, inode): links,
+    '..' and a differently cased name on a case-insensitive disk all count as the same folder."""
+    if not outer.is_dir():
+        return False
+    target = _folder_id(outer)
+    inner = inner.resolve()
+    return any(_folder_id(p) == target for p in (inner, *inner.parents))
+
+
 def check_folders(s: Settings) -> None:
     for key in ("content", "styles"):
         p: Path = getattr(s, key)
@@ -261,3 +276,14 @@ def check_folders(s: Settings) -> None:
             raise ConfigError(f"{key} folder not found: {p} (key '{key}')")
     if s.out.exists() and not s.out.is_dir():
         raise ConfigError(f"output path is a file, not a folder: {s.out} (key 'out')")
+    # The output folder must not hold an input folder: outputs, thumbs/ and contact_sheet.jpg
+    # would become inputs, and the collection would grow on every run. The other way round (out
+    # inside content or styles, like ~/Pictures/holiday/styled) is a common layout and is safe:
+    # the search never enters the output folder, nor any folder holding a run ledger (images.scan).
+    for key in ("content", "styles"):
+        p = getattr(s, key)
+        if _is_or_inside(p, s.out):
+            how = (f"is the {key} folder" if _folder_id(p) == _folder_id(s.out)
+                   else f"contains the {key} folder {p}")
+            raise ConfigError(f"output folder {s.out} {how}: its images would be read back as inputs; "
+                              f"choose an output folder outside it (key 'out')")

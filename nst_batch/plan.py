@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .images import discover
+from .images import scan
 from .manifest import Settings, check_folders
+from .names import Skipped, skipped_line
 
 # Keys that do not change the pixels of an output: changing them redoes nothing.
 NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels"}
@@ -31,6 +32,17 @@ class Pair:
     recipe: str
     content_hash: str
     style_hash: str
+
+
+class Plan(list[Pair]):
+    """The pairs in order, plus the input-folder entries left out (`skipped`), so they can be reported.
+
+    A list, because that is what every consumer (ledger sync, retry, tests) walks.
+    """
+
+    def __init__(self, pairs: list[Pair], skipped: list[Skipped]):
+        super().__init__(pairs)
+        self.skipped = skipped
 
 
 def file_hash(path: Path) -> str:
@@ -92,15 +104,18 @@ def recipe_hash(settings: Settings, content_hash: str, style_hash: str) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def make_plan(settings: Settings) -> list[Pair]:
+def make_plan(settings: Settings) -> Plan:
     check_folders(settings)
     found = {}
+    skipped: list[Skipped] = []
     for key in ("content", "styles"):
         root: Path = getattr(settings, key)
-        files = discover(root, skip=settings.out)
-        if not files:
-            raise ConfigError(f"no images found in {key} folder {root} (key '{key}')")
-        found[key] = (root.resolve(), files)
+        result = scan(root, key, skip=settings.out)
+        skipped += result.skipped
+        if not result.files:
+            why = skipped_line(result.skipped)  # e.g. all of them HEIC, without the heif extra
+            raise ConfigError(f"no images found in {key} folder {root} (key '{key}')" + (f"; {why}" if why else ""))
+        found[key] = (root.resolve(), result.files)
     (croot, contents), (sroot, styles) = found["content"], found["styles"]
     # One folder per style, flat, so a style in a subfolder cannot collide with a content path.
     cstem = _stems(croot, contents)
@@ -116,4 +131,4 @@ def make_plan(settings: Settings) -> list[Pair]:
                 recipe=recipe_hash(settings, hashes[c], hashes[s]),
                 content_hash=hashes[c], style_hash=hashes[s],
             ))
-    return pairs
+    return Plan(pairs, skipped)

@@ -6,7 +6,8 @@ working once OUT is zipped and moved:
 
 - report.html: one page, no network, no script: settings, the contents × styles grid of
   thumbnails, per-pair losses, seconds and loss curves (inline SVG), failures and how to retry.
-- summary.csv: one row per pair.
+- summary.csv: one row per pair. Text cells that a spreadsheet would run as a formula
+  (starting with = + - @, tab or CR) get a leading ' (OWASP's advice); the ledger keeps the names as they are.
 - contact_sheet.jpg: the grid as one picture. Cells are 180 px; when (contents + 1) or
   (styles + 1) cells would pass 8000 px, cells shrink to fit, down to 64 px; past that
   (more than 124 contents or styles) the sheet holds the first 124 and report.html says so.
@@ -25,6 +26,7 @@ import math
 import os
 import shlex
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ from rich.text import Text
 
 from .files import write_atomic, write_text_atomic
 from .ledger import STATES, Ledger, Row
+from .manifest import Settings
+from .names import Skipped, printable, skipped_from, skipped_line
 
 REPORT_HTML = "report.html"
 SUMMARY_CSV = "summary.csv"
@@ -48,6 +52,7 @@ SUMMARY_COLUMNS = ("content", "style", "state", "attempts", "content_loss", "sty
                    "seconds", "output", "error_kind", "error_message")
 
 THUMB_PX = 256
+MAX_MEGAPIXELS = Settings.max_megapixels  # the manifest's default, for a ledger that stored no settings
 SHEET_CELL_PX = 180
 SHEET_MIN_CELL_PX = 64
 SHEET_MAX_SIDE = 8000
@@ -69,6 +74,7 @@ class Summary:
     failures: list[dict] = field(default_factory=list)
     slowest: list[dict] = field(default_factory=list)  # top done pairs by seconds
     highest_loss: list[dict] = field(default_factory=list)  # top done pairs by final total loss
+    skipped: list[Skipped] = field(default_factory=list)  # input-folder entries the plan left out
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,7 +86,7 @@ def _top(rows: list[Row], key: str) -> list[dict]:
     return [{"content": r.content, "style": r.style, key: getattr(r, key)} for r in ranked[:TOP_N]]
 
 
-def summarize(rows: list[Row], now: float | None = None) -> Summary:
+def summarize(rows: list[Row], now: float | None = None, skipped: list[Skipped] | None = None) -> Summary:
     now = time.time() if now is None else now
     counts = dict.fromkeys(STATES, 0)
     for r in rows:
@@ -96,7 +102,7 @@ def summarize(rows: list[Row], now: float | None = None) -> Summary:
     failures = [{"content": r.content, "style": r.style, "kind": r.error_kind, "message": r.error_message,
                  "attempts": r.attempts} for r in rows if r.state == "failed"]
     return Summary(counts, len(rows), secs, secs / len(done) if done else None, rate, eta, failures,
-                   _top(rows, "seconds"), _top(rows, "total_loss"))
+                   _top(rows, "seconds"), _top(rows, "total_loss"), list(skipped or []))
 
 
 def retry_commands(out: Path, failures: list[dict]) -> list[str]:
@@ -114,9 +120,10 @@ def _dur(s: float | None) -> str:
 
 
 def print_status(console: Console, out: Path, summary: Summary) -> None:
-    # Paths, names and messages are user data: never rich markup ('[draft]' would vanish, 'x[/b]' raise).
+    # Paths, names and messages are user data: never rich markup ('[draft]' would vanish, 'x[/b]' raise),
+    # and never raw control characters (a name holding ESC [ 2 J would clear the terminal): printable().
     c = summary.counts
-    console.print(f"[bold]{escape(str(out))}[/bold]: {summary.total} pairs — [green]{c['done']} done[/green], "
+    console.print(f"[bold]{escape(printable(out))}[/bold]: {summary.total} pairs — [green]{c['done']} done[/green], "
                   f"{c['pending']} pending, {c['running']} running, "
                   f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
     rate = f"{summary.pairs_per_hour:.1f} pairs/hour" if summary.pairs_per_hour else "rate unknown yet"
@@ -128,10 +135,12 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
         for col in ("style", "content", "kind", "reason"):
             t.add_column(col, overflow="fold")
         for f in summary.failures:
-            t.add_row(*(Text(v or "") for v in (f["style"], f["content"], f["kind"], f["message"])))
+            t.add_row(*(Text(printable(v or "")) for v in (f["style"], f["content"], f["kind"], f["message"])))
         console.print(t)
-        console.print("re-run them with: " + "\n  or: ".join(retry_commands(out, summary.failures)),
+        console.print("re-run them with: " + "\n  or: ".join(map(printable, retry_commands(out, summary.failures))),
                       markup=False, highlight=False)
+    if summary.skipped:
+        console.print(f"{skipped_line(summary.skipped)}; report.html names them", markup=False, highlight=False)
 
 
 def print_report(console: Console, out: Path, summary: Summary) -> None:
@@ -143,21 +152,22 @@ def print_report(console: Console, out: Path, summary: Summary) -> None:
             for col in ("style", "content", key):
                 t.add_column(col, overflow="fold")
             for r in top:
-                t.add_row(Text(r["style"]), Text(r["content"]), fmt.format(r[key]))
+                t.add_row(Text(printable(r["style"])), Text(printable(r["content"])), fmt.format(r[key]))
             console.print(t)
     print_status(console, out, summary)
 
 
-def _read_ledger(out: Path) -> tuple[list[Row], dict]:
+def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
     ledger = Ledger(out, readonly=True)
     try:
-        return ledger.rows(), ledger.get_meta("settings", {}) or {}
+        return ledger.rows(), ledger.get_meta("settings", {}) or {}, skipped_from(ledger.get_meta("skipped"))
     finally:
         ledger.close()
 
 
 def load_summary(out: Path) -> Summary:
-    return summarize(_read_ledger(out)[0])
+    rows, _, skipped = _read_ledger(out)
+    return summarize(rows, skipped=skipped)
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -168,15 +178,16 @@ def write_report(out: Path) -> list[Path]:
     from .images import save_atomic
     from .runner import LOSS_LOG
 
-    rows, settings = _read_ledger(out)
-    thumbs = make_thumbnails(out, rows)
+    rows, settings, skipped = _read_ledger(out)
+    limit = settings.get("max_megapixels")
+    thumbs = make_thumbnails(out, rows, limit if isinstance(limit, (int, float)) else MAX_MEGAPIXELS)
     curves = read_curves(out / LOSS_LOG, rows)
     grid = _Grid.of(out, rows)
     sheet = sheet_layout(len(grid.contents), len(grid.styles))
     paths = [out / REPORT_HTML, out / SUMMARY_CSV, out / CONTACT_SHEET]
     save_atomic(_contact_sheet(out, grid, thumbs, sheet), paths[2], "jpg", quality=85)
     write_text_atomic(paths[1], summary_csv(rows))
-    write_text_atomic(paths[0], _page(out, grid, settings, summarize(rows), thumbs, curves, sheet))
+    write_text_atomic(paths[0], _page(out, grid, settings, summarize(rows, skipped=skipped), thumbs, curves, sheet))
     return paths
 
 
@@ -190,12 +201,25 @@ def shown(r: Row, column: str) -> object:
     return getattr(r, column)
 
 
+# A spreadsheet runs a cell starting with one of these as a formula (=HYPERLINK(...), -2+3, @SUM):
+# a photo called "=cmd|' /C calc'!A0.jpg" must stay text. OWASP's advice: prefix a single quote.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(v: object) -> object:
+    if v is None:
+        return ""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        return "'" + v
+    return v
+
+
 def summary_csv(rows: list[Row]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SUMMARY_COLUMNS)
     for r in rows:
-        w.writerow(["" if v is None else v for v in (shown(r, c) for c in SUMMARY_COLUMNS)])
+        w.writerow([csv_cell(shown(r, c)) for c in SUMMARY_COLUMNS])
     return buf.getvalue()
 
 
@@ -229,8 +253,9 @@ def _thumb_name(kind: str, source: str) -> str:
     return f"{THUMBS}/{kind}-{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
 
 
-def _thumbnail(src: Path, dst: Path) -> bool:
-    """Make dst from src unless it is already newer; False when src is missing or cannot be decoded."""
+def _thumbnail(src: Path, dst: Path, max_pixels: float = float("inf")) -> bool:
+    """Make dst from src unless it is already newer; False when src is missing, cannot be decoded, or has
+    more than `max_pixels` (read from the header: such an image is never decoded)."""
     try:
         src_mtime = src.stat().st_mtime
     except OSError:
@@ -240,21 +265,28 @@ def _thumbnail(src: Path, dst: Path) -> bool:
             return True
     except FileNotFoundError:
         pass
-    from .images import _to_rgb  # the pipeline's colour handling (16-bit, alpha, CMYK); loads torch
+    from .images import _to_rgb, heif_support  # the pipeline's colour handling (16-bit, alpha, CMYK); loads torch
 
+    heif_support()  # HEIC sources get a preview too, when the run could read them
     try:
-        with Image.open(src) as im:
-            im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a fraction of full size, much faster
-            im = ImageOps.exif_transpose(im)
-            im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
-            rgb = _to_rgb(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is the one below
+            with Image.open(src) as im:  # reads the header only
+                if im.width * im.height > max_pixels:
+                    return False
+                im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a fraction of full size, much faster
+                im = ImageOps.exif_transpose(im)
+                im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
+                rgb = _to_rgb(im)
     except Exception:  # Pillow raises many kinds for bad files; any of them means "no preview"
         return False
     write_atomic(dst, lambda f: rgb.save(f, "JPEG", quality=85), durable=False)  # a cache: no fsync
     return True
 
 
-def make_thumbnails(out: Path, rows: list[Row]) -> Thumbs:
+def make_thumbnails(out: Path, rows: list[Row], max_megapixels: float = MAX_MEGAPIXELS) -> Thumbs:
+    """Thumbnails of every source and output. A source over the run's max_megapixels (a pair the run
+    failed as too_large) gets none: decoding it, on every core at once, is what the limit prevents."""
     (out / THUMBS).mkdir(exist_ok=True)
     content, style, output = {}, {}, {}
     for r in rows:
@@ -262,12 +294,15 @@ def make_thumbnails(out: Path, rows: list[Row]) -> Thumbs:
         style[r.style] = _thumb_name("s", r.style_path)
         if r.state == "done":
             output[r.id] = _thumb_name("o", r.output)
-    sources = {content[r.content]: Path(r.content_path) for r in rows}
-    sources |= {style[r.style]: Path(r.style_path) for r in rows}
-    sources |= {output[r.id]: out / r.output for r in rows if r.id in output}
+    limit = max_megapixels * 1e6
+    sources = {content[r.content]: (Path(r.content_path), limit) for r in rows}
+    sources |= {style[r.style]: (Path(r.style_path), limit) for r in rows}
+    # Outputs: this run's own files, as large as 'size' makes them (the limit is about inputs).
+    sources |= {output[r.id]: (out / r.output, float("inf")) for r in rows if r.id in output}
     # Decoding, resizing and encoding release the GIL: threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        ok = dict(zip(sources, pool.map(lambda name: _thumbnail(sources[name], out / name), sources)))
+        ok = dict(zip(sources, pool.map(lambda name: _thumbnail(sources[name][0], out / name, sources[name][1]),
+                                        sources)))
     return Thumbs(*({k: name for k, name in d.items() if ok[name]} for d in (content, style, output)))
 
 
@@ -501,6 +536,7 @@ def _page(out: Path, grid: _Grid, settings: dict, summary: Summary, thumbs: Thum
              *_overview(out, summary, grid, sheet),
              *_contact_grid(grid, thumbs),
              *_failures(out, summary),
+             *_skipped(summary.skipped),
              *_per_style(grid, curves),
              *_settings(settings),
              "</body></html>\n"]
@@ -523,6 +559,8 @@ def _overview(out: Path, s: Summary, grid: _Grid, sheet: SheetLayout) -> Iterabl
                f"this is a snapshot. <code>nst-batch report {_e(shlex.quote(str(out)))}</code> refreshes it.</p>")
     if c["failed"]:
         yield f'<p class="banner bad">{c["failed"]} pair(s) failed: see <a href="#failures">Failures</a>.</p>'
+    if s.skipped:
+        yield f'<p class="banner warn">{_e(skipped_line(s.skipped))}: see <a href="#skipped">Skipped</a>.</p>'
     if (sheet.contents, sheet.styles) != (len(grid.contents), len(grid.styles)):
         yield (f'<p class="muted">{CONTACT_SHEET} holds the first {sheet.contents} contents and '
                f"{sheet.styles} styles (at most {SHEET_MAX_SIDE} px a side); this page has them all.</p>")
@@ -573,6 +611,19 @@ def _failures(out: Path, s: Summary) -> Iterable[str]:
         yield (f"<tr><td>{_e(f['style'])}</td><td>{_e(f['content'])}</td><td>{_e(f['kind'] or '')}</td>"
                f"<td class=\"n\">{f['attempts']}</td><td>{_e(f['message'] or '')}</td></tr>")
     yield "</table>"
+
+
+def _skipped(skipped: list[Skipped]) -> Iterable[str]:
+    if not skipped:
+        return
+    yield (f'<h2 id="skipped">Skipped input files ({len(skipped)})</h2><p>In the content and styles folders '
+           "but not used, and why:</p>")
+    is_open = " open" if len(skipped) <= OPEN_SECTIONS_UP_TO else ""
+    yield (f'<details{is_open}><summary>{_e(skipped_line(skipped))}</summary>'
+           '<table class="data"><tr><th>folder</th><th>path</th><th>reason</th></tr>')
+    for k in skipped:
+        yield f"<tr><td>{_e(k.key)}</td><td>{_e(printable(k.path))}</td><td>{_e(k.why)}</td></tr>"
+    yield "</table></details>"
 
 
 def _per_style(grid: _Grid, curves: dict[tuple[str, str], list[Point]]) -> Iterable[str]:

@@ -26,6 +26,7 @@ from . import images, losses
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
+from .names import skipped_line
 from .optimize import LogRow, OptimConfig, Result, stylize
 from .plan import file_hash, make_plan, recipe_settings
 from .progress import Display
@@ -330,6 +331,9 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
         else:
             ledger.sync(plan, out, settings.lease_s)
             ledger.set_meta("settings", _absolute(settings).to_dict())
+            ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])  # for the report
+        if plan.skipped:
+            display.note(f"{skipped_line(plan.skipped)}; report.html names them")
         counts = ledger.counts()
         already = counts["done"]
         todo = len(only) if only is not None else counts["pending"] + counts["running"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 from PIL import Image
@@ -128,3 +129,33 @@ def test_live_display_prints_bracketed_names_verbatim():
     finally:
         d.close()
     assert BRACKETED in buf.getvalue() and "[draft].png" in buf.getvalue()
+
+
+def test_skipped_inputs_are_counted_at_the_start_and_named_in_the_report(tmp_path):
+    content, styles, out = tmp_path / "c", tmp_path / "s", tmp_path / "c" / "styled"
+    make_image(content / "a.png", 32, 24, 1)
+    (content / "notes.txt").write_text("not a photo")
+    make_image(content / ".hidden.png", 20, 20, 2)
+    make_image(styles / "s.png", 32, 32, 3)
+    args = ("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--size", "32",
+            "--steps", "1", "--device", "cpu", "--set", "scales=[1.0]",
+            "--set", "layers={content: [relu2_1], style: [relu1_1]}", "--quiet")
+    r = cli(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 input files skipped: 1 hidden, 1 not an image; report.html names them" in r.stdout
+    page = (out / "report.html").read_text()
+    assert "notes.txt" in page and ".hidden.png" in page
+    r = cli(*args)  # again: the output folder, inside the content folder, now exists and is listed, not read
+    assert r.returncode == 0 and "3 input files and folders skipped" in r.stdout and "nothing to do" in r.stdout
+    status = json.loads(cli("status", str(out), "--json").stdout)
+    assert {(k["path"], k["reason"]) for k in status["skipped"]} == {
+        (".hidden.png", "hidden"), ("notes.txt", "not_image"), ("styled/", "output_folder")}
+
+
+def test_errors_neutralise_control_characters_in_names(tmp_path):
+    missing = tmp_path / "\x1b[2J\x1b]0;owned\x07photos"  # would clear the screen and retitle the terminal
+    r = cli("run", "--content", str(missing), "--styles", str(tmp_path), "--out", str(tmp_path / "out"),
+            "--device", "cpu", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert "\\x1b[2J\\x1b]0;owned\\x07photos" in r.stderr and "key 'content'" in r.stderr

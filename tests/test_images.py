@@ -33,6 +33,21 @@ def test_exif_orientation_is_applied(tmp_path):
     assert b > 150 and r < 100
 
 
+def test_heic_orientation_is_applied_once(tmp_path):
+    # pillow-heif turns the photo upright itself and resets the EXIF tag: no second rotation here.
+    pillow_heif = pytest.importorskip("pillow_heif")
+    im = Image.new("RGB", (40, 24), (200, 30, 30))
+    im.paste((30, 30, 200), (0, 0, 10, 24))  # a blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display, as a phone held upright writes it
+    path = tmp_path / "rotated.heic"
+    pillow_heif.from_pillow(im).save(str(path), exif=exif.tobytes(), quality=95)
+    out = images.load_rgb(path)
+    assert out.size == (24, 40)
+    r, g, b = rgb_at(out, 12, 4)  # the left band is now at the top
+    assert b > 150 and r < 100
+
+
 def test_grey_L(tmp_path):
     p = tmp_path / "g.png"
     Image.new("L", (20, 20), 100).save(p)

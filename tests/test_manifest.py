@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli
+from conftest import cli, make_image
 from nst_batch import manifest
 from nst_batch.cli import _settings
 from nst_batch.errors import EXIT_USAGE, ConfigError
@@ -128,6 +128,45 @@ def test_empty_style_folder(folders):
     (empty / ".hidden.png").write_bytes(b"")
     err = usage_error("run", "--content", str(content), "--styles", str(empty), "--out", str(out))
     assert "no images" in err and str(empty) in err and "key 'styles'" in err
+
+
+# The output folder holding an input folder: its outputs, thumbs/ and contact_sheet.jpg would become
+# inputs, and the collection would grow on every run. Each layout through the CLI, as typed.
+@pytest.mark.parametrize("content_rel, styles_rel, out_rel, words", [
+    ("photos", "art", "photos", "is the content folder"),
+    ("photos", "art", "art", "is the styles folder"),
+    ("photos", "art", "art/../photos/.", "is the content folder"),  # the same folder, spelled otherwise
+    ("photos", "art", ".", "contains the content folder"),  # content (and styles) inside out
+    ("res/photos", "art", "res", "contains the content folder"),
+    ("photos", "res/deep/art", "res", "contains the styles folder"),
+])
+def test_output_folder_holding_an_input_folder_is_refused(tmp_path, content_rel, styles_rel, out_rel, words):
+    make_image(tmp_path / content_rel / "a.png", 32, 32, 1)
+    make_image(tmp_path / styles_rel / "s.png", 32, 32, 2)
+    before = sorted(tmp_path.rglob("*"))
+    err = usage_error("run", "--content", content_rel, "--styles", styles_rel, "--out", out_rel, "--device", "cpu",
+                      "--size", "32", "--steps", "1", "--set", "scales=[1.0]", cwd=tmp_path)
+    assert "key 'out'" in err and words in err, err
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written: no ledger, no image
+
+
+def test_output_folder_linked_to_the_content_folder_is_refused(folders):
+    content, styles, _ = folders
+    link = content.parent / "results"
+    link.symlink_to(content, target_is_directory=True)
+    err = usage_error("run", "--content", str(content), "--styles", str(styles), "--out", str(link),
+                      "--device", "cpu", "--size", "32", "--steps", "1", "--set", "scales=[1.0]")
+    assert "key 'out'" in err and "is the content folder" in err
+
+
+def test_output_folder_inside_an_input_folder_is_allowed(folders):
+    # ~/Pictures/holiday/styled: a common layout; the search never enters the output folder.
+    content, styles, _ = folders
+    for out in (content / "styled", styles / "results" / "run1"):
+        s = Settings(content=content, styles=styles, out=out)
+        manifest.check_folders(s)
+        out.mkdir(parents=True)
+        manifest.check_folders(s)
 
 
 @pytest.mark.parametrize("item", ["steps", "=3", " =3"])

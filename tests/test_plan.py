@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from conftest import make_image
-from nst_batch.errors import ConfigError
+from nst_batch import images
+from nst_batch.errors import ConfigError, PairError
 from nst_batch.images import discover
+from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
+from nst_batch.names import Skipped, skipped_line
 from nst_batch.plan import make_plan
 
 
@@ -139,3 +145,161 @@ def test_recipe_changes_with_pixels_not_with_bookkeeping(folders):
     make_image(content / "wide.png", 64, 40, 99)  # new pixels under the same name
     changed = {(p.content, p.style): p.recipe for p in make_plan(settings(content, styles, out))}
     assert [k for k in base if changed[k] != base[k]] == [("wide.png", "s1.png"), ("wide.png", "s2.jpg")]
+
+
+# -- what is left out, and why: nothing in an input folder vanishes without a word ----------------------
+
+
+def test_every_unused_entry_is_listed_with_its_reason(tmp_path):
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    (content / "notes.txt").write_text("hello")
+    (content / "Thumbs.db").write_bytes(b"\x00" * 100)
+    make_image(content / ".hidden.png", 20, 20, 2)
+    make_image(content / ".cache" / "b.png", 20, 20, 3)
+    out = content / "styled"
+    make_image(out / "s" / "a.png", 20, 20, 4)
+    (content / "album").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    make_image(tmp_path / "elsewhere" / "x.png", 20, 20, 5)
+    (content / "gone.png").symlink_to(tmp_path / "missing.png")  # a broken link
+    os.mkfifo(content / "pipe.png")  # must not hang the search either
+    make_image(styles / "s.png", 20, 20, 6)
+    (styles / "palette.txt").write_text("red")
+    plan = make_plan(settings(content, styles, out))
+    assert [p.content for p in plan] == ["a.png"]
+    assert [(k.key, k.path, k.reason) for k in plan.skipped] == [
+        ("content", ".cache/", "hidden_folder"),
+        ("content", ".hidden.png", "hidden"),
+        ("content", "Thumbs.db", "not_image"),
+        ("content", "album/", "folder_link"),
+        ("content", "gone.png", "not_file"),
+        ("content", "notes.txt", "not_image"),
+        ("content", "pipe.png", "not_file"),
+        ("content", "styled/", "output_folder"),
+        ("styles", "palette.txt", "not_image"),
+    ]
+    assert skipped_line(plan.skipped) == ("9 input files and folders skipped: 3 not images, 2 not regular files, "
+                                          "1 hidden, 1 hidden folder, 1 link to a folder (not followed), "
+                                          "1 output folder")
+    assert skipped_line([Skipped("content", "x", "not_image")]) == "1 input file skipped: 1 not an image"
+
+
+def test_another_runs_output_folder_inside_the_inputs_is_not_read(tmp_path):
+    # A first run wrote into c/styled, a second run writes elsewhere: c/styled's outputs, thumbnails and
+    # contact sheet are not photos to restyle. A folder holding a run ledger is an output folder.
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    make_image(content / "styled" / "s" / "a.png", 20, 20, 2)
+    make_image(content / "styled" / "contact_sheet.jpg", 20, 20, 3)
+    (content / "styled" / "ledger.sqlite").write_bytes(b"")
+    make_image(styles / "s.png", 20, 20, 4)
+    plan = make_plan(settings(content, styles, tmp_path / "out2"))
+    assert [p.content for p in plan] == ["a.png"]
+    assert [(k.path, k.reason) for k in plan.skipped] == [("styled/", "output_folder")]
+
+
+def test_a_folder_of_nothing_usable_says_why(tmp_path):
+    make_image(tmp_path / "c" / "a.png", 20, 20, 1)
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "readme.txt").write_text("no styles yet")
+    with pytest.raises(ConfigError, match=r"key 'styles'.*1 input file skipped: 1 not an image"):
+        make_plan(settings(tmp_path / "c", tmp_path / "s", tmp_path / "out"))
+
+
+@pytest.fixture
+def no_heif(monkeypatch):
+    """This process as if pillow-heif were not installed: importing it fails."""
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # None in sys.modules makes `import` raise
+    images.heif_support.cache_clear()
+    yield
+    images.heif_support.cache_clear()
+
+
+HEIC_HEADER = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # an iPhone photo's first bytes
+
+
+def test_heic_without_the_extra_is_skipped_with_the_reason(tmp_path, no_heif):
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    (content / "IMG_0001.HEIC").write_bytes(HEIC_HEADER + b"\x00" * 64)
+    (content / "IMG_0002.heif").write_bytes(HEIC_HEADER + b"\x00" * 64)
+    (content / "IMG_0003").write_bytes(HEIC_HEADER + b"\x00" * 64)  # no extension: known by its bytes
+    make_image(styles / "s.png", 20, 20, 2)
+    plan = make_plan(settings(content, styles, tmp_path / "out"))
+    assert [p.content for p in plan] == ["a.png"]
+    assert [(k.path, k.reason) for k in plan.skipped] == [
+        ("IMG_0001.HEIC", "needs_heif"), ("IMG_0002.heif", "needs_heif"), ("IMG_0003", "needs_heif")]
+    assert skipped_line(plan.skipped) == "3 input files skipped: 3 HEIC/HEIF (install nst-batch[heif])"
+
+
+def test_heic_named_jpg_without_the_extra_fails_saying_what_it_needs(tmp_path, no_heif):
+    p = tmp_path / "IMG_0001.jpg"  # some exports keep HEIC data under a .jpg name
+    p.write_bytes(HEIC_HEADER + b"\x00" * 64)
+    with pytest.raises(PairError, match=r"install nst-batch\[heif\]") as e:
+        images.load_rgb(p)
+    assert e.value.kind == "unreadable"
+
+
+def test_heic_photo_is_planned_and_decodes(tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif")
+    content, styles = tmp_path / "c", tmp_path / "s"
+    photo = Image.new("RGB", (48, 32), (200, 40, 30))
+    photo.paste((30, 40, 200), (0, 0, 16, 32))  # a blue band on the left
+    content.mkdir()
+    pillow_heif.from_pillow(photo).save(str(content / "IMG_0001.HEIC"), quality=95)
+    make_image(styles / "s.png", 20, 20, 2)
+    plan = make_plan(settings(content, styles, tmp_path / "out"))
+    assert [(p.content, p.output) for p in plan] == [("IMG_0001.HEIC", "s/IMG_0001.png")]
+    assert plan.skipped == []
+    im = images.load_rgb(plan[0].content_path)
+    assert im.size == (48, 32)
+    r, g, b = im.getpixel((40, 16))
+    assert r > 150 and b < 100
+    r, g, b = im.getpixel((4, 16))
+    assert b > 150 and r < 100
+
+
+def test_avif_is_read_by_pillow_itself(tmp_path):
+    if not images.avif_support():
+        pytest.skip("this Pillow has no AVIF support")
+    content, styles = tmp_path / "c", tmp_path / "s"
+    content.mkdir()
+    Image.new("RGB", (40, 24), (30, 180, 60)).save(content / "p.avif", quality=95)
+    make_image(styles / "s.png", 20, 20, 2)
+    plan = make_plan(settings(content, styles, tmp_path / "out"))
+    assert [p.content for p in plan] == ["p.avif"]
+    r, g, b = images.load_rgb(plan[0].content_path).getpixel((20, 12))
+    assert g > 150 and r < 80
+
+
+def test_avif_without_pillow_support_is_skipped_with_the_reason(tmp_path, monkeypatch):
+    monkeypatch.setattr(images, "avif_support", lambda: False)  # a Pillow built without libavif
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    (content / "p.avif").write_bytes(b"\x00\x00\x00\x20ftypavif" + b"\x00" * 64)
+    make_image(styles / "s.png", 20, 20, 2)
+    plan = make_plan(settings(content, styles, tmp_path / "out"))
+    assert [(k.path, k.reason) for k in plan.skipped] == [("p.avif", "no_avif")]
+
+
+def test_a_name_that_is_not_utf8_is_skipped_not_a_crash(tmp_path):
+    # Latin-1 bytes from an old camera or a zip made on Windows: the ledger (SQLite text), summary.csv and
+    # report.html hold names as UTF-8, and such a name crashed the ledger with a traceback.
+    content, styles = tmp_path / "c", tmp_path / "s"
+    make_image(content / "a.png", 20, 20, 1)
+    try:
+        make_image(Path(os.fsdecode(bytes(content) + b"/caf\xe9.png")), 20, 20, 2)
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    make_image(styles / "s.png", 20, 20, 3)
+    s = settings(content, styles, tmp_path / "out")
+    plan = make_plan(s)
+    assert [p.content for p in plan] == ["a.png"]
+    assert [(k.path, k.reason) for k in plan.skipped] == [(os.fsdecode(b"caf\xe9.png"), "bad_name")]
+    ledger = Ledger(s.out)
+    try:
+        ledger.sync(plan, s.out, s.lease_s)
+        ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])
+        assert ledger.get_meta("skipped")[0]["path"] == os.fsdecode(b"caf\xe9.png")
+    finally:
+        ledger.close()

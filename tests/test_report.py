@@ -299,3 +299,100 @@ def test_page_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
     assert body.get("data-images") == "6", proc.stdout[:2000]
     assert json.loads(body["data-broken"]) == []
     assert json.loads(body["data-errors"]) == []
+
+
+# -- input limits, skipped inputs, hostile names ------------------------------------------------------
+
+
+def _one_pair_run(tmp_path: Path, content_name: str, settings: dict, content_size=(64, 40), fail=None) -> Path:
+    src, out = tmp_path / "src", tmp_path / "out"
+    c = make_image(src / "c" / content_name, *content_size, 1)
+    s = make_image(src / "s" / "s.png", 48, 48, 2)
+    ledger = Ledger(out)
+    try:
+        ledger.sync([Pair(content_name, "s.png", c, s, f"s/{Path(content_name).stem}.png", "r", "", "")], out, 60)
+        ledger.set_meta("settings", settings)
+        row = ledger.claim(WORKER, 60)
+        if fail:
+            ledger.fail(row.id, WORKER, *fail)
+        else:
+            make_image(out / row.output, 40, 24, 3)
+            ledger.done(row.id, WORKER, 4, 0.5, 0.2, 0.01, 0.7)
+    finally:
+        ledger.close()
+    return out
+
+
+def test_a_source_over_max_megapixels_is_not_decoded_for_a_thumbnail(tmp_path: Path):
+    # 64×40 = 2560 px, over a 0.0024 MP limit: the run failed it as too_large, and the report must not
+    # decode it either (at full size, on every core at once, is what the limit is there to prevent).
+    out = _one_pair_run(tmp_path, "huge.png", {"max_megapixels": 0.0024},
+                        fail=("too_large", "huge.png: 64x40 is over the 0.0024 MP limit (key 'max_megapixels')"))
+    report.write_report(out)  # reads the limit from the settings stored in the ledger
+    row = _ledger_rows(out)[0]
+    assert not (out / report._thumb_name("c", row.content_path)).exists()
+    assert (out / report._thumb_name("s", row.style_path)).exists()  # 48×48 = 2304 px: within it
+    assert "no preview" in (out / "report.html").read_text()
+
+
+@pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2+3.png", "@SUM(A1).png",
+                                  "\tx.png", "\rx.png"])
+def test_summary_csv_cells_never_start_a_formula(tmp_path: Path, name: str):
+    out = _one_pair_run(tmp_path, name, {}, fail=("unreadable", f"{name}: not an image Pillow can decode"))
+    report.write_report(out)
+    with open(out / "summary.csv", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["content"] == "'" + name and row["error_message"] == "'" + name + ": not an image Pillow can decode"
+    assert row["style"] == "s.png" and row["error_kind"] == "unreadable"  # harmless cells stay as they are
+    assert _ledger_rows(out)[0].content == name  # the ledger keeps the real name
+
+
+def test_skipped_inputs_are_listed_in_the_report_and_the_summary(tmp_path: Path):
+    out = _one_pair_run(tmp_path, "a.png", {})
+    ledger = Ledger(out)
+    try:
+        ledger.set_meta("skipped", [{"key": "content", "path": "notes <1>.txt", "reason": "not_image"},
+                                    {"key": "content", "path": "IMG_0001.HEIC", "reason": "needs_heif"},
+                                    {"key": "styles", "path": ".DS_Store", "reason": "hidden"}])
+    finally:
+        ledger.close()
+    line = "3 input files skipped: 1 hidden, 1 not an image, 1 HEIC/HEIF (install nst-batch[heif])"
+    text = report.write_report(out)[0].read_text()
+    assert "notes &lt;1&gt;.txt" in text and "IMG_0001.HEIC" in text and ".DS_Store" in text
+    assert "install nst-batch[heif]" in text and _e(line) in text and 'href="#skipped"' in text
+    summary = report.load_summary(out)
+    assert [s["path"] for s in summary.to_dict()["skipped"]] == ["notes <1>.txt", "IMG_0001.HEIC", ".DS_Store"]
+    console = Console(record=True, width=200)
+    report.print_status(console, out, summary)
+    assert f"{line}; report.html names them" in console.export_text()
+
+
+def _e(s: str) -> str:
+    import html
+
+    return html.escape(s, quote=True)
+
+
+HOSTILE = "\x1b[31mred\x1b[0m\x07.png"  # colours the terminal and rings the bell, if printed raw
+
+
+def test_printable_makes_control_characters_visible():
+    from nst_batch.names import printable
+
+    assert printable(HOSTILE) == "\\x1b[31mred\\x1b[0m\\x07.png"
+    assert printable("a\nb\tc\x9bd\x7f") == "a\\x0ab\\x09c\\x9bd\\x7f"  # 0x9b: CSI on 8-bit terminals
+    assert printable("evil\u202egnp.exe") == "evil\\u202egnp.exe"  # shows as 'exe.png' otherwise
+    assert printable(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"  # a Latin-1 name: its byte, not a crash
+    assert printable("été [draft] 写真.png") == "été [draft] 写真.png"  # ordinary names untouched
+
+
+def test_terminal_status_and_report_neutralise_control_characters():
+    pair = {"content": HOSTILE, "style": "s\x1b]0;title\x07.png", "seconds": 3.0, "total_loss": 1.0}
+    summary = report.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
+                             [{"content": HOSTILE, "style": "s.png", "kind": "unreadable",
+                               "message": f"{HOSTILE}: bad", "attempts": 1}], [pair], [pair])
+    buf = io.StringIO()
+    report.print_report(Console(file=buf, width=300), Path("out\x1b[2J"), summary)
+    text = buf.getvalue()
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b[31mred\\x1b[0m\\x07.png" in text and "out\\x1b[2J" in text
