@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from rich.console import Console
 from rich.markup import escape
+
+from .names import printable
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -12,7 +14,8 @@ class Display:
     """Plain lines: one per finished pair. Used with --quiet and when stdout is not a terminal.
 
     Printed with soft_wrap: rich would otherwise wrap at the console width (80 columns when stdout is
-    a file or a pipe), and a log is grepped one line per pair."""
+    a file or a pipe), and a log is grepped one line per pair. Names and messages are user data, so
+    they pass through `printable` (a file name may hold terminal escape sequences)."""
 
     def __init__(self, console: Console):
         self.console = console
@@ -32,11 +35,11 @@ class Display:
         self.finished += 1
         status = "done" if ok else "FAILED"
         extra = f" ({message})" if message else ""
-        self.console.print(f"[{self.finished}/{self.total}] {status} {name} in {seconds:.1f}s{extra}",
+        self.console.print(printable(f"[{self.finished}/{self.total}] {status} {name} in {seconds:.1f}s{extra}"),
                            markup=False, highlight=False, soft_wrap=True)
 
     def note(self, message: str) -> None:
-        self.console.print(message, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(printable(message), markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         pass
@@ -63,7 +66,7 @@ class LiveDisplay(Display):
     def pair_start(self, name: str, total_steps: int) -> None:
         if self.current is not None:
             self.progress.remove_task(self.current)
-        self.current = self.progress.add_task(f"  {escape(name)}", total=total_steps, info="")
+        self.current = self.progress.add_task(f"  {escape(printable(name))}", total=total_steps, info="")
 
     def step(self, step: int, loss: float) -> None:
         if self.current is not None:
@@ -72,14 +75,15 @@ class LiveDisplay(Display):
     def pair_end(self, name: str, ok: bool, seconds: float, message: str = "") -> None:
         self.finished += 1
         if not ok:
-            self.progress.console.print(f"[red]failed[/red] {escape(name)}: {escape(message)}", highlight=False)
+            self.progress.console.print(f"[red]failed[/red] {escape(printable(name))}: {escape(printable(message))}",
+                                        highlight=False)
         elif message:
-            self.progress.console.print(f"{name}: {message}", markup=False, highlight=False)
+            self.progress.console.print(printable(f"{name}: {message}"), markup=False, highlight=False)
         if self.pairs is not None:
             self.progress.advance(self.pairs)
 
     def note(self, message: str) -> None:
-        self.progress.console.print(message, markup=False, highlight=False)
+        self.progress.console.print(printable(message), markup=False, highlight=False)
 
     def close(self) -> None:
         if self.current is not None:
