@@ -51,28 +51,53 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-class Engine:
-    """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size."""
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything the engine decides from the device, made in one place (`resolve`), so a test can build
+    what a CUDA run would use and run it on the CPU: only the device then differs."""
 
-    def __init__(self, settings: Settings, device: torch.device | None = None):
+    optim: OptimConfig  # including bf16 autocast and channels_last
+    cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
+
+
+def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
+    """The optimiser settings for a device type ('cuda', 'cpu', 'mps'). `bf16_supported` is the CUDA
+    card's answer (torch.cuda.is_bf16_supported()); `precision: auto` means bf16 on CUDA when it says yes."""
+    cuda = device_type == "cuda"
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and bf16_supported)
+    optim = OptimConfig(
+        steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
+        init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
+        stop_tolerance=settings.stop_tolerance, autocast_dtype=torch.bfloat16 if bf16 else None,
+        channels_last=cuda,
+    )
+    # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
+    return DeviceConfig(optim, cudnn_benchmark=cuda)
+
+
+class Engine:
+    """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size.
+
+    `config` defaults to resolve(settings, device type); a test passes resolve(settings, "cuda") to run
+    the GPU configuration on the CPU.
+    """
+
+    def __init__(self, settings: Settings, device: torch.device | None = None, config: DeviceConfig | None = None):
         from .vgg import load_vgg19
 
         self.settings = settings
         self.device = device or pick_device(settings.device)
         self.objective = losses.objective_from(settings.layers, settings.content_weight, settings.style_weight,
                                                settings.tv_weight)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.backends.cudnn.benchmark = True  # the same few shapes repeat for hundreds of steps
-        bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-        self.optim = OptimConfig(
-            steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
-            init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
-            stop_tolerance=settings.stop_tolerance, autocast_dtype=torch.bfloat16 if bf16 else None,
-            channels_last=cuda,
-        )
+        if config is None:
+            cuda = self.device.type == "cuda"
+            config = resolve(settings, self.device.type, cuda and torch.cuda.is_bf16_supported())  # GPU-only query
+        self.config = config
+        self.optim = config.optim
+        if config.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # GPU-only line
         self.net = load_vgg19(settings.weights, self.objective.last_layer, self.device, settings.pooling)
-        if cuda:
+        if self.optim.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if settings.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
