@@ -24,7 +24,7 @@ from . import images, losses
 from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
-from .optimize import LogRow, OptimConfig, Result, stylize
+from .optimize import LogRow, OptimConfig, Result, progress_error, stylize
 from .plan import file_hash, make_plan
 from .progress import Display
 
@@ -457,6 +457,9 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                     finally:
                         signals.computing = False
                     for r, note, res in made:
+                        if isinstance(res, PairError):  # this image made no progress; the others of its batch did
+                            record_failure(r, res)
+                            continue
                         io.write(r, res, out / r.output, s.format, s.quality, note)
                         writing.add(r.id)
                     signals.check()
@@ -495,9 +498,10 @@ def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_fail
 
 
 def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: LossLog, display: Display,
-                         size: int | None = None) -> list[tuple[Row, str | None, Result]]:
+                         size: int | None = None) -> list[tuple[Row, str | None, Result | PairError]]:
     """Make a batch of pairs. On out-of-memory a batch is split into single pairs, and a single pair is
-    tried once more at half the pixels (same device: a GPU run stays fast). Returns (row, note, result)."""
+    tried once more at half the pixels (same device: a GPU run stays fast). Returns (row, note, result), the
+    result being a PairError for an image whose optimisation made no progress (the others are kept)."""
     size = size or engine.settings.size
     last_logged = [-1]
 
@@ -507,12 +511,16 @@ def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: L
         last_logged[0] = log_rows[0].step
         display.step(log_rows[0].step, sum(lr.total for lr in log_rows) / len(log_rows))
 
-    def make(px: int) -> list[tuple[Row, Result]]:
+    def make(px: int) -> list[tuple[Row, Result | PairError]]:
         res = engine.make(rows, ims, px, on_log)
         if res.final[0].step != last_logged[0]:  # the final row, unless the last logged step was the last step
             for r, f in zip(rows, res.final):
                 loss_log.write(r, r.attempts, [f])
-        return [(r, Result(res.images[i:i + 1], [res.final[i]], res.steps)) for i, r in enumerate(rows)]
+        made = []
+        for i, r in enumerate(rows):
+            one = Result(res.images[i:i + 1], [res.final[i]], res.steps, [res.start[i]])
+            made.append((r, progress_error(one, engine.optim) or one))
+        return made
 
     try:
         return [(r, None, res) for r, res in make(size)]
