@@ -231,7 +231,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
 
 
 # A pair is recorded done only when its final loss is at least 0.5% below the loss of doing nothing
-# (Result.start). Measured (docs/benchmarks.md): runs that diverged and kept their start ended at 0.9972-0.9997
+# (Result.start). Measured (docs/benchmarks.md): runs that diverged and kept their start ended at 0.9962-0.9997
 # of it (L-BFGS's first step is a fixed tiny one, so even they move a little); 2- to 4-step runs on the tests'
 # 32-48 px images at 0.32-0.9947; 50-step runs far lower (tutorial < 0.01, gatys about 0.5).
 MIN_PROGRESS = 0.005
@@ -242,7 +242,7 @@ def progress_error(res: Result, cfg: OptimConfig) -> PairError | None:
     start, final = res.start[0].total, res.final[0].total
     if start <= 0 or final <= (1 - MIN_PROGRESS) * start:
         return None  # (a start of 0 is already the optimum: nothing to do is then right)
-    hint = ("raise steps: L-BFGS's first step is deliberately tiny" if cfg.optimizer == "lbfgs" and cfg.steps < 3
-            else "lower style_weight or use layers: gatys")
+    hint = ("raise steps (L-BFGS needs 3 or more a scale: its first step is deliberately tiny)"
+            if cfg.optimizer == "lbfgs" and cfg.steps < 3 else "lower style_weight or use layers: gatys")
     return PairError("no_progress", f"the loss ended at {final / start:.1%} of its start ({start:.4g} -> {final:.4g} "
                                     f"in {res.steps} steps), so the image is not a stylization; {hint}")
