@@ -31,7 +31,9 @@ class PairError(Exception):
     """One pair cannot be made; the run records it and goes on.
 
     `kind` is a short stable word (`unreadable`, `too_small`, `too_large`,
-    `nonfinite`, `oom`, `write`, `internal`) that `nst-batch retry --kind` filters on.
+    `nonfinite`, `no_progress`, `oom`, `write`, `internal`) that `nst-batch retry --kind` filters on.
+    `no_progress`: the final loss is not 0.5% below the loss of the unchanged photo, so the image
+    would not be a stylization (optimize.progress_error).
     """
 
     def __init__(self, kind: str, message: str):

@@ -11,9 +11,10 @@ about a quarter of a full one, and the full-size steps start close to the answer
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -56,10 +57,11 @@ class Result:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], on the CPU
     final: list[LogRow]  # one per image: the losses of the image as written
     steps: int
+    start: list[LogRow] = field(default_factory=list)  # one per image: the loss of doing nothing, at full size
 
 
 class _Stop(Exception):
-    """Raised inside an L-BFGS closure to end a scale early (stopping rule)."""
+    """Raised inside the closure to end a scale: its step budget is spent, or the stop rule fired."""
 
 
 def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tuple[int, int]]:
@@ -72,6 +74,15 @@ def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tup
     return shapes
 
 
+def converged(history: list[float], window: int, tolerance: float) -> bool:
+    """The stop rule, on the per-step summed loss of one scale: the loss moved by at most `tolerance`
+    (relative) over the last `window` steps. abs(): an L-BFGS spike is not convergence."""
+    if not window or len(history) <= window:
+        return False
+    old, now = history[-1 - window], history[-1]
+    return abs(old - now) <= tolerance * abs(old)
+
+
 def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             style_for: Callable[[int, int], Targets], cfg: OptimConfig,
             on_log: Callable[[list[LogRow]], None] | None = None) -> Result:
@@ -80,7 +91,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     `content` is (B, 3, H, W) in [0, 1] on the net's device; all B share one size.
     `style_for(h, w)` returns the style Targets for a working size (the caller caches them).
     `on_log` gets one LogRow per image every `log_every` steps and at the end of each coarse scale;
-    the final losses come back in Result.final.
+    the final losses come back in Result.final, and the losses of doing nothing (the starting image,
+    measured at full size) in Result.start.
     """
     t0 = time.perf_counter()
     device = content.device
@@ -89,7 +101,14 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     steps_done = 0
     x: torch.Tensor | None = None
+    first: torch.Tensor | None = None  # the first scale's starting image
+    start_rows: list[LogRow] = []
     H, W = content.shape[-2:]
+
+    def rows_of(terms: losses.LossTerms, px: int) -> list[LogRow]:
+        vals = torch.stack([terms.content, terms.style, terms.tv, terms.total], 1).detach().float().cpu()
+        el = time.perf_counter() - t0
+        return [LogRow(steps_done, px, *map(float, v), el) for v in vals]
 
     shapes = scale_shapes(H, W, cfg.scales)
     for h, w in shapes:
@@ -98,8 +117,15 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
         with torch.no_grad(), amp:
             c_tgt = losses.content_targets(obj, net(c_img, frozenset(obj.content_layers)))
         s_tgt = style_for(h, w)
+
+        def evaluate(img: torch.Tensor) -> losses.LossTerms:
+            with amp:
+                feats = net(img.contiguous(memory_format=fmt), obj.layers)
+            return losses.compute(obj, feats, img, c_tgt, s_tgt)
+
         if x is None:
             start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
+            first = start
         else:
             prev = x.detach()
             start = resize(prev, h, w)
@@ -109,50 +135,44 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                 # Laplacian-pyramid level): measured, this is what makes coarse-to-fine pay off.
                 start = start + c_img - resize(resize(c_img, *prev.shape[-2:]), h, w)
             start = start.clamp(0, 1)
+        if (h, w) == shapes[-1]:
+            # What doing nothing scores at full size: the photo itself (or the first noise, upsampled).
+            # The runner compares the final loss with it, so an optimisation that went nowhere is never
+            # recorded as a stylization. One forward pass, without gradients.
+            assert first is not None
+            with torch.no_grad():
+                start_rows = rows_of(evaluate(c_img if cfg.init == "content" else resize(first, h, w)), px)
         # The optimised pixels keep the default layout: L-BFGS flattens their gradient with .view(-1),
         # which fails on a channels_last tensor. The net gets a channels_last copy instead (3 channels: cheap).
         x = start.clone().contiguous().requires_grad_(True)
-        history: list[tuple[int, float]] = []  # (step, summed total) at log points, for the stopping rule
+        history: list[float] = []  # the summed total after every step of this scale: the stop rule reads it
         scale_steps = 0
         last: list[losses.LossTerms | None] = [None]
-        # The best image seen so far, per image of the batch: L-BFGS without a line search can jump to a
-        # much worse point late in a scale (seen: a loss of 0.74 ending at 3.6), and the tutorial kept
-        # whatever the last step gave. Tracked with torch.where, so no host-device sync is added.
+        # The best image seen so far, per image of the batch: Adam can overshoot, a line search tries points
+        # worse than where it stands, and the tutorial kept whatever the last step gave. Tracked with
+        # torch.where, so no host-device sync is added.
         best_x = x.detach().clone()
         best_loss = torch.full((x.shape[0],), float("inf"), device=device)
+        unit: list[float | None] = [None]  # what L-BFGS sees is the loss over this, the scale's first loss
 
-        def evaluate() -> losses.LossTerms:
-            with amp:
-                feats = net(x.contiguous(memory_format=fmt), obj.layers)
-            return losses.compute(obj, feats, x, c_tgt, s_tgt)
-
-        def log(terms: losses.LossTerms, force: bool = False) -> None:
-            if not force and scale_steps % cfg.log_every:
-                return
-            vals = torch.stack([terms.content, terms.style, terms.tv, terms.total], 1).detach().cpu()
-            if not torch.isfinite(vals).all():
-                raise PairError("nonfinite", f"the loss became {vals.sum().item()} at step {steps_done}; "
-                                "try lower weights, optimizer adam or precision fp32")
-            el = time.perf_counter() - t0
-            rows = [LogRow(steps_done, px, *map(float, v), el) for v in vals]
-            history.append((scale_steps, float(vals[:, 3].sum())))
+        def log(terms: losses.LossTerms) -> None:
             if on_log:
-                on_log(rows)
-            if cfg.stop_window and not force:
-                old = [l for s, l in history if s <= scale_steps - cfg.stop_window]
-                # abs(): L-BFGS without line search spikes early in a scale (the loss x2..x300 for a few
-                # steps); a spike is not convergence, and stopping there would keep the spiked image.
-                if old and abs(old[-1] - history[-1][1]) <= cfg.stop_tolerance * abs(old[-1]):
-                    raise _Stop
+                on_log(rows_of(terms, px))
 
         def closure() -> torch.Tensor:
             nonlocal steps_done, scale_steps
+            if scale_steps >= cfg.steps:
+                raise _Stop  # L-BFGS asks for one evaluation more than it may have (steps: 1 made two)
             with torch.no_grad():
                 x.clamp_(0, 1)  # the tutorial's trick: keep L-BFGS inside the valid pixel range
             opt.zero_grad(set_to_none=True)
-            terms = evaluate()
+            terms = evaluate(x)
             loss = terms.total.sum()  # images in a batch are independent: summing keeps their gradients apart
-            loss.backward()
+            if unit[0] is None:
+                first_loss = float(loss.detach()) if cfg.optimizer == "lbfgs" else 1.0  # one sync a scale
+                unit[0] = first_loss if math.isfinite(first_loss) and first_loss > 0 else 1.0
+            seen = loss / unit[0]
+            seen.backward()
             with torch.no_grad():
                 tot = terms.total.detach().float()
                 better = tot < best_loss  # NaN compares False: a broken step is never kept
@@ -161,19 +181,35 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             steps_done += 1
             scale_steps += 1
             last[0] = terms
-            log(terms)
-            return loss
+            # One host sync a step, which L-BFGS makes anyway (it reads float(loss)): the stop rule reads
+            # every step, whatever log_every says (it used to run at log points only).
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise PairError("nonfinite", f"the loss became {value} at step {steps_done}; "
+                                "try lower weights, optimizer adam or precision fp32")
+            history.append(value)
+            if scale_steps % cfg.log_every == 0:
+                log(terms)
+            if converged(history, cfg.stop_window, cfg.stop_tolerance):
+                raise _Stop
+            return seen
 
         try:
             if cfg.optimizer == "lbfgs":
-                # max_iter one above max_eval: the loop ends right after an evaluation, not on an
-                # update that was never measured.
-                opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps,
-                                        history_size=100, line_search_fn=None)
+                # A strong-Wolfe line search, on the loss divided by the scale's first loss. The tutorial's
+                # L-BFGS (no line search, lr 1) jumps to a far worse point when the objective is badly scaled
+                # (its own weights on Caffe-scaled features: 1e13 at the start) and never comes back, and the
+                # line search's cubic interpolation overflows float32 on losses that large; normalised, it
+                # works for every objective (measured: docs/benchmarks.md, "Recovery").
+                # The closure ends the scale when its budget is spent or the stop rule fires, so L-BFGS's own
+                # limits stay above the budget, and tolerance_grad is off: on a normalised loss its absolute
+                # 1e-7 could stop a large image early.
+                opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps + 1,
+                                        tolerance_grad=0.0, history_size=100, line_search_fn="strong_wolfe")
                 opt.step(closure)
             else:
                 opt = torch.optim.Adam([x], lr=cfg.lr)
-                for _ in range(cfg.steps):
+                while True:
                     closure()
                     opt.step()
                     with torch.no_grad():
@@ -182,14 +218,31 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             pass
         x = best_x
         if (h, w) != shapes[-1] and scale_steps % cfg.log_every and last[0] is not None:
-            log(last[0], force=True)  # a coarse scale's last step; the caller logs the final one itself
+            log(last[0])  # a coarse scale's last step; the caller logs the final one itself
 
     assert x is not None
     with torch.no_grad():
-        final_terms = evaluate()  # the best image of the last scale, already inside [0, 1]
-    vals = torch.stack([final_terms.content, final_terms.style, final_terms.tv, final_terms.total], 1).cpu()
-    if not torch.isfinite(vals).all():
-        raise PairError("nonfinite", f"the final loss is {vals.sum().item()}; try lower weights or precision fp32")
-    el = time.perf_counter() - t0
-    final = [LogRow(steps_done, max(x.shape[-2:]), *map(float, v), el) for v in vals]
-    return Result(x.detach().float().cpu().contiguous(), final, steps_done)
+        final_terms = evaluate(x)  # the best image of the last scale, already inside [0, 1]
+    final = rows_of(final_terms, max(x.shape[-2:]))
+    if not all(math.isfinite(r.total) for r in final):
+        raise PairError("nonfinite", f"the final loss is {sum(r.total for r in final)}; "
+                        "try lower weights or precision fp32")
+    return Result(x.detach().float().cpu().contiguous(), final, steps_done, start_rows)
+
+
+# A pair is recorded done only when its final loss is at least 0.5% below the loss of doing nothing
+# (Result.start). Measured (docs/benchmarks.md): runs that diverged and kept their start ended at 0.9962-0.9997
+# of it (L-BFGS's first step is a fixed tiny one, so even they move a little); 2- to 4-step runs on the tests'
+# 32-48 px images at 0.32-0.9947; 50-step runs far lower (tutorial < 0.01, gatys about 0.5).
+MIN_PROGRESS = 0.005
+
+
+def progress_error(res: Result, cfg: OptimConfig) -> PairError | None:
+    """The `no_progress` failure for a one-image Result whose loss did not fall below its start, else None."""
+    start, final = res.start[0].total, res.final[0].total
+    if start <= 0 or final <= (1 - MIN_PROGRESS) * start:
+        return None  # (a start of 0 is already the optimum: nothing to do is then right)
+    hint = ("raise steps (L-BFGS needs 3 or more a scale: its first step is deliberately tiny)"
+            if cfg.optimizer == "lbfgs" and cfg.steps < 3 else "lower style_weight or use layers: gatys")
+    return PairError("no_progress", f"the loss ended at {final / start:.1%} of its start ({start:.4g} -> {final:.4g} "
+                                    f"in {res.steps} steps), so the image is not a stylization; {hint}")

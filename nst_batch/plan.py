@@ -85,7 +85,7 @@ def _unique(names: dict[Path, str]) -> dict[Path, str]:
 
 
 # Bump when a code change alters the pixels the same settings produce, so finished folders are redone.
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump
 
 
 def recipe_settings(settings: Settings) -> dict:

@@ -27,7 +27,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
 from .names import skipped_line
-from .optimize import LogRow, OptimConfig, Result, stylize
+from .optimize import LogRow, OptimConfig, Result, progress_error, stylize
 from .plan import file_hash, make_plan, recipe_settings
 from .progress import Display
 from .report import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
@@ -62,28 +62,53 @@ def pick_device(name: str) -> torch.device:
 STYLE_CACHE = 2
 
 
-class Engine:
-    """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size."""
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Everything the engine decides from the device, made in one place (`resolve`), so a test can build
+    what a CUDA run would use and run it on the CPU: only the device then differs."""
 
-    def __init__(self, settings: Settings, device: torch.device | None = None):
+    optim: OptimConfig  # including bf16 autocast and channels_last
+    cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
+
+
+def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
+    """The optimiser settings for a device type ('cuda', 'cpu', 'mps'). `bf16_supported` is the CUDA
+    card's answer (torch.cuda.is_bf16_supported()); `precision: auto` means bf16 on CUDA when it says yes."""
+    cuda = device_type == "cuda"
+    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and bf16_supported)
+    optim = OptimConfig(
+        steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
+        init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
+        stop_tolerance=settings.stop_tolerance, autocast_dtype=torch.bfloat16 if bf16 else None,
+        channels_last=cuda,
+    )
+    # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
+    return DeviceConfig(optim, cudnn_benchmark=cuda)
+
+
+class Engine:
+    """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size.
+
+    `config` defaults to resolve(settings, device type); a test passes resolve(settings, "cuda") to run
+    the GPU configuration on the CPU.
+    """
+
+    def __init__(self, settings: Settings, device: torch.device | None = None, config: DeviceConfig | None = None):
         from .vgg import load_vgg19
 
         self.settings = settings
         self.device = device or pick_device(settings.device)
         self.objective = losses.objective_from(settings.layers, settings.content_weight, settings.style_weight,
                                                settings.tv_weight)
-        cuda = self.device.type == "cuda"
-        if cuda:
-            torch.backends.cudnn.benchmark = True  # the same few shapes repeat for hundreds of steps
-        bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and torch.cuda.is_bf16_supported())
-        self.optim = OptimConfig(
-            steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
-            init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
-            stop_tolerance=settings.stop_tolerance, autocast_dtype=torch.bfloat16 if bf16 else None,
-            channels_last=cuda,
-        )
+        if config is None:
+            cuda = self.device.type == "cuda"
+            config = resolve(settings, self.device.type, cuda and torch.cuda.is_bf16_supported())  # GPU-only query
+        self.config = config
+        self.optim = config.optim
+        if config.cudnn_benchmark and self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # GPU-only line
         self.net = load_vgg19(settings.weights, self.objective.last_layer, self.device, settings.pooling)
-        if cuda:
+        if self.optim.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         if settings.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
@@ -482,6 +507,9 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                     finally:
                         signals.computing = False
                     for r, note, res in made:
+                        if isinstance(res, PairError):  # this image made no progress; the others of its batch did
+                            record_failure(r, res)
+                            continue
                         io.write(r, res, out / r.output, s.format, s.quality, note)
                         writing.add(r.id)
                     signals.check()
@@ -520,9 +548,10 @@ def _decode_and_group(rows: list[Row], io: _BackgroundIO, size: int, record_fail
 
 
 def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: LossLog, display: Display,
-                         size: int | None = None) -> list[tuple[Row, str | None, Result]]:
+                         size: int | None = None) -> list[tuple[Row, str | None, Result | PairError]]:
     """Make a batch of pairs. On out-of-memory a batch is split into single pairs, and a single pair is
-    tried once more at half the pixels (same device: a GPU run stays fast). Returns (row, note, result)."""
+    tried once more at half the pixels (same device: a GPU run stays fast). Returns (row, note, result), the
+    result being a PairError for an image whose optimisation made no progress (the others are kept)."""
     size = size or engine.settings.size
     last_logged = [-1]
 
@@ -532,12 +561,16 @@ def _make_with_oom_retry(engine: Engine, rows: list[Row], ims: list, loss_log: L
         last_logged[0] = log_rows[0].step
         display.step(log_rows[0].step, sum(lr.total for lr in log_rows) / len(log_rows))
 
-    def make(px: int) -> list[tuple[Row, Result]]:
+    def make(px: int) -> list[tuple[Row, Result | PairError]]:
         res = engine.make(rows, ims, px, on_log)
         if res.final[0].step != last_logged[0]:  # the final row, unless the last logged step was the last step
             for r, f in zip(rows, res.final):
                 loss_log.write(r, r.attempts, [f])
-        return [(r, Result(res.images[i:i + 1], [res.final[i]], res.steps)) for i, r in enumerate(rows)]
+        made = []
+        for i, r in enumerate(rows):
+            one = Result(res.images[i:i + 1], [res.final[i]], res.steps, [res.start[i]])
+            made.append((r, progress_error(one, engine.optim) or one))
+        return made
 
     try:
         return [(r, None, res) for r, res in make(size)]

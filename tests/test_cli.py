@@ -62,7 +62,7 @@ def test_a_bad_pair_fails_alone_with_exit_1(tmp_path):
     make_image(content / "tiny.png", 10, 40, 2)
     make_image(styles / "s.png", 32, 32, 3)
     r = cli("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--size", "32",
-            "--steps", "1", "--device", "cpu", "--set", "layers={content: [relu2_1], style: [relu1_1]}", "--quiet")
+            "--steps", "3", "--device", "cpu", "--set", "layers={content: [relu2_1], style: [relu1_1]}", "--quiet")
     assert r.returncode == EXIT_PAIRS_FAILED, r.stdout + r.stderr
     assert "Traceback" not in r.stderr
     assert (out / "s" / "good.png").is_file()

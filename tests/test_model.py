@@ -545,7 +545,7 @@ def test_style_targets_are_computed_once_per_style(fast_settings, monkeypatch):
     from rich.console import Console
     import io
 
-    s = fast_settings.replace(steps=2, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
+    s = fast_settings.replace(steps=3, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
     result = runner.run(s, Display(Console(file=io.StringIO())))
     assert result.made == 6 and result.failed == 0  # 3 contents × 2 styles
     assert len(engines) == 1

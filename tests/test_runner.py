@@ -28,7 +28,7 @@ def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
         return real(path, *a, **kw)
 
     monkeypatch.setattr(images, "load_rgb", spy)
-    result = runner.run(fast_settings.replace(steps=1), Display(Console(quiet=True)))
+    result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6
     content_loads = len(threads) - 2  # each of the 2 styles is decoded once, on the main thread
     prefetched = sum(name.startswith("nst-io") for name in threads)
