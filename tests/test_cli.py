@@ -138,7 +138,7 @@ def test_skipped_inputs_are_counted_at_the_start_and_named_in_the_report(tmp_pat
     make_image(content / ".hidden.png", 20, 20, 2)
     make_image(styles / "s.png", 32, 32, 3)
     args = ("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--size", "32",
-            "--steps", "1", "--device", "cpu", "--set", "scales=[1.0]",
+            "--steps", "3", "--device", "cpu", "--set", "scales=[1.0]",
             "--set", "layers={content: [relu2_1], style: [relu1_1]}", "--quiet")
     r = cli(*args)
     assert r.returncode == 0, r.stdout + r.stderr
