@@ -139,3 +139,120 @@ def test_recipe_changes_with_pixels_not_with_bookkeeping(folders):
     make_image(content / "wide.png", 64, 40, 99)  # new pixels under the same name
     changed = {(p.content, p.style): p.recipe for p in make_plan(settings(content, styles, out))}
     assert [k for k in base if changed[k] != base[k]] == [("wide.png", "s1.png"), ("wide.png", "s2.jpg")]
+
+
+# -- input hashes kept between plans (issue 10) --------------------------------------------------------
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+
+from nst_batch.ledger import Ledger  # noqa: E402
+from nst_batch.plan import HashCache, file_hash, recipe_hash, recipe_hasher, recipe_settings  # noqa: E402
+
+HOUR_NS = 3600 * 10**9
+
+
+class Reads:
+    """file_hash, counting which files it read."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def __call__(self, path: Path) -> str:
+        self.paths.append(Path(path).name)
+        return file_hash(path)
+
+
+def _age(*paths: Path) -> None:
+    """An hour old: past the window in which a hash is used but not kept."""
+    for p in paths:
+        t = p.stat().st_mtime_ns - HOUR_NS
+        os.utime(p, ns=(t, t))
+
+
+def _recipes(plan) -> dict:
+    return {(p.content, p.style): p.recipe for p in plan}
+
+
+def test_hash_cache_reads_only_files_whose_size_or_mtime_changed(folders):
+    content, styles, out = folders
+    files = sorted(p for p in (*content.iterdir(), *styles.iterdir()))
+    _age(*files)
+    s = settings(content, styles, out)
+    reads = Reads()
+    first = HashCache({}, reads)
+    base = _recipes(make_plan(s, first))
+    assert sorted(reads.paths) == sorted(p.name for p in files)  # cold: each file read once
+    assert _recipes(make_plan(s)) == base  # the cache changes no recipe
+    known, forget = first.changes()
+    assert set(known) == {str(p.resolve()) for p in files} and forget == []
+
+    reads.paths.clear()
+    warm = HashCache(known, reads)
+    assert _recipes(make_plan(s, warm)) == base and reads.paths == []
+    assert warm.changes() == ({}, [])  # nothing to write back
+
+    # New bytes, same size, mtime put back (os.utime): not seen, as make and rsync do not see it.
+    wide = content / "wide.png"
+    st = wide.stat()
+    data = bytearray(wide.read_bytes())
+    data[-20] ^= 0xFF
+    wide.write_bytes(bytes(data))
+    os.utime(wide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _recipes(make_plan(s, HashCache(known, reads))) == base and reads.paths == []
+
+    # Touched (a new mtime, an hour ago still): read again, and its pairs get a new recipe.
+    t = st.st_mtime_ns + 10**9
+    os.utime(wide, ns=(t, t))
+    again = HashCache(known, reads)
+    now = _recipes(make_plan(s, again))
+    assert reads.paths == ["wide.png"]
+    assert sorted(k for k in base if now[k] != base[k]) == [("wide.png", "s1.png"), ("wide.png", "s2.jpg")]
+    put, forget = again.changes()
+    assert list(put) == [str(wide.resolve())] and put[str(wide.resolve())][1] == t and forget == []
+
+
+def test_hash_cache_keeps_no_young_or_unreadable_file_and_forgets_gone_ones(folders):
+    content, styles, out = folders
+    _age(*content.iterdir(), *styles.iterdir())
+    s = settings(content, styles, out)
+    first = HashCache()
+    make_plan(s, first)
+    known, _ = first.changes()
+    make_image(content / "new.png", 40, 30, 7)  # just written: its mtime may yet be shared by a later edit
+    (content / "tall.jpg").unlink()
+    cache = HashCache(known, lambda p: "unreadable:13" if p.name == "wide.png" else file_hash(p))
+    os.utime(content / "wide.png", ns=(1, 1))  # a changed mtime: read again, and unreadable
+    make_plan(s, cache)
+    put, forget = cache.changes()
+    assert put == {} and forget == [str((content / "tall.jpg").resolve()), str((content / "wide.png").resolve())]
+
+
+def test_hashes_go_through_the_ledger_from_one_run_to_the_next(folders):
+    """What a worker does: known hashes from OUT's ledger, plan, store what changed."""
+    content, styles, out = folders
+    _age(*content.iterdir(), *styles.iterdir())
+    s = settings(content, styles, out)
+    assert Ledger.stored_hashes(out) == {}  # no ledger yet: none, and OUT is not created
+    assert not out.exists()
+    cache = HashCache(Ledger.stored_hashes(out))
+    base = _recipes(make_plan(s, cache))
+    led = Ledger(out)
+    led.store_hashes(*cache.changes())
+    led.close()
+    reads = Reads()
+    assert _recipes(make_plan(s, HashCache(Ledger.stored_hashes(out), reads))) == base and reads.paths == []
+
+
+def test_recipe_hasher_gives_the_recipes_already_in_ledgers():
+    """Pinned: recipes written by earlier versions (json + sha256 of settings and input hashes per
+    pair) are what the one-encoding hasher gives, so no finished pair is redone on upgrade."""
+    s = Settings(content=Path("c"), styles=Path("s"), out=Path("o"))
+    jpg = s.replace(format="jpg", quality=80)
+    assert recipe_hasher(s)("a" * 64, "b" * 64) == recipe_hash(s, "a" * 64, "b" * 64) == "5fd81f17c7aba563"
+    assert recipe_hasher(jpg)("unreadable:13", "b" * 64) == "7d2ac6886a420065"
+    for st in (s, jpg, s.replace(scales=(0.25, 0.5, 1.0), style_weight=3.5, seed=7)):
+        d = {**recipe_settings(st), "content": "c1", "style": "s\"1"}
+        old = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        assert recipe_hasher(st)("c1", "s\"1") == old
