@@ -27,7 +27,7 @@ from .errors import EXIT_SIGINT, EXIT_SIGTERM, ConfigError, PairError
 from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
 from .optimize import LogRow, OptimConfig, Result, stylize
-from .plan import file_hash, make_plan, recipe_settings
+from .plan import HashCache, file_hash, make_plan, recipe_settings
 from .progress import Display
 from .report import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
 
@@ -312,7 +312,8 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     engine = Engine(settings)
     # The recipe records the precision actually used (auto means bf16 on CUDA, fp32 elsewhere).
     effective = settings.replace(precision="bf16" if engine.optim.autocast_dtype else "fp32")
-    plan = make_plan(effective)
+    hashes = HashCache(Ledger.stored_hashes(settings.out))  # inputs unchanged since the last plan are not read
+    plan = make_plan(effective, hashes)
     recipes = {(p.content, p.style): p.recipe for p in plan}
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +322,8 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     try:
         # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
         ledger.register(worker, recipe_settings(effective), settings.lease_s)
-        remove_stale_temporaries(out, [p.output for p in plan] + [r.output for r in ledger.rows()])
+        ledger.store_hashes(*hashes.changes())
+        remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs())
         only = None
         if retry:
             # Only the failed pairs change: their recipe becomes this retry's, the rest of the
