@@ -7,6 +7,11 @@ heartbeat; a claim whose heartbeat is older than the lease is free to take again
 also registers the settings it makes pixels with (table `workers`, kept alive by the same
 heartbeat): a worker with other settings is refused while one is live, since each would send
 the other's pairs back to be made its own way.
+
+Sized for whole collections (10,000 photos x 20 styles = 200,000 pairs): a claim is an indexed
+`ORDER BY id LIMIT` query, the same cost whatever the ledger holds; `sync` of an unchanged plan
+writes nothing; `status` reads aggregates, not rows; input hashes are kept (table `files`) so an
+unchanged file is not read again.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
 
-SCHEMA_VERSION = 2  # 2: the workers table
+SCHEMA_VERSION = 3  # 2: the workers table; 3: the files table and the (state, style) index
 FILENAME = "ledger.sqlite"
 STATES = ("pending", "running", "done", "failed")
 
@@ -65,6 +70,18 @@ CREATE TABLE IF NOT EXISTS workers (
     heartbeat  REAL NOT NULL,
     started_at REAL NOT NULL
 );
+"""
+
+# Schema 3. What plan.HashCache learnt: a file whose size and mtime are unchanged keeps its hash.
+# The second index serves claims of one style (filling a batch): (state, style, rowid) in order.
+_FILES = """
+CREATE TABLE IF NOT EXISTS files (
+    path     TEXT PRIMARY KEY,            -- absolute, as the plan found it
+    size     INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    hash     TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style);
 """
 
 COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
@@ -127,8 +144,36 @@ def _show(v: Any) -> str:
     return "(unset)" if v is None else v if isinstance(v, str) else json.dumps(v)
 
 
-def _claim_is_live(r, now: float, lease_s: float) -> bool:
-    return r["state"] == "running" and (r["heartbeat"] or 0) > now - lease_s and not _is_dead(r["worker"])
+def _live(state: str, heartbeat: float | None, worker: str | None, now: float, lease_s: float) -> bool:
+    return state == "running" and (heartbeat or 0) > now - lease_s and not _is_dead(worker)
+
+
+def _output_exists(out: Path) -> Callable[[str], bool]:
+    """rel path -> is it a file in `out`. One directory listing per folder instead of one stat per
+    pair (200,000 done pairs live in 20 folders). A name not in the listing is asked of the file
+    system itself, which also settles names it compares otherwise (case, Unicode normalization)."""
+    listed: dict[str, set[str]] = {}
+    root = str(out)
+
+    def exists(rel: str) -> bool:
+        folder, _, name = rel.rpartition("/")
+        names = listed.get(folder)
+        if names is None:
+            try:
+                with os.scandir(os.path.join(root, folder)) as it:
+                    names = listed[folder] = {e.name for e in it if e.is_file()}
+            except OSError:
+                names = listed[folder] = set()
+        return name in names or os.path.isfile(os.path.join(root, rel))
+
+    return exists
+
+
+# Pending rows looked at per query while stepping over rows of another recipe.
+_STEP = 16
+_CLAIMED = ("state='running', worker=?, heartbeat=?, started_at=?, attempts=attempts+1, error_kind=NULL, "
+            "error_message=NULL, note=NULL, steps=NULL, seconds=NULL, content_loss=NULL, style_loss=NULL, "
+            "tv_loss=NULL, total_loss=NULL")
 
 
 class Ledger:
@@ -143,6 +188,8 @@ class Ledger:
         # isolation_level=None: we open transactions ourselves, so each is explicit and short.
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
+        self._only: frozenset[int] | None = None  # the ids in temp.claim_only
+        self._floors: dict[str | None, int] = {}
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -184,6 +231,10 @@ class Ledger:
                         self.db.execute(stmt)
             if version is None or version < 2:  # 1 -> 2: a new table, the pairs are kept as they are
                 self.db.execute(_WORKERS)
+            if version is None or version < 3:  # 2 -> 3: a new table and an index, pairs as they are
+                for stmt in _FILES.strip().split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
             if version != SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("COMMIT")
@@ -237,6 +288,36 @@ class Ledger:
         with self._tx():
             self.db.execute("DELETE FROM workers WHERE worker=?", (worker,))
 
+    # -- input hashes, for plan.HashCache ---------------------------------------------------------
+    @staticmethod
+    def stored_hashes(out: Path) -> dict[str, tuple[int, int, str]]:
+        """path -> (size, mtime_ns, hash) as the last plan on `out` found them; empty without a
+        ledger or with one from before schema 3. Read before planning, so a bad manifest never
+        creates OUT."""
+        if not (out / FILENAME).is_file():
+            return {}
+        try:
+            led = Ledger(out, readonly=True)
+        except ConfigError:
+            return {}  # a ledger from a newer nst-batch, or no ledger at all: opening it for the run says so
+        try:
+            if not led.db.execute("SELECT 1 FROM sqlite_master WHERE name='files'").fetchone():
+                return {}
+            return {p: (size, mtime, h) for p, size, mtime, h in
+                    led.db.execute("SELECT path, size, mtime_ns, hash FROM files")}
+        finally:
+            led.close()
+
+    def store_hashes(self, put: Mapping[str, tuple[int, int, str]], forget: Iterable[str] = ()) -> None:
+        """Write plan.HashCache.changes(): new or changed files, files no longer in the plan."""
+        forget = [(p,) for p in forget]
+        if not put and not forget:
+            return  # an unchanged collection: no write, no lock
+        with self._tx():
+            self.db.executemany("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?)",
+                                [(p, *v) for p, v in put.items()])
+            self.db.executemany("DELETE FROM files WHERE path=?", forget)
+
     # -- planning ---------------------------------------------------------------------------------
     def sync(self, pairs: Iterable, out: Path, lease_s: float) -> dict[str, int]:
         """Bring the ledger in line with a plan. Returns counts of what changed.
@@ -247,41 +328,48 @@ class Ledger:
         """
         now = time.time()
         counts = {"new": 0, "redo": 0, "dropped": 0}
+        exists = _output_exists(out)
+        inserts, resets, moves = [], [], []
         with self._tx():
-            existing = {(r["content"], r["style"]): r for r in self.db.execute("SELECT * FROM pairs")}
-            keep = set()
+            cur = self.db.cursor()
+            cur.row_factory = None  # plain tuples, only the columns compared: 200,000 rows on a resume
+            existing = {(r[0], r[1]): r for r in cur.execute(
+                "SELECT content, style, id, output, recipe, state, worker, heartbeat, content_path, style_path "
+                "FROM pairs")}
             for p in pairs:
-                key = (p.content, p.style)
-                keep.add(key)
-                r = existing.get(key)
+                r = existing.pop((p.content, p.style), None)
+                cpath, spath = str(p.content_path), str(p.style_path)
                 if r is None:
-                    self.db.execute(
-                        "INSERT INTO pairs (content, style, content_path, style_path, output, recipe, state) "
-                        "VALUES (?, ?, ?, ?, ?, ?, 'pending')",
-                        (p.content, p.style, str(p.content_path), str(p.style_path), p.output, p.recipe))
-                    counts["new"] += 1
+                    inserts.append((p.content, p.style, cpath, spath, p.output, p.recipe))
                     continue
-                if _claim_is_live(r, now, lease_s):
+                _, _, pid, output, recipe, state, worker, heartbeat, old_cpath, old_spath = r
+                if state == "running" and _live(state, heartbeat, worker, now, lease_s):
                     continue
-                changed = r["recipe"] != p.recipe or r["output"] != p.output
-                missing = r["state"] == "done" and not (out / r["output"]).is_file()
-                if changed or missing or r["state"] == "running":
+                changed = recipe != p.recipe or output != p.output
+                missing = state == "done" and not changed and not exists(output)
+                if changed or missing or state == "running":
                     if changed or missing:
                         counts["redo"] += 1
                     # A failed pair is left failed unless its recipe changed: `retry` re-runs it.
-                    if r["state"] == "failed" and not changed:
+                    if not (state == "failed" and not changed):
+                        resets.append((p.recipe, p.output, cpath, spath, pid))
                         continue
-                    self.db.execute(
-                        "UPDATE pairs SET state='pending', recipe=?, output=?, content_path=?, style_path=?, "
-                        "worker=NULL, heartbeat=NULL WHERE id=?",
-                        (p.recipe, p.output, str(p.content_path), str(p.style_path), r["id"]))
-            for key, r in existing.items():
-                # A stale claim (dead worker, expired lease) is as unfinished as a pending pair: were it
-                # kept, the next claim would make a pair that is no longer in the plan.
-                if key not in keep and (r["state"] in ("pending", "failed") or
-                                        (r["state"] == "running" and not _claim_is_live(r, now, lease_s))):
-                    self.db.execute("DELETE FROM pairs WHERE id=?", (r["id"],))
-                    counts["dropped"] += 1
+                if (cpath, spath) != (old_cpath, old_spath):
+                    moves.append((cpath, spath, pid))  # same files (same recipe), folders moved
+            # Left over: pairs no longer in the plan. A stale claim (dead worker, expired lease) is as
+            # unfinished as a pending pair: were it kept, the next claim would make a pair that is no
+            # longer in the plan.
+            drops = [(r[2],) for r in existing.values()
+                     if r[5] in ("pending", "failed") or (r[5] == "running" and not _live(r[5], r[7], r[6], now, lease_s))]
+            self.db.executemany(
+                "INSERT INTO pairs (content, style, content_path, style_path, output, recipe, state) "
+                "VALUES (?, ?, ?, ?, ?, ?, 'pending')", inserts)
+            self.db.executemany(
+                "UPDATE pairs SET state='pending', recipe=?, output=?, content_path=?, style_path=?, "
+                "worker=NULL, heartbeat=NULL WHERE id=?", resets)
+            self.db.executemany("UPDATE pairs SET content_path=?, style_path=? WHERE id=?", moves)
+            self.db.executemany("DELETE FROM pairs WHERE id=?", drops)
+        counts["new"], counts["dropped"] = len(inserts), len(drops)
         return counts
 
     def failed_ids(self, kinds: Iterable[str] | None = None) -> list[int]:
@@ -319,29 +407,83 @@ class Ledger:
     def claim(self, worker: str, lease_s: float, only: set[int] | None = None, style: str | None = None,
               recipes: Recipes | None = None) -> Row | None:
         """Atomically take the next pending pair (or one whose claim expired); None when none is left.
-        With `style`, only a pair of that style (to fill a batch). With `recipes` ((content, style) ->
-        recipe, from the worker's own plan), only a pair whose stored recipe is the one this worker
-        makes: checked inside the claim's transaction, so what it renders is what the ledger says."""
+        With `only` (a retry's ids), only one of those. With `style`, only a pair of that style (to
+        fill a batch). With `recipes` ((content, style) -> recipe, from the worker's own plan), only a
+        pair whose stored recipe is the one this worker makes: checked inside the claim's
+        transaction, so what it renders is what the ledger says. The lowest id goes first."""
         now = time.time()
+        self._set_only(only)
         with self._tx():
-            cur = self.db.execute("SELECT * FROM pairs WHERE state IN ('pending', 'running') AND style = COALESCE(?, style) "
-                                  "ORDER BY id", (style,))
-            for r in cur.fetchall():
-                if (only is None or r["id"] in only) and _ours(r, recipes) and not _claim_is_live(r, now, lease_s):
-                    self.db.execute(
-                        "UPDATE pairs SET state='running', worker=?, heartbeat=?, started_at=?, "
-                        "attempts=attempts+1, error_kind=NULL, error_message=NULL, note=NULL, steps=NULL, seconds=NULL, "
-                        "content_loss=NULL, style_loss=NULL, tv_loss=NULL, total_loss=NULL WHERE id=?",
-                        (worker, now, now, r["id"]))
-                    return self.get(r["id"])
-        return None
+            r = self._next(only, style, recipes, (now, lease_s), claiming=True)
+            if r is None:
+                return None
+            self.db.execute(f"UPDATE pairs SET {_CLAIMED} WHERE id=?", (worker, now, now, r["id"]))
+            return self.get(r["id"])
 
     def peek(self, only: set[int] | None = None, recipes: Recipes | None = None) -> Row | None:
         """The pair a claim would most likely take next, without claiming it (for prefetching)."""
-        for r in self.db.execute("SELECT * FROM pairs WHERE state='pending' ORDER BY id"):
+        self._set_only(only)
+        r = self._next(only, None, recipes, None)
+        return None if r is None else Row(**dict(r))
+
+    def _next(self, only: set[int] | None, style: str | None, recipes: Recipes | None,
+              stale: tuple[float, float] | None, claiming: bool = False) -> sqlite3.Row | None:
+        """The first claimable row by id: a pending one, found through an index, or (given `stale`,
+        (now, lease_s)) a running one whose claim lapsed. Each query reads a few rows whatever the
+        ledger's size, so a claim costs the same at 200 pairs and at 200,000."""
+        best = self._first_stale(only, style, recipes, *stale) if stale is not None else None
+        if only is None:
+            sql = ("SELECT * FROM pairs WHERE state='pending'" + (" AND style=?" if style is not None else "") +
+                   " AND id > ? AND id < ? ORDER BY id LIMIT ?")
+            floor = 0
+        else:  # the retry's ids drive the search: a handful of failures among 200,000 pairs
+            sql = ("SELECT p.* FROM temp.claim_only AS o CROSS JOIN pairs AS p ON p.id = o.id "
+                   "WHERE p.state='pending'" + (" AND p.style=?" if style is not None else "") +
+                   " AND o.id > ? AND o.id < ? ORDER BY o.id LIMIT ?")
+            # Below the floor, the retry's ids were all taken already: not read again, so the
+            # claims of a long retry do not slow down. Nothing found above it: one full look.
+            floor = self._floors.get(style, 0)
+        head = (style,) if style is not None else ()
+        after, before = floor, best["id"] if best is not None else 2 ** 63 - 1
+        while True:  # keyset: steps over pending rows stored under another recipe
+            rows = self.db.execute(sql, (*head, after, before, _STEP)).fetchall()
+            for r in rows:
+                if _ours(r, recipes):
+                    if claiming and only is not None:
+                        self._floors[style] = r["id"]
+                    return r
+            if len(rows) == _STEP:
+                after = rows[-1]["id"]
+            elif floor:
+                after = floor = 0
+            else:
+                return best
+
+    def _first_stale(self, only: set[int] | None, style: str | None, recipes: Recipes | None, now: float,
+                     lease_s: float) -> sqlite3.Row | None:
+        """The first running row whose claim lapsed: heartbeat older than the lease (judged in SQL), or
+        held by a process of this machine that is gone (judged once per worker, not per row)."""
+        workers = [w for (w,) in self.db.execute("SELECT DISTINCT worker FROM pairs WHERE state='running'")]
+        dead = [w for w in workers if _is_dead(w)]
+        for r in self.db.execute(
+                "SELECT * FROM pairs WHERE state='running' AND style=COALESCE(?, style) AND "
+                f"(COALESCE(heartbeat, 0) <= ? OR worker IN ({','.join('?' * len(dead))})) ORDER BY id",
+                (style, now - lease_s, *dead)):
             if (only is None or r["id"] in only) and _ours(r, recipes):
-                return Row(**dict(r))
+                return r
         return None
+
+    def _set_only(self, only: set[int] | None) -> None:
+        """Mirror `only` into a temporary table (this connection's own), rebuilt only when it changes."""
+        if only is None or only == self._only:
+            return
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS claim_only (id INTEGER PRIMARY KEY)")
+        self.db.execute("BEGIN")
+        self.db.execute("DELETE FROM temp.claim_only")
+        self.db.executemany("INSERT INTO temp.claim_only VALUES (?)", [(i,) for i in only])
+        self.db.execute("COMMIT")
+        self._only = frozenset(only)
+        self._floors: dict[str | None, int] = {}  # per style claimed by (None: any), see _next
 
     def heartbeat(self, pair_id: int, worker: str) -> None:
         with self._tx():
@@ -395,6 +537,29 @@ class Ledger:
 
     def rows(self) -> list[Row]:
         return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs ORDER BY id")]
+
+    def outputs(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT output FROM pairs")]
+
+    def done_seconds(self) -> tuple[list[float], float | None, float | None]:
+        """For the summary, without loading rows: compute seconds of each done pair (by id), the
+        first start and the last finish among them."""
+        secs = [r[0] for r in self.db.execute(
+            "SELECT seconds FROM pairs WHERE state='done' AND seconds IS NOT NULL ORDER BY id")]
+        first, last = self.db.execute("SELECT MIN(started_at), MAX(finished_at) FROM pairs "
+                                      "WHERE state='done' AND seconds IS NOT NULL").fetchone()
+        return secs, first, last
+
+    def top_done(self, column: str, n: int) -> list[Row]:
+        """The n done pairs with the highest `column` (ties: lowest id first)."""
+        if column not in ("seconds", "total_loss"):
+            raise ValueError(column)
+        return [Row(**dict(r)) for r in self.db.execute(
+            f"SELECT * FROM pairs WHERE state='done' AND {column} IS NOT NULL ORDER BY {column} DESC, id LIMIT ?",
+            (n,))]
+
+    def failed_rows(self) -> list[Row]:
+        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs WHERE state='failed' ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(STATES, 0)

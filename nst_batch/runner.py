@@ -28,7 +28,7 @@ from .ledger import Ledger, Row, worker_id
 from .manifest import Settings
 from .names import skipped_line
 from .optimize import LogRow, OptimConfig, Result, progress_error, stylize
-from .plan import file_hash, make_plan, recipe_settings
+from .plan import HashCache, file_hash, make_plan, recipe_settings
 from .progress import Display
 from .report import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
 
@@ -338,7 +338,8 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     engine = Engine(settings)
     # The recipe records the precision actually used (auto means bf16 on CUDA, fp32 elsewhere).
     effective = settings.replace(precision="bf16" if engine.optim.autocast_dtype else "fp32")
-    plan = make_plan(effective)
+    hashes = HashCache(Ledger.stored_hashes(settings.out))  # inputs unchanged since the last plan are not read
+    plan = make_plan(effective, hashes)
     recipes = {(p.content, p.style): p.recipe for p in plan}
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
@@ -347,7 +348,8 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     try:
         # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
         ledger.register(worker, recipe_settings(effective), settings.lease_s)
-        remove_stale_temporaries(out, [p.output for p in plan] + [r.output for r in ledger.rows()])
+        ledger.store_hashes(*hashes.changes())
+        remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs())
         only = None
         if retry:
             # Only the failed pairs change: their recipe becomes this retry's, the rest of the

@@ -345,9 +345,49 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 2
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 3
         assert led.rows() == before
+        assert {"workers", "files", "pairs_state_style"} <= _names(led)
         led.register(worker_id(), _settings(), LEASE)
+    finally:
+        led.close()
+
+
+def _names(led: Ledger) -> set[str]:
+    return {r[0] for r in led.db.execute("SELECT name FROM sqlite_master")}
+
+
+def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
+    """Schema 2 is schema 3 without the files table and the (state, style) index. `status` and
+    `report` read it without changing it; a worker migrates it and keeps every pair."""
+    from nst_batch.report import load_summary
+
+    led = Ledger(out)
+    led.sync([pair("a.png"), pair("b.png"), pair("c.png", "t.png")], out, LEASE)
+    r = led.claim("w:1", LEASE)
+    led.fail(r.id, "w:1", "unreadable", "x")
+    led.store_hashes({"/in/a.png": (3, 4, "h")})
+    before = led.rows()
+    led.close()
+    db = sqlite3.connect(out / FILENAME)
+    db.execute("DROP TABLE files")
+    db.execute("DROP INDEX pairs_state_style")
+    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    summary = load_summary(out)
+    assert summary.counts == {"pending": 2, "running": 0, "done": 0, "failed": 1} and summary.total == 3
+    assert Ledger.stored_hashes(out) == {}  # no cache yet: every file is read once, as before
+    ro = Ledger(out, readonly=True)
+    assert ro.get_meta("schema_version") == 2 and "files" not in _names(ro)  # untouched by readers
+    ro.close()
+    led = Ledger(out)
+    try:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION
+        assert led.rows() == before
+        led.store_hashes({"/in/a.png": (3, 4, "h")})
+        assert Ledger.stored_hashes(out) == {"/in/a.png": (3, 4, "h")}
+        assert led.claim("w:1", LEASE, style="t.png").content == "c.png"
     finally:
         led.close()
 
@@ -444,3 +484,213 @@ def test_missing_ledger_without_create(out):
     with pytest.raises(ConfigError, match="no run ledger"):
         Ledger(out, create=False)
     assert not out.exists()
+
+
+# -- whole collections (issue 10): claims by index, sync that writes only what changed ----------------
+
+
+def _ledger_of(out: Path, n: int, styles: int = 4) -> Ledger:
+    """n pairs over `styles` styles, style-major as plans are, with some done, failed and running."""
+    led = Ledger(out)
+    per = n // styles
+    led.sync([pair(f"{i:05d}.png", f"s{k}.png") for k in range(styles) for i in range(per)], out, LEASE)
+    with led._tx() as db:  # the first half finished, a few failed, one held by a live worker
+        db.execute("UPDATE pairs SET state='done', seconds=1.0 WHERE id <= ?", (n // 2,))
+        db.execute("UPDATE pairs SET state='failed' WHERE id % 97 = 0")
+        db.execute("UPDATE pairs SET state='running', worker=?, heartbeat=? WHERE id = ?",
+                   (f"{HOST}:{os.getppid()}", time.time(), n // 2 + 1))
+    return led
+
+
+def _claim_calls(led: Ledger, n: int) -> list:
+    """What a worker asks of the ledger: claims plain, of one style, of a retry's ids, of its recipes;
+    peeks. Each is undone again, so every call sees the same ledger."""
+    first = n // 2 + 2
+    only = set(range(first, n, 7))
+    mine = {(r["content"], r["style"]): r["recipe"] for r in led.db.execute("SELECT content, style, recipe FROM pairs")}
+    return [lambda: led.claim("w:1", LEASE), lambda: led.claim("w:1", LEASE, style="s3.png"),
+            lambda: led.claim("w:1", LEASE, only=only), lambda: led.claim("w:1", LEASE, recipes=mine),
+            lambda: led.claim("w:1", LEASE, only=only, style="s2.png", recipes=mine),
+            lambda: led.peek(), lambda: led.peek(only, mine)]
+
+
+def _undo(led: Ledger, row) -> None:
+    if row is not None and row.state == "running":
+        led.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL WHERE id=?", (row.id,))
+
+
+def test_claim_and_peek_queries_search_an_index(out):
+    """A claim reads a few rows through an index (SEARCH), never the whole table (SCAN) nor sorts
+    it, whatever the ledger holds: the queries each call really ran are asked for their plan."""
+    n = 4000
+    led = _ledger_of(out, n)
+    try:
+        calls, ran = _claim_calls(led, n), []
+        led.db.set_trace_callback(ran.append)  # the SQL as executed, values bound
+        for call in calls:
+            _undo(led, call())
+        led.db.set_trace_callback(None)
+        selects = [q for q in ran if q.lstrip().upper().startswith("SELECT") and "pairs" in q]
+        assert len(selects) >= 10
+        seen_index = set()
+        for q in selects:
+            plan = [r[3] for r in led.db.execute("EXPLAIN QUERY PLAN " + q)]
+            # (A DISTINCT over the running rows, a few, may use a temporary tree; no sort of the table.)
+            assert not any(d.startswith("SCAN") or "B-TREE FOR ORDER BY" in d for d in plan), (q, plan)
+            seen_index |= {i for i in ("pairs_state ", "pairs_state_style ") if any(i in d + " " for d in plan)}
+        assert seen_index == {"pairs_state ", "pairs_state_style "}
+    finally:
+        led.close()
+
+
+def _vm_steps(led: Ledger, call, undo: bool = True) -> int:
+    """SQLite virtual-machine instructions a call runs: work done, counted, not timed. With `undo`,
+    a pair it claimed is put back."""
+    steps = [0]
+
+    def tick() -> int:
+        steps[0] += 1
+        return 0
+
+    led.db.set_progress_handler(tick, 1)
+    try:
+        row = call()
+    finally:
+        led.db.set_progress_handler(None, 1)
+    if undo:
+        _undo(led, row)
+    return steps[0]
+
+
+def test_a_claim_does_the_same_work_in_a_ledger_ten_times_bigger(tmp_path):
+    small, big = _ledger_of(tmp_path / "small", 1000), _ledger_of(tmp_path / "big", 10000)
+    try:
+        for s_call, b_call in zip(_claim_calls(small, 1000), _claim_calls(big, 10000)):
+            s_call(), b_call()  # the first call of `only` fills its table once (as a run does)
+        for s_call, b_call in zip(_claim_calls(small, 1000), _claim_calls(big, 10000)):
+            s, b = _vm_steps(small, s_call), _vm_steps(big, b_call)
+            assert b < 1.5 * s + 200, (s, b)  # linear work would be ~10 times as much
+    finally:
+        small.close()
+        big.close()
+
+
+def test_only_claims_just_the_retry_ids_in_order(ledger, out):
+    ledger.sync([pair(f"{i:04d}.png") for i in range(600)], out, LEASE)
+    only = set(range(5, 600, 9))
+    got = []
+    while (r := ledger.claim("w:1", LEASE, only=only)) is not None:
+        got.append(r.id)
+    assert got == sorted(only)
+    assert ledger.counts() == {"pending": 600 - len(only), "running": len(only), "done": 0, "failed": 0}
+    # Another set (a new retry) is another table; a stale claim inside it is taken again, one outside not.
+    ledger.db.execute("UPDATE pairs SET heartbeat=? WHERE id IN (5, 14)", (time.time() - LEASE - 1,))
+    assert ledger.claim("w:2", LEASE, only={14, 1}).id == 1
+    assert ledger.claim("w:2", LEASE, only={14, 1}).id == 14
+    assert ledger.claim("w:2", LEASE, only={14, 1}) is None
+    assert ledger.peek(only={2, 3}).id == 2 and ledger.peek(only=set()) is None
+
+
+def test_style_claims_fill_a_batch_of_that_style_only(ledger, out):
+    ledger.sync([pair(f"{i}.png", s) for s in ("s.png", "t.png") for i in range(30)], out, LEASE)
+    first = ledger.claim("w:1", LEASE)
+    assert first.style == "s.png"
+    batch = [ledger.claim("w:1", LEASE, style="t.png") for _ in range(31)]
+    assert [r.content for r in batch[:30]] == [f"{i}.png" for i in range(30)] and batch[30] is None
+    assert ledger.claim("w:1", LEASE).content == "1.png"  # the rest of s.png, in order
+
+
+def test_recipes_step_over_many_pairs_stored_under_another_recipe(ledger, out):
+    """More pairs of another recipe than one query reads (_STEP) come first: the claim pages past them."""
+    plan = [pair(f"{i:03d}.png", recipe="r2" if i < 70 else "r1") for i in range(80)]
+    ledger.sync(plan, out, LEASE)
+    mine = {(p.content, p.style): "r1" for p in plan}
+    assert ledger.peek(recipes=mine).content == "070.png"
+    got = [ledger.claim("A:1", LEASE, recipes=mine) for _ in range(11)]
+    assert [r.content for r in got[:10]] == [f"{i:03d}.png" for i in range(70, 80)] and got[10] is None
+    assert ledger.counts()["pending"] == 70
+
+
+def test_a_stale_claim_goes_before_later_pending_pairs(ledger, out):
+    ledger.sync([pair("a.png"), pair("b.png"), pair("c.png"), pair("d.png", "t.png")], out, LEASE)
+    dead = f"{HOST}:{dead_pid()}"
+    ledger.claim(f"{HOST}:{os.getppid()}", LEASE)  # a: held by a live process
+    b = ledger.claim(dead, LEASE)
+    assert [ledger.claim("w:2", LEASE).content for _ in range(2)] == ["b.png", "c.png"]
+    assert ledger.get(b.id).attempts == 2
+    # With a style, a stale claim of another style is not taken.
+    ledger.db.execute("UPDATE pairs SET worker=? WHERE id=?", (dead, b.id))
+    assert ledger.claim("w:3", LEASE, style="t.png").content == "d.png"
+    assert ledger.claim("w:3", LEASE, style="t.png") is None
+
+
+def test_sync_of_an_unchanged_plan_writes_nothing(out):
+    led = _ledger_of(out, 400)
+    try:
+        plan = [pair(f"{i:05d}.png", f"s{k}.png") for k in range(4) for i in range(100)]
+        for r in led.rows():  # every done pair has its file
+            if r.state == "done":
+                (out / r.output).parent.mkdir(parents=True, exist_ok=True)
+                (out / r.output).write_bytes(b"png")
+        before = led.db.total_changes
+        assert led.sync(plan, out, LEASE) == {"new": 0, "redo": 0, "dropped": 0}
+        assert led.db.total_changes == before
+        (out / "s0/00003.png").unlink()
+        assert led.sync(plan, out, LEASE) == {"new": 0, "redo": 1, "dropped": 0}
+        assert led.db.total_changes == before + 1
+    finally:
+        led.close()
+
+
+def test_sync_takes_the_new_paths_of_moved_input_folders(ledger, out):
+    """The same files (same recipes) under another folder: unfinished pairs must be made from where
+    the files are now, not from where they were."""
+    ledger.sync([pair("a.png"), pair("b.png")], out, LEASE)
+    moved = [SimpleNamespace(**{**vars(p), "content_path": Path("/new") / p.content}) for p in
+             (pair("a.png"), pair("b.png"))]
+    assert ledger.sync(moved, out, LEASE) == {"new": 0, "redo": 0, "dropped": 0}
+    assert {r.content_path for r in ledger.rows()} == {"/new/a.png", "/new/b.png"}
+    assert ledger.claim("w:1", LEASE).content_path == "/new/a.png"
+
+
+def test_summary_from_sql_equals_the_summary_of_all_rows(ledger, out):
+    from nst_batch.report import load_summary, summarize
+
+    ledger.sync([pair(f"{i}.png", s) for s in ("s.png", "t.png") for i in range(12)], out, LEASE)
+    t0 = 1_700_000_000.0
+    for i in range(9):
+        r = ledger.claim("w:1", LEASE)
+        if i % 4 == 3:
+            ledger.fail(r.id, "w:1", "oom" if i < 5 else "unreadable", f"{r.content} too big")
+        else:  # ties in seconds and loss: the lower id first, as a stable sort of the rows has it
+            ledger.done(r.id, "w:1", 3, 1.0, 2.0, 0.1, [3.5, 2.0, 3.5][i % 3], finished_at=t0 + 10 * i)
+            ledger.db.execute("UPDATE pairs SET started_at=?, seconds=? WHERE id=?",
+                              (t0 + 10 * i - [7.0, 3.0, 7.0][i % 3], [7.0, 3.0, 7.0][i % 3], r.id))
+    ledger.claim("w:1", LEASE)  # one running
+    ledger.close()
+    ro = Ledger(out, readonly=True)
+    try:
+        assert load_summary(out) == summarize(ro.rows())
+    finally:
+        ro.close()
+    s = load_summary(out)
+    assert s.counts == {"pending": 14, "running": 1, "done": 7, "failed": 2} and s.total == 24
+    assert [x["content"] for x in s.slowest][:2] == ["0.png", "2.png"] and len(s.failures) == 2
+
+
+def test_a_long_retry_does_not_reread_the_ids_it_took(ledger, out):
+    """Claims of a retry start past the ids already taken, yet a pair of the set that is pending again
+    (released by another worker, say) is still found once nothing else is left."""
+    ledger.sync([pair(f"{i:04d}.png") for i in range(400)], out, LEASE)
+    only = set(range(1, 401, 2))
+    first = ledger.claim("w:1", LEASE, only=only)
+    steps, taken = [], []
+    for _ in range(150):  # each made and recorded, as a worker does
+        steps.append(_vm_steps(ledger, lambda: taken.append(ledger.claim("w:1", LEASE, only=only)), undo=False))
+        ledger.done(taken[-1].id, "w:1", 3, 1, 1, 1, 3)
+    assert max(steps[-10:]) < 2 * max(steps[:10]) + 100  # not growing with the ids taken
+    ledger.db.execute("UPDATE pairs SET state='pending', worker=NULL WHERE id=?", (first.id,))
+    got = []
+    while (r := ledger.claim("w:1", LEASE, only=only)) is not None:
+        got.append(r.id)
+    assert got[-1] == first.id and len(got) == 200 - 151 + 1 and set(got) <= only

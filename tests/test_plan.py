@@ -16,7 +16,7 @@ from nst_batch.images import discover
 from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
 from nst_batch.names import Skipped, skipped_line
-from nst_batch.plan import make_plan
+from nst_batch.plan import HashCache, file_hash, make_plan, recipe_hash, recipe_hasher
 
 
 def settings(content: Path, styles: Path, out: Path, **kw) -> Settings:
@@ -303,3 +303,119 @@ def test_a_name_that_is_not_utf8_is_skipped_not_a_crash(tmp_path):
         assert ledger.get_meta("skipped")[0]["path"] == os.fsdecode(b"caf\xe9.png")
     finally:
         ledger.close()
+
+
+# -- input hashes kept between plans (issue 10) --------------------------------------------------------
+
+
+HOUR_NS = 3600 * 10**9
+
+
+class Reads:
+    """file_hash, counting which files it read."""
+
+    def __init__(self):
+        self.paths: list[str] = []
+
+    def __call__(self, path: Path) -> str:
+        self.paths.append(Path(path).name)
+        return file_hash(path)
+
+
+def _age(*paths: Path) -> None:
+    """An hour old: past the window in which a hash is used but not kept."""
+    for p in paths:
+        t = p.stat().st_mtime_ns - HOUR_NS
+        os.utime(p, ns=(t, t))
+
+
+def _recipes(plan) -> dict:
+    return {(p.content, p.style): p.recipe for p in plan}
+
+
+def test_hash_cache_reads_only_files_whose_size_or_mtime_changed(folders):
+    content, styles, out = folders
+    files = sorted(p for p in (*content.iterdir(), *styles.iterdir()))
+    _age(*files)
+    s = settings(content, styles, out)
+    reads = Reads()
+    first = HashCache({}, reads)
+    base = _recipes(make_plan(s, first))
+    assert sorted(reads.paths) == sorted(p.name for p in files)  # cold: each file read once
+    assert _recipes(make_plan(s)) == base  # the cache changes no recipe
+    known, forget = first.changes()
+    assert set(known) == {str(p.resolve()) for p in files} and forget == []
+
+    reads.paths.clear()
+    warm = HashCache(known, reads)
+    assert _recipes(make_plan(s, warm)) == base and reads.paths == []
+    assert warm.changes() == ({}, [])  # nothing to write back
+
+    # New bytes, same size, mtime put back (os.utime): not seen, as make and rsync do not see it.
+    wide = content / "wide.png"
+    st = wide.stat()
+    data = bytearray(wide.read_bytes())
+    data[-20] ^= 0xFF
+    wide.write_bytes(bytes(data))
+    os.utime(wide, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert _recipes(make_plan(s, HashCache(known, reads))) == base and reads.paths == []
+
+    # Touched (a new mtime, an hour ago still): read again, and its pairs get a new recipe.
+    t = st.st_mtime_ns + 10**9
+    os.utime(wide, ns=(t, t))
+    again = HashCache(known, reads)
+    now = _recipes(make_plan(s, again))
+    assert reads.paths == ["wide.png"]
+    assert sorted(k for k in base if now[k] != base[k]) == [("wide.png", "s1.png"), ("wide.png", "s2.jpg")]
+    put, forget = again.changes()
+    assert list(put) == [str(wide.resolve())] and put[str(wide.resolve())][1] == t and forget == []
+
+
+def test_hash_cache_keeps_no_young_or_unreadable_file_and_forgets_gone_ones(folders):
+    content, styles, out = folders
+    _age(*content.iterdir(), *styles.iterdir())
+    s = settings(content, styles, out)
+    first = HashCache()
+    make_plan(s, first)
+    known, _ = first.changes()
+    make_image(content / "new.png", 40, 30, 7)  # just written: its mtime may yet be shared by a later edit
+    (content / "tall.jpg").unlink()
+    cache = HashCache(known, lambda p: "unreadable:13" if p.name == "wide.png" else file_hash(p))
+    os.utime(content / "wide.png", ns=(1, 1))  # a changed mtime: read again, and unreadable
+    make_plan(s, cache)
+    put, forget = cache.changes()
+    assert put == {} and forget == [str((content / "tall.jpg").resolve()), str((content / "wide.png").resolve())]
+
+
+def test_hashes_go_through_the_ledger_from_one_run_to_the_next(folders):
+    """What a worker does: known hashes from OUT's ledger, plan, store what changed."""
+    content, styles, out = folders
+    _age(*content.iterdir(), *styles.iterdir())
+    s = settings(content, styles, out)
+    assert Ledger.stored_hashes(out) == {}  # no ledger yet: none, and OUT is not created
+    assert not out.exists()
+    cache = HashCache(Ledger.stored_hashes(out))
+    base = _recipes(make_plan(s, cache))
+    led = Ledger(out)
+    led.store_hashes(*cache.changes())
+    led.close()
+    reads = Reads()
+    assert _recipes(make_plan(s, HashCache(Ledger.stored_hashes(out), reads))) == base and reads.paths == []
+
+
+def test_recipe_hasher_changes_with_every_pixel_setting_and_input_and_nothing_else():
+    """The one-encoding hasher: a recipe moves with each input hash and each setting in the recipe,
+    never with a setting that leaves the pixels alone (so changing it redoes nothing)."""
+    s = Settings(content=Path("c"), styles=Path("s"), out=Path("o"))
+    base = recipe_hasher(s)("a" * 64, "b" * 64)
+    assert base == recipe_hash(s, "a" * 64, "b" * 64)
+    assert recipe_hasher(s)("a" * 63 + "c", "b" * 64) != base != recipe_hasher(s)("a" * 64, "b" * 63 + "c")
+    assert recipe_hasher(s)("b" * 64, "a" * 64) != base  # the two inputs are not interchangeable
+    for change in (dict(size=256), dict(style_weight=3.5), dict(scales=(0.25, 0.5, 1.0)), dict(seed=7),
+                   dict(format="jpg"), dict(precision="bf16"), dict(steps=299)):
+        assert recipe_hasher(s.replace(**change))("a" * 64, "b" * 64) != base, change
+    for change in (dict(log_every=1), dict(lease_s=5.0), dict(device="cuda"), dict(quality=80),
+                   dict(out=Path("elsewhere")), dict(max_megapixels=3.0)):
+        assert recipe_hasher(s.replace(**change))("a" * 64, "b" * 64) == base, change
+    jpg = s.replace(format="jpg")
+    assert recipe_hasher(jpg.replace(quality=80))("a", "b") != recipe_hasher(jpg)("a", "b")  # JPEG only
