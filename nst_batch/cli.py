@@ -46,7 +46,7 @@ def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: li
 
 
 def _finish(result, out: Path, quiet: bool) -> None:
-    from .report import load_summary, print_status
+    from .status import load_summary, print_status
 
     summary = load_summary(out)
     _write_report(out, quiet)
@@ -145,7 +145,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Counts per state, throughput, ETA and failures. Safe while a run is going."""
-    from .report import load_summary, print_status
+    from .status import load_summary, print_status
 
     try:
         summary = load_summary(out)
@@ -162,7 +162,7 @@ def report(
     out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
 ) -> None:
     """Write report.html, summary.csv and contact_sheet.jpg into OUT and print a summary."""
-    from .report import load_summary, print_report
+    from .status import load_summary, print_report
 
     try:
         summary = load_summary(out)

@@ -26,8 +26,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import PairError
-from .files import write_atomic
-from .ledger import FILENAME as LEDGER_FILENAME
+from .files import LEDGER as LEDGER_FILENAME, write_atomic
 from .names import Skipped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
+from .files import LEDGER
 
 SCHEMA_VERSION = 3  # 2: the workers table; 3: the files table and the (state, style) index
-FILENAME = "ledger.sqlite"
+FILENAME = LEDGER
 STATES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """

@@ -30,11 +30,9 @@ from .names import skipped_line
 from .optimize import LogRow, OptimConfig, Result, progress_error, stylize
 from .plan import HashCache, file_hash, make_plan, recipe_settings
 from .progress import Display
-from .report import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
+from .files import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
+from .losslog import LOSS_LOG, LossLog
 
-LOSS_LOG = "losses.csv"
-LOSS_COLUMNS = ("content", "style", "step", "content_loss", "style_loss", "tv_loss", "total_loss", "elapsed_s",
-                "attempt", "px")
 
 
 def pick_device(name: str) -> torch.device:
@@ -170,43 +168,6 @@ class Engine:
             return self.style_targets(style_path, style_hash, max(16, round(style_full * max(h, w) / full_long)))
 
         return stylize(self.net, self.objective, content, style_for, self.optim, on_log)
-
-
-class LossLog:
-    """OUT/losses.csv, appended a whole line per write() on an O_APPEND file: rows from several
-    workers never interleave mid-line, and a killed run keeps every row it wrote."""
-
-    HEADER = (",".join(LOSS_COLUMNS) + "\n").encode()
-
-    def __init__(self, out: Path):
-        self.path = out / LOSS_LOG
-        # No temporary file and no link (FAT and exFAT have no hard links). The header is the only thing
-        # ever written in the file's first len(HEADER) bytes, and no row is appended before they are
-        # there: whoever finds the file shorter than that (the worker that created it, one that opened
-        # it a moment after, or a run after a creator killed in between) writes the same header at
-        # offset 0 itself first. Several doing so at once write the same bytes to the same place.
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:  # another worker, or an earlier run, got there first
-            fd = os.open(self.path, os.O_WRONLY)
-        try:
-            if os.fstat(fd).st_size < len(self.HEADER):
-                os.write(fd, self.HEADER)  # at offset 0: this descriptor is ours alone and not O_APPEND
-        finally:
-            os.close(fd)
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-
-    def write(self, row: Row, attempt: int, logs: list[LogRow]) -> None:
-        def q(s: str) -> str:
-            return '"' + s.replace('"', '""') + '"' if any(ch in s for ch in ',"\n') else s
-
-        lines = "".join(
-            f"{q(row.content)},{q(row.style)},{r.step},{r.content:.6g},{r.style:.6g},{r.tv:.6g},{r.total:.6g},"
-            f"{r.elapsed_s:.3f},{attempt},{r.px}\n" for r in logs)
-        os.write(self.fd, lines.encode())
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 class Interrupted(BaseException):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import torch
 from rich.console import Console
 
-from nst_batch import images, runner
+from nst_batch import images, losslog, runner
 from nst_batch.optimize import LogRow
 from nst_batch.progress import Display
 
@@ -70,7 +70,7 @@ def _fat_like(monkeypatch) -> None:
 
 
 def _log_lines(out: Path) -> list[str]:
-    return (out / runner.LOSS_LOG).read_text().splitlines()
+    return (out / losslog.LOSS_LOG).read_text().splitlines()
 
 
 def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
@@ -78,7 +78,7 @@ def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
     result = runner.run(fast_settings.replace(steps=1), Display(Console(quiet=True)))
     assert result.made == 6 and result.failed == 0
     lines = _log_lines(fast_settings.out)
-    assert lines[0] == ",".join(runner.LOSS_COLUMNS) and len(lines) > 6
+    assert lines[0] == ",".join(losslog.LOSS_COLUMNS) and len(lines) > 6
     assert not list(fast_settings.out.rglob("*.tmp"))
 
 
@@ -86,13 +86,13 @@ def test_loss_log_header_comes_first_whoever_opens_it_first(tmp_path, monkeypatc
     """A worker that finds losses.csv created but still empty (its creator not yet at the header, or
     killed right there) writes the header itself before any row; the creator's header changes nothing."""
     _fat_like(monkeypatch)
-    header = ",".join(runner.LOSS_COLUMNS)
+    header = ",".join(losslog.LOSS_COLUMNS)
     row = SimpleNamespace(content="c.png", style="s.png")
     step = LogRow(step=1, content=1.0, style=2.0, tv=0.5, total=3.5, elapsed_s=0.1, px=32)
-    (tmp_path / runner.LOSS_LOG).write_bytes(b"")  # created, header not written yet
-    second = runner.LossLog(tmp_path)
+    (tmp_path / losslog.LOSS_LOG).write_bytes(b"")  # created, header not written yet
+    second = losslog.LossLog(tmp_path)
     second.write(row, 1, [step])
-    first = runner.LossLog(tmp_path)  # the creator gets to its header only now
+    first = losslog.LossLog(tmp_path)  # the creator gets to its header only now
     first.write(row, 2, [step])
     second.write(row, 1, [step])
     for log in (first, second):
