@@ -75,7 +75,7 @@ def _log_lines(out: Path) -> list[str]:
 
 def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
     _fat_like(monkeypatch)
-    result = runner.run(fast_settings.replace(steps=1), Display(Console(quiet=True)))
+    result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6 and result.failed == 0
     lines = _log_lines(fast_settings.out)
     assert lines[0] == ",".join(losslog.LOSS_COLUMNS) and len(lines) > 6
