@@ -69,7 +69,8 @@ def _write_report(out: Path, quiet: bool) -> None:
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
     from .progress import make_display
-    from .runner import Interrupted, run
+    from .lifecycle import Interrupted
+    from .runner import run
 
     display = make_display(console, quiet)
     try:

@@ -12,12 +12,9 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Protocol
+from typing import Iterable, Protocol
 
 from .ledger import Row
-
-if TYPE_CHECKING:  # the reader (report, status) must not load torch
-    from .optimize import LogRow
 
 LOSS_LOG = "losses.csv"
 LOSS_COLUMNS = ("content", "style", "step", "content_loss", "style_loss", "tv_loss", "total_loss", "elapsed_s",
@@ -27,6 +24,17 @@ LOSS_COLUMNS = ("content", "style", "step", "content_loss", "style_loss", "tv_lo
 class Named(Protocol):
     content: str
     style: str
+
+
+class LogRow(Protocol):
+    """What a row is made of (optimize.LogRow; not imported: the reader must not load torch)."""
+    step: int
+    px: int
+    content: float
+    style: float
+    tv: float
+    total: float
+    elapsed_s: float
 
 
 class LossLog:
