@@ -7,7 +7,7 @@ For each of the first N contents x M styles of ../shared/images (or --images DIR
 content/ and styles/), at one size (long side, aspect kept), it runs:
 - `loop`: the tutorial loop, re-implemented faithfully in benchmarks/tutorial_loop.py
   (per pair: deep copy of VGG, model rebuilt with loss modules, L-BFGS 16 x 20 = 320 evaluations);
-- each `--config`: nst-batch (optimize.stylize with the Engine's net, objective and OptimConfig,
+- each `--config`: nst-batch (pyramid.stylize with the Engine's net, objective and OptimConfig,
   built from Settings exactly as the CLI would), by default on the `tutorial` layer preset;
 - `default`: nst-batch with its own defaults (gatys preset), unless --no-default-row.
 Within a pair the order alternates (loop first, then loop last) so both see similar load.
