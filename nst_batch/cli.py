@@ -109,11 +109,8 @@ def run(
 def _stored_settings(out: Path) -> manifest.Settings:
     from .ledger import Ledger
 
-    ledger = Ledger(out, readonly=True)
-    try:
+    with Ledger(out, readonly=True) as ledger:
         stored = ledger.get_meta("settings")
-    finally:
-        ledger.close()
     if not stored:
         raise manifest.ConfigError(f"{out}: the ledger holds no settings; run 'nst-batch run' first")
     return manifest.apply(manifest.Settings(), stored, f"{out}/ledger.sqlite")

@@ -52,16 +52,13 @@ class Heartbeat:
             return set(self.held)
 
     def _beat(self, out, worker, every):
-        ledger = Ledger(out)
-        try:
+        with Ledger(out) as ledger:
             while not self._stop.wait(every):
                 with self._lock:
                     ids = list(self.held)
                 ledger.worker_heartbeat(worker)  # holds the folder to this worker's settings
                 for pair_id in ids:
                     ledger.heartbeat(pair_id, worker)
-        finally:
-            ledger.close()
 
     def stop(self):
         self._stop.set()

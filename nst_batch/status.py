@@ -137,8 +137,5 @@ def print_report(console: Console, out: Path, summary: Summary) -> None:
 
 
 def load_summary(out: Path) -> Summary:
-    ledger = Ledger(out, readonly=True)
-    try:
+    with Ledger(out, readonly=True) as ledger:
         return summarize_ledger(ledger)
-    finally:
-        ledger.close()
