@@ -25,14 +25,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from nst_batch import images, losses
 from nst_batch.manifest import Settings
 from nst_batch.plan import file_hash
-from nst_batch.runner import Engine
+from nst_batch.engine import Engine, Job, to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,12 +83,15 @@ def main() -> None:
                                     size=size, steps=a.steps, layers=a.layers, device="cpu", **extra)
                 engine = Engine(settings)
                 t0 = time.perf_counter()
-                res = engine.make([SimpleNamespace(style_path=str(s))], [im], size)
+                (res,) = engine.make([Job(c.name, s.name, c, s, image=im)])
                 secs = time.perf_counter() - t0
-                photo = images.to_tensor(im, size)
+                photo = to_tensor(im, size)
                 h = file_hash(s)
                 start = evaluate(engine, photo, photo, s, h, size)
-                final = evaluate(engine, res.images, photo, s, h, size)
+                if res.image is None:  # failed before optimising (unreadable style, out of memory)
+                    print(f"{c.name} x {s.name} at {size} px: {res.error}")
+                    continue
+                final = evaluate(engine, res.image, photo, s, h, size)
                 row = dict(folder=folder.name, content=c.name, style=s.name, px=size, seconds=round(secs, 2),
                            steps=res.steps, start=start, final=final, ratio=final / start)
                 rows.append(row)

@@ -170,11 +170,11 @@ def _link_outputs(out: Path, outputs: list[str], rng) -> None:
 
 
 def phase_status(root: Path) -> dict:
-    from nst_batch import report
+    from nst_batch import status
 
     out = _settings(root).out
     t0 = time.perf_counter()
-    summary = report.load_summary(out)
+    summary = status.load_summary(out)
     return {"status_s": time.perf_counter() - t0, "pairs": summary.total}
 
 
@@ -182,7 +182,7 @@ def _finish_all(out: Path) -> None:
     """Every pair done, with an output file (hard links: 200,000 real files, one inode per style, as
     file systems cap the links of one inode) and loss rows."""
     from nst_batch.ledger import Ledger
-    from nst_batch.runner import LOSS_COLUMNS, LOSS_LOG
+    from nst_batch.losslog import LOSS_COLUMNS, LOSS_LOG
 
     rng = np.random.default_rng(1)
     ledger = Ledger(out)

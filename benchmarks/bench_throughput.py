@@ -7,7 +7,7 @@ For each of the first N contents x M styles of ../shared/images (or --images DIR
 content/ and styles/), at one size (long side, aspect kept), it runs:
 - `loop`: the tutorial loop, re-implemented faithfully in benchmarks/tutorial_loop.py
   (per pair: deep copy of VGG, model rebuilt with loss modules, L-BFGS 16 x 20 = 320 evaluations);
-- each `--config`: nst-batch (optimize.stylize with the Engine's net, objective and OptimConfig,
+- each `--config`: nst-batch (pyramid.stylize with the Engine's net, objective and OptimConfig,
   built from Settings exactly as the CLI would), by default on the `tutorial` layer preset;
 - `default`: nst-batch with its own defaults (gatys preset), unless --no-default-row.
 Within a pair the order alternates (loop first, then loop last) so both see similar load.
@@ -57,8 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tutorial_loop, next to this file
 
 from nst_batch import images, losses, manifest  # noqa: E402
-from nst_batch.optimize import LogRow, Result, scale_shapes, stylize  # noqa: E402
-from nst_batch.runner import Engine, pick_device  # noqa: E402
+from nst_batch.engine import Engine, pick_device, resolve, to_tensor  # noqa: E402
+from nst_batch.optimize import LogRow, OptimConfig, Result  # noqa: E402
+from nst_batch.pyramid import scale_shapes, stylize  # noqa: E402
 from nst_batch.vgg import VGGFeatures, flops_per_step, load_vgg19  # noqa: E402
 from tutorial_loop import Normalization, caffe_vgg19_features, run_style_transfer  # noqa: E402
 
@@ -111,7 +112,7 @@ def load_pairs(root: Path, n_content: int, n_style: int, size: int, device: torc
         for c in contents:
             # .contiguous(): to_tensor returns a permuted (channels-last-strided) view; the tutorial's
             # ToTensor gives a contiguous tensor, and L-BFGS needs one.
-            t = images.to_tensor(images.load_rgb(c), size).contiguous().to(device)
+            t = to_tensor(images.load_rgb(c), size).contiguous().to(device)
             out.append(Pair(c, s, t, style_im))
     return out
 
@@ -221,6 +222,7 @@ class NstConfig:
     name: str
     settings: manifest.Settings
     engine: Engine = field(repr=False)
+    optim: OptimConfig  # the engine's, or a variant a measurement asks for (fewer steps): a value, not a patch
     cudnn_benchmark: bool = True  # what Engine sets on CUDA; a config may turn it off to measure it
 
 
@@ -237,12 +239,11 @@ def make_config(spec: str, device: torch.device, base_layers: Any = "tutorial") 
     changes.setdefault("layers", base_layers)
     s = manifest.apply(manifest.Settings(), changes, f"--config {name}")
     s = s.replace(device=str(device), log_every=1)  # log every step: the reach time needs the trajectory
-    engine = Engine(s, device)
-    if "channels_last" in extra and extra["channels_last"] != engine.optim.channels_last:
-        fmt = torch.channels_last if extra["channels_last"] else torch.contiguous_format
-        engine.optim = dataclasses.replace(engine.optim, channels_last=extra["channels_last"])
-        engine.net = engine.net.to(memory_format=fmt)
-    return NstConfig(name, s, engine, cudnn_benchmark=extra.get("cudnn_benchmark", True))
+    config = resolve(s, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if "channels_last" in extra:  # the engine lays its net out as its config says
+        config = dataclasses.replace(config, optim=dataclasses.replace(config.optim, channels_last=extra["channels_last"]))
+    engine = Engine(s, device, config)
+    return NstConfig(name, s, engine, engine.optim, cudnn_benchmark=extra.get("cudnn_benchmark", True))
 
 
 def run_nst(cfg: NstConfig, pair: Pair, ev: TutorialEvaluator, device: torch.device,
@@ -255,18 +256,18 @@ def run_nst(cfg: NstConfig, pair: Pair, ev: TutorialEvaluator, device: torch.dev
     with PeakMemory(device) as mem:
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
-        res = stylize(engine.net, obj, content, lambda h, w: _targets(engine, pair, h, w, device), engine.optim,
+        res = stylize(engine.net, obj, content, lambda h, w: _targets(engine, pair, h, w, device), cfg.optim,
                       on_log=lambda r: rows.append(r[0]))
         _sync(device)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     loss = ev(res.images[:1])
     H, W = content.shape[-2:]
-    shapes = {max(h, w): (h, w) for h, w in scale_shapes(H, W, engine.optim.scales)}
+    shapes = {max(h, w): (h, w) for h, w in scale_shapes(H, W, cfg.optim.scales)}
     flops = sum(flops_per_step(*shapes[r.px], obj.last_layer) for r in rows) * content.shape[0]
     run = Run(cfg.name, pair.name, secs, cpu, loss, res.steps, flops, mem.rss_mb, mem.rss_delta_mb, mem.cuda_mb)
     if obj == TUTORIAL:
         run.log_vs_eval = res.final[0].total / loss - 1
-        if engine.optim.autocast_dtype is not None:
+        if cfg.optim.autocast_dtype is not None:
             run.note = "reach from bf16-forward losses"
     else:
         run.note = f"optimises the {engine.settings.layers} objective; loss is the tutorial evaluator's"
@@ -397,8 +398,8 @@ def profile_pair(cfg: NstConfig, pair: Pair, eval_net: VGGFeatures, device: torc
     """torch.profiler over one nst-batch run of `steps` steps, plus the per-step floor at a tiny size."""
     from torch.profiler import ProfilerActivity, profile
 
-    short = NstConfig(cfg.name, cfg.settings, cfg.engine)
-    short.engine.optim = dataclasses.replace(cfg.engine.optim, steps=steps, stop_window=0)
+    short = NstConfig(cfg.name, cfg.settings, cfg.engine, dataclasses.replace(cfg.optim, steps=steps, stop_window=0),
+                      cfg.cudnn_benchmark)
     ev = TutorialEvaluator(eval_net, pair)
     run_nst(short, pair, ev, device)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -413,11 +414,9 @@ def profile_pair(cfg: NstConfig, pair: Pair, eval_net: VGGFeatures, device: torc
         except (KeyError, AttributeError, ValueError):
             continue
     # The floor: the same run on a 32 px image, where the convolutions cost next to nothing.
-    tiny = images.to_tensor(images.load_rgb(pair.content_path), 32).contiguous().to(device)
+    tiny = to_tensor(images.load_rgb(pair.content_path), 32).contiguous().to(device)
     tiny_pair = dataclasses.replace(pair, content=tiny)
     tiny_run, _, _ = run_nst(short, tiny_pair, TutorialEvaluator(eval_net, tiny_pair), device)
-    cfg.engine.optim = dataclasses.replace(cfg.engine.optim, steps=cfg.settings.steps,
-                                           stop_window=cfg.settings.stop_window)
     ms = run.seconds / run.steps * 1000
     floor = tiny_run.seconds / tiny_run.steps * 1000
     print(f"\nProfile: {cfg.name}, {pair.name}, {steps} steps at {pair.hw[1]}x{pair.hw[0]}: {ms:.1f} ms/step; "
@@ -430,16 +429,16 @@ def memory_sweep(cfgs: list[NstConfig], pair: Pair, device: torch.device, sizes:
     print(f"\nPeak memory, {steps} steps, {pair.content_path.stem} (style resized to the same H x W):")
     out = []
     for cfg in cfgs:
-        cfg.engine.optim = dataclasses.replace(cfg.engine.optim, steps=steps, stop_window=0)
+        optim = dataclasses.replace(cfg.optim, steps=steps, stop_window=0)
         for size in sizes:
-            content = images.to_tensor(images.load_rgb(pair.content_path), size).contiguous().to(device)
+            content = to_tensor(images.load_rgb(pair.content_path), size).contiguous().to(device)
             p = dataclasses.replace(pair, content=content)
             row: dict[str, Any] = {"method": cfg.name, "size": size, "hw": list(p.hw)}
             try:
                 with PeakMemory(device) as mem:
                     t0 = time.perf_counter()
                     stylize(cfg.engine.net, cfg.engine.objective, content,
-                            lambda h, w, p=p: _targets(cfg.engine, p, h, w, device), cfg.engine.optim)
+                            lambda h, w, p=p: _targets(cfg.engine, p, h, w, device), optim)
                     _sync(device)
                 row.update(rss_mb=mem.rss_mb, rss_delta_mb=mem.rss_delta_mb, cuda_mb=mem.cuda_mb, s_per_step=(time.perf_counter() - t0) / steps)
             except torch.cuda.OutOfMemoryError:
@@ -449,8 +448,6 @@ def memory_sweep(cfgs: list[NstConfig], pair: Pair, device: torch.device, sizes:
                   f"RSS {row['rss_mb']:.0f} MiB (+{row['rss_delta_mb']:.0f} in the run)" + (f", CUDA {row['cuda_mb']:.0f} MiB" if row["cuda_mb"] else "")
                   + f", {row['s_per_step'] * 1000:.1f} ms/step"), flush=True)
             out.append(row)
-        cfg.engine.optim = dataclasses.replace(cfg.engine.optim, steps=cfg.settings.steps,
-                                               stop_window=cfg.settings.stop_window)
     return out
 
 
@@ -542,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_default_row:
         configs.append(make_config("default:", device, base_layers=manifest.Settings().layers))
     for c in configs:
-        o = c.engine.optim
+        o = c.optim
         print(f"config {c.name}: layers={c.settings.layers} steps={o.steps} scales={list(o.scales)} "
               f"optimizer={o.optimizer} stop_window={o.stop_window} stop_tolerance={o.stop_tolerance} "
               f"autocast={o.autocast_dtype} channels_last={o.channels_last} compile={c.settings.compile}")
@@ -552,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     run_style_transfer(cnn, norm, warm.content, warm.style_at(*warm.hw), num_steps=2)
     for c in configs:
         stylize(c.engine.net, c.engine.objective, warm.content, lambda h, w, c=c: _targets(c.engine, warm, h, w, device),
-                dataclasses.replace(c.engine.optim, steps=2, log_every=1))
+                dataclasses.replace(c.optim, steps=2, log_every=1))
 
     runs: list[Run] = []
     for i, pair in enumerate(pairs):
@@ -576,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Convolutions run in TF32 by default on CUDA (cudnn.allow_tf32), so fp32 runs are judged against that peak.
     kinds = {"loop": "tf32", "loop-frozen": "tf32"} | {
-        c.name: ("bf16" if c.engine.optim.autocast_dtype is not None else "tf32") for c in configs}
+        c.name: ("bf16" if c.optim.autocast_dtype is not None else "tf32") for c in configs}
     summary = summarize(runs, [p.name for p in pairs], args.target, kinds, peak_tflops(device))
     result: dict[str, Any] = {"machine": info, "configs": {c.name: c.settings.to_dict() for c in configs},
                               "runs": [dataclasses.asdict(r) for r in runs], "summary": summary,

@@ -1,4 +1,5 @@
-"""nst-batch: batch neural style transfer. Data flows manifest -> plan -> ledger -> runner -> report."""
+"""nst-batch: batch neural style transfer. Data flows manifest -> plan -> ledger -> engine -> runner
+(outputs and loss log) -> status/report; cli on top. README "How it works" maps the modules."""
 
 import os
 

@@ -46,7 +46,7 @@ def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: li
 
 
 def _finish(result, out: Path, quiet: bool) -> None:
-    from .report import load_summary, print_status
+    from .status import load_summary, print_status
 
     summary = load_summary(out)
     _write_report(out, quiet)
@@ -69,7 +69,8 @@ def _write_report(out: Path, quiet: bool) -> None:
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
     from .progress import make_display
-    from .runner import Interrupted, run
+    from .lifecycle import Interrupted
+    from .runner import run
 
     display = make_display(console, quiet)
     try:
@@ -108,11 +109,8 @@ def run(
 def _stored_settings(out: Path) -> manifest.Settings:
     from .ledger import Ledger
 
-    ledger = Ledger(out, readonly=True)
-    try:
+    with Ledger(out, readonly=True) as ledger:
         stored = ledger.get_meta("settings")
-    finally:
-        ledger.close()
     if not stored:
         raise manifest.ConfigError(f"{out}: the ledger holds no settings; run 'nst-batch run' first")
     return manifest.apply(manifest.Settings(), stored, f"{out}/ledger.sqlite")
@@ -145,7 +143,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Counts per state, throughput, ETA and failures. Safe while a run is going."""
-    from .report import load_summary, print_status
+    from .status import load_summary, print_status
 
     try:
         summary = load_summary(out)
@@ -162,7 +160,7 @@ def report(
     out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
 ) -> None:
     """Write report.html, summary.csv and contact_sheet.jpg into OUT and print a summary."""
-    from .report import load_summary, print_report
+    from .status import load_summary, print_report
 
     try:
         summary = load_summary(out)

@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash or a full disk never leaves a truncated file under the real name."""
+"""Atomic file writes (a crash or a full disk never leaves a truncated file under the real name), and
+the names of the files nst-batch keeps in OUT besides the images and the loss log (`losslog.LOSS_LOG`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import os
 from pathlib import Path
 from typing import BinaryIO, Callable
 
+LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
+REPORT_HTML = "report.html"
+SUMMARY_CSV = "summary.csv"
+CONTACT_SHEET = "contact_sheet.jpg"
+THUMBS = "thumbs"
+
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Call `write(f)` on a hidden temporary file beside `path`, fsync it, then rename it into place.
 
-    The temporary name `.NAME.PID.tmp` tells `runner.remove_stale_temporaries` whose it is.
+    The temporary name `.NAME.PID.tmp` tells `lifecycle.remove_stale_temporaries` whose it is.
     durable=False skips the fsync, for caches (thumbnails) where thousands of fsyncs would dominate.
     """
     path.parent.mkdir(parents=True, exist_ok=True)

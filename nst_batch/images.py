@@ -22,12 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import PairError
-from .files import write_atomic
-from .ledger import FILENAME as LEDGER_FILENAME
+from .files import LEDGER as LEDGER_FILENAME, write_atomic
 from .names import Skipped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -233,26 +231,14 @@ def load_rgb(path: Path, max_megapixels: float = 100.0) -> Image.Image:
     return rgb
 
 
-def to_tensor(im: Image.Image, long_side: int) -> torch.Tensor:
-    """RGB image -> float tensor (1, 3, H, W) in [0, 1] with the long side resized to `long_side`."""
-    w, h = fit_long_side(*im.size, long_side)
-    if min(w, h) < MIN_SIDE:
-        raise PairError("too_small", f"{w}x{h} at {long_side} px: the short side would be under {MIN_SIDE} px; "
-                        "raise 'size'")
-    if (w, h) != im.size:
-        im = im.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    return a.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-
-
-def to_pil(t: torch.Tensor) -> Image.Image:
-    a = t.detach().squeeze(0).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a, "RGB")
+def encode_to(im: Image.Image, f, fmt: str, quality: int = 95) -> None:
+    """Write `im` to the open binary file `f` as PNG or JPEG (fmt 'png' or 'jpg')."""
+    if fmt == "jpg":
+        im.save(f, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    else:
+        im.save(f, "PNG")
 
 
 def save_atomic(im: Image.Image, path: Path, fmt: str, quality: int = 95) -> None:
     """Encode `im` as PNG or JPEG and write it atomically (see files.write_atomic)."""
-    if fmt == "jpg":
-        write_atomic(path, lambda f: im.save(f, "JPEG", quality=quality, subsampling=0 if quality >= 90 else 2))
-    else:
-        write_atomic(path, lambda f: im.save(f, "PNG"))
+    write_atomic(path, lambda f: encode_to(im, f, fmt, quality))

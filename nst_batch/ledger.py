@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
+from .files import LEDGER
 
 SCHEMA_VERSION = 3  # 2: the workers table; 3: the files table and the (state, style) index
-FILENAME = "ledger.sqlite"
+FILENAME = LEDGER
 STATES = ("pending", "running", "done", "failed")
 
 _SCHEMA = """
@@ -83,10 +84,6 @@ CREATE TABLE IF NOT EXISTS files (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style);
 """
-
-COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
-           "error_kind", "error_message", "note", "worker", "heartbeat", "started_at", "finished_at", "seconds",
-           "steps", "content_loss", "style_loss", "tv_loss", "total_loss")
 
 
 @dataclass(frozen=True)
@@ -245,6 +242,12 @@ class Ledger:
     def close(self) -> None:
         self.db.close()
 
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def _tx(self):
         return _Tx(self.db)
 
@@ -371,14 +374,6 @@ class Ledger:
             self.db.executemany("DELETE FROM pairs WHERE id=?", drops)
         counts["new"], counts["dropped"] = len(inserts), len(drops)
         return counts
-
-    def failed_ids(self, kinds: Iterable[str] | None = None) -> list[int]:
-        kinds = set(kinds or ())
-        return [r["id"] for r in self.db.execute("SELECT id, error_kind FROM pairs WHERE state='failed'")
-                if not kinds or r["error_kind"] in kinds]
-
-    def pending_ids(self) -> set[int]:
-        return {r[0] for r in self.db.execute("SELECT id FROM pairs WHERE state='pending'")}
 
     def requeue_failed(self, kinds: Iterable[str] | None = None, plan: Iterable | None = None) -> list[int]:
         """Failed pairs (optionally of some error kinds) back to pending; returns their ids.

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .images import MIN_SIDE
 
 LAYER_PRESETS = ("gatys", "tutorial")
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
@@ -139,9 +140,9 @@ def _check(key: str, v: Any, source: str) -> Any:
             raise _fail(key, f"must be a folder path, got {v!r}", source)
         return Path(v).expanduser()  # 'content: ~/Pictures' in a manifest: no shell expands it there
     if key == "size":
-        return _int(key, v, source, lo=16, hi=16384)
+        return _int(key, v, source, lo=MIN_SIDE, hi=16384)
     if key == "style_size":
-        return None if v is None else _int(key, v, source, lo=16, hi=16384)
+        return None if v is None else _int(key, v, source, lo=MIN_SIDE, hi=16384)
     if key in ("steps",):
         return _int(key, v, source, lo=1)
     if key == "optimizer":

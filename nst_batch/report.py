@@ -1,7 +1,6 @@
-"""What a run made and what went wrong, read from the ledger while workers may still be going.
+"""What a run made and what went wrong, as files, read from the ledger while workers may still be going.
 
-`summarize` / `print_status` / `print_report` are the terminal view. `write_report` writes the
-files a person opens later, all inside OUT and linked by relative paths only, so they keep
+(The terminal view is `status`.) `write_report` writes the files a person opens later, all inside OUT and linked by relative paths only, so they keep
 working once OUT is zipped and moved:
 
 - report.html: one page, no network, no script: settings, the contents × styles grid of
@@ -28,26 +27,19 @@ import shlex
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-from rich.text import Text
 
-from .files import write_atomic, write_text_atomic
-from .ledger import STATES, Ledger, Row
+from .files import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS, write_atomic, write_text_atomic
+from .ledger import Ledger, Row
+from .losslog import LOSS_LOG, Point, read_curves
 from .manifest import Settings
 from .names import Skipped, printable, skipped_from, skipped_line
-
-REPORT_HTML = "report.html"
-SUMMARY_CSV = "summary.csv"
-CONTACT_SHEET = "contact_sheet.jpg"
-THUMBS = "thumbs"
+from .status import Summary, _dur, retry_commands, summarize
 SUMMARY_COLUMNS = ("content", "style", "state", "attempts", "content_loss", "style_loss", "tv_loss", "total_loss",
                    "seconds", "output", "error_kind", "error_message")
 
@@ -56,124 +48,8 @@ MAX_MEGAPIXELS = Settings.max_megapixels  # the manifest's default, for a ledger
 SHEET_CELL_PX = 180
 SHEET_MIN_CELL_PX = 64
 SHEET_MAX_SIDE = 8000
-TOP_N = 5
 CURVE_MAX_POINTS = 60  # per series: keeps a 5000-pair page small whatever log_every was
 OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start closed, so the page opens fast
-
-
-# -- terminal -------------------------------------------------------------------------------------
-
-@dataclass
-class Summary:
-    counts: dict[str, int]
-    total: int
-    seconds_total: float  # compute seconds spent on done pairs
-    seconds_mean: float | None
-    pairs_per_hour: float | None  # wall-clock rate over the span of finished pairs, all workers together
-    eta_s: float | None
-    failures: list[dict] = field(default_factory=list)
-    slowest: list[dict] = field(default_factory=list)  # top done pairs by seconds
-    highest_loss: list[dict] = field(default_factory=list)  # top done pairs by final total loss
-    skipped: list[Skipped] = field(default_factory=list)  # input-folder entries the plan left out
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _top(rows: Iterable[Row], key: str) -> list[dict]:
-    ranked = sorted((r for r in rows if r.state == "done" and getattr(r, key) is not None),
-                    key=lambda r: getattr(r, key), reverse=True)  # stable: ties stay in id order
-    return [{"content": r.content, "style": r.style, key: getattr(r, key)} for r in ranked[:TOP_N]]
-
-
-def summarize(rows: list[Row], skipped: list[Skipped] | None = None) -> Summary:
-    counts = dict.fromkeys(STATES, 0)
-    for r in rows:
-        counts[r.state] += 1
-    done = [r for r in rows if r.state == "done" and r.seconds is not None]
-    span = (min(r.started_at for r in done), max(r.finished_at for r in done)) if done else (None, None)
-    return _summary(counts, [r.seconds for r in done], *span, [r for r in rows if r.state == "failed"],
-                    _top(rows, "seconds"), _top(rows, "total_loss"), skipped or [])
-
-
-def summarize_ledger(ledger: Ledger) -> Summary:
-    """summarize(ledger.rows()) without loading the rows: counts, sums and the top few by SQL, so
-    `status` takes well under a second at 200,000 pairs."""
-    secs, first, last = ledger.done_seconds()
-    return _summary(ledger.counts(), secs, first, last, ledger.failed_rows(),
-                    _top(ledger.top_done("seconds", TOP_N), "seconds"),
-                    _top(ledger.top_done("total_loss", TOP_N), "total_loss"),
-                    skipped_from(ledger.get_meta("skipped")))
-
-
-def _summary(counts: dict[str, int], done_seconds: list[float], first_start: float | None,
-             last_finish: float | None, failed: list[Row], slowest: list[dict], highest: list[dict],
-             skipped: list[Skipped]) -> Summary:
-    """done_seconds: of each done pair, in id order; first_start, last_finish: over those pairs."""
-    secs = sum(done_seconds)
-    n = len(done_seconds)
-    rate = None
-    if n:
-        span = last_finish - first_start
-        rate = n / span * 3600 if span > 0 else None
-    left = counts["pending"] + counts["running"]
-    eta = left / rate * 3600 if rate and left else (0.0 if not left else None)
-    failures = [{"content": r.content, "style": r.style, "kind": r.error_kind, "message": r.error_message,
-                 "attempts": r.attempts} for r in failed]
-    return Summary(counts, sum(counts.values()), secs, secs / n if n else None, rate, eta, failures,
-                   slowest, highest, list(skipped))
-
-
-def retry_commands(out: Path, failures: list[dict]) -> list[str]:
-    """`nst-batch retry OUT`, then one `--kind K` line per error kind when there are several kinds."""
-    base = f"nst-batch retry {shlex.quote(str(out))}"
-    kinds = sorted({f["kind"] for f in failures if f["kind"]})
-    return [base] + ([f"{base} --kind {shlex.quote(k)}" for k in kinds] if len(kinds) > 1 else [])
-
-
-def _dur(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(round(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def print_status(console: Console, out: Path, summary: Summary) -> None:
-    # Paths, names and messages are user data: never rich markup ('[draft]' would vanish, 'x[/b]' raise),
-    # and never raw control characters (a name holding ESC [ 2 J would clear the terminal): printable().
-    c = summary.counts
-    console.print(f"[bold]{escape(printable(out))}[/bold]: {summary.total} pairs — [green]{c['done']} done[/green], "
-                  f"{c['pending']} pending, {c['running']} running, "
-                  f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
-    rate = f"{summary.pairs_per_hour:.1f} pairs/hour" if summary.pairs_per_hour else "rate unknown yet"
-    mean = f"{summary.seconds_mean:.1f} s/pair" if summary.seconds_mean else "-"
-    console.print(f"{rate}, {mean} on average, {_dur(summary.seconds_total)} of compute in total, "
-                  f"ETA {_dur(summary.eta_s)}")
-    if summary.failures:
-        t = Table(title="Failed pairs", show_lines=False)
-        for col in ("style", "content", "kind", "reason"):
-            t.add_column(col, overflow="fold")
-        for f in summary.failures:
-            t.add_row(*(Text(printable(v or "")) for v in (f["style"], f["content"], f["kind"], f["message"])))
-        console.print(t)
-        console.print("re-run them with: " + "\n  or: ".join(map(printable, retry_commands(out, summary.failures))),
-                      markup=False, highlight=False)
-    if summary.skipped:
-        console.print(f"{skipped_line(summary.skipped)}; report.html names them", markup=False, highlight=False)
-
-
-def print_report(console: Console, out: Path, summary: Summary) -> None:
-    """print_status preceded by the slowest pairs and the highest final losses."""
-    for title, top, key, fmt in (("Slowest pairs", summary.slowest, "seconds", "{:.1f} s"),
-                                 ("Highest final total loss", summary.highest_loss, "total_loss", "{:.4g}")):
-        if top:
-            t = Table(title=title)
-            for col in ("style", "content", key):
-                t.add_column(col, overflow="fold")
-            for r in top:
-                t.add_row(Text(printable(r["style"])), Text(printable(r["content"])), fmt.format(r[key]))
-            console.print(t)
-    print_status(console, out, summary)
 
 
 def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
@@ -184,21 +60,12 @@ def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
         ledger.close()
 
 
-def load_summary(out: Path) -> Summary:
-    ledger = Ledger(out, readonly=True)
-    try:
-        return summarize_ledger(ledger)
-    finally:
-        ledger.close()
-
-
 # -- files ------------------------------------------------------------------------------------------
 
 def write_report(out: Path) -> list[Path]:
     """Write report.html, summary.csv and contact_sheet.jpg (and thumbs/) into OUT; report.html first."""
     # Imported here, not at the top: they load torch, which `status` (a user of this module) never needs.
     from .images import save_atomic
-    from .runner import LOSS_LOG
 
     rows, settings, skipped = _read_ledger(out)
     limit = settings.get("max_megapixels")
@@ -326,58 +193,6 @@ def make_thumbnails(out: Path, rows: list[Row], max_megapixels: float = MAX_MEGA
         ok = dict(zip(sources, pool.map(lambda name: _thumbnail(sources[name][0], out / name, sources[name][1]),
                                         sources)))
     return Thumbs(*({k: name for k, name in d.items() if ok[name]} for d in (content, style, output)))
-
-
-# -- loss curves -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Point:
-    step: int
-    px: int
-    content: float
-    style: float
-    total: float
-
-
-def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point]]:
-    """Per (content, style): the loss-log rows of the ledger's current attempt, in step order.
-
-    Rows of earlier, abandoned attempts are skipped, and so are those of a pending pair (its last
-    attempt was interrupted or is to be redone). Within one attempt an out-of-memory retry
-    starts again from step 1 at a smaller size: only that last start is kept. The final row
-    repeats the last step with the losses of the image as written: it replaces that step.
-    """
-    want = {(r.content, r.style): r.attempts for r in rows if r.attempts and r.state != "pending"}
-    curves: dict[tuple[str, str], list[Point]] = {}
-    try:
-        f = open(path, newline="", encoding="utf-8")
-    except FileNotFoundError:
-        return curves
-    with f:
-        reader = csv.reader(f)
-        col = {name: i for i, name in enumerate(next(reader, []))}
-        try:
-            ic, is_, ia, istep, ipx = (col[k] for k in ("content", "style", "attempt", "step", "px"))
-            il = [col[k] for k in ("content_loss", "style_loss", "total_loss")]
-        except KeyError:
-            return curves
-        for rec in reader:
-            try:
-                key = (rec[ic], rec[is_])
-                if want.get(key) != int(rec[ia]):
-                    continue
-                p = Point(int(rec[istep]), int(rec[ipx]), *(float(rec[i]) for i in il))
-            except (IndexError, ValueError):  # a line cut short by a crash
-                continue
-            if not all(map(math.isfinite, (p.content, p.style, p.total))):
-                continue
-            series = curves.setdefault(key, [])
-            if series and p.step < series[-1].step:
-                series.clear()
-            elif series and p.step == series[-1].step:
-                series.pop()
-            series.append(p)
-    return curves
 
 
 def _thin(points: list[Point], n: int) -> list[Point]:

@@ -67,3 +67,13 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 240, **kw) -> subp
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "nst_batch.cli", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def optim_config(**kw):
+    """A test's optimiser settings: these values unless given (OptimConfig has no defaults of its own;
+    these are the ones it used to have)."""
+    from nst_batch.optimize import OptimConfig
+
+    base = dict(steps=300, optimizer="lbfgs", lr=0.02, scales=(1.0,), init="content", seed=0, log_every=10,
+                stop_window=0, stop_tolerance=1e-3, autocast_dtype=None, channels_last=False)
+    return OptimConfig(**{**base, **kw})

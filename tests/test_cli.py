@@ -99,7 +99,7 @@ def test_status_prints_bracketed_names_verbatim():
 
     from rich.console import Console
 
-    from nst_batch.report import Summary, print_status
+    from nst_batch.status import Summary, print_status
 
     failures = [{"content": BRACKETED, "style": "[draft].png", "kind": "unreadable",
                  "message": f"{BRACKETED}: not an image", "attempts": 1}]

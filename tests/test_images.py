@@ -9,6 +9,7 @@ from PIL import Image
 
 from conftest import make_image
 from nst_batch import images
+from nst_batch.engine import to_pil, to_tensor
 from nst_batch.errors import PairError
 
 
@@ -183,7 +184,7 @@ def test_16bit_rgb_png(tmp_path):
 ])
 def test_to_tensor_keeps_aspect_ratio(w, h, long_side, expect):
     im = Image.new("RGB", (w, h), (255, 128, 0))
-    t = images.to_tensor(im, long_side)
+    t = to_tensor(im, long_side)
     assert t.shape == (1, 3, expect[1], expect[0])
     assert t.dtype == torch.float32
     assert torch.allclose(t[0, :, 5, 5], torch.tensor([1.0, 128 / 255, 0.0]), atol=1 / 255)
@@ -191,13 +192,13 @@ def test_to_tensor_keeps_aspect_ratio(w, h, long_side, expect):
 
 def test_to_tensor_too_small_at_this_size():
     with pytest.raises(PairError) as e:
-        images.to_tensor(Image.new("RGB", (200, 40)), 64)  # 64x13
+        to_tensor(Image.new("RGB", (200, 40)), 64)  # 64x13
     assert e.value.kind == "too_small"
 
 
 def test_to_pil_round_trip():
     im = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8), "RGB")
-    assert np.array_equal(np.asarray(images.to_pil(images.to_tensor(im, 30))), np.asarray(im))
+    assert np.array_equal(np.asarray(to_pil(to_tensor(im, 30))), np.asarray(im))
 
 
 @pytest.mark.parametrize("w, h", [(15, 40), (40, 15), (8, 8)])

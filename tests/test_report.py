@@ -18,11 +18,11 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from nst_batch import report
+from nst_batch import losslog, report, status
 from nst_batch.errors import ConfigError
 from nst_batch.plan import Pair
 from nst_batch.ledger import Ledger
-from nst_batch.runner import LOSS_COLUMNS, LOSS_LOG
+from nst_batch.losslog import LOSS_COLUMNS, LOSS_LOG
 
 from conftest import make_image
 
@@ -140,7 +140,7 @@ def test_states_failures_and_escaping(run_dir: Path):
 def test_abandoned_attempt_is_not_drawn(run_dir: Path):
     report.write_report(run_dir)
     rows = _ledger_rows(run_dir)
-    curves = report.read_curves(run_dir / LOSS_LOG, rows)
+    curves = losslog.read_curves(run_dir / LOSS_LOG, rows)
     assert [(p.step, p.px) for p in curves[("c1.png", "s2.jpg")]] == [(10, 32), (20, 32), (30, 64), (40, 64)]
     assert len(curves[("c1.png", "s1.png")]) == 4  # the final row replaces the repeated last step
     text = (run_dir / "report.html").read_text()
@@ -153,14 +153,14 @@ def test_abandoned_attempt_is_not_drawn(run_dir: Path):
 def test_curves_of_failed_and_running_pairs_but_not_of_pending_ones(run_dir: Path):
     with open(run_dir / LOSS_LOG, "a") as f:
         f.write("\n" + _loss_rows("broken.jpg", "s1.png", 1, [(10, 32)], 1.0))
-    curves = report.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
+    curves = losslog.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
     assert ("broken.jpg", "s1.png") in curves and (ODD, "s2.jpg") in curves  # progress until it failed; so far
     ledger = Ledger(run_dir)
     try:
         ledger.requeue_failed()
     finally:
         ledger.close()
-    assert ("broken.jpg", "s1.png") not in report.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
+    assert ("broken.jpg", "s1.png") not in losslog.read_curves(run_dir / LOSS_LOG, _ledger_rows(run_dir))
 
 
 def test_summary_csv(run_dir: Path):
@@ -227,11 +227,11 @@ def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
 
 
 def test_terminal_report(run_dir: Path):
-    summary = report.load_summary(run_dir)
+    summary = status.load_summary(run_dir)
     json.dumps(summary.to_dict())  # `status --json`
     assert [s["total_loss"] for s in summary.highest_loss] == [1.2, 0.9, 0.7]
     console = Console(record=True, width=200)
-    report.print_report(console, run_dir, summary)
+    status.print_report(console, run_dir, summary)
     text = console.export_text()
     for expected in ("Slowest pairs", "Highest final total loss", "1 failed", "unreadable",
                      f"nst-batch retry {run_dir}", "of compute in total"):
@@ -241,20 +241,20 @@ def test_terminal_report(run_dir: Path):
 def test_terminal_report_prints_names_verbatim():
     odd = "x[/b]/[draft].png"  # rich markup would drop '[draft]' and raise on '[/b]'
     pair = {"content": odd, "style": "[s]", "seconds": 3.0, "total_loss": 1.0}
-    summary = report.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
+    summary = status.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
                              [{"content": odd, "style": "[s]", "kind": "unreadable", "message": f"{odd}: bad",
                                "attempts": 1}], [pair], [pair])
     console = Console(record=True, width=200)
-    report.print_report(console, Path("out[/x]"), summary)
+    status.print_report(console, Path("out[/x]"), summary)
     text = console.export_text()
     assert text.count(odd) == 4 and "[s]" in text and "nst-batch retry 'out[/x]'" in text
 
 
 def test_retry_commands_name_each_kind_when_there_are_several():
     fails = [{"kind": "oom"}, {"kind": "unreadable"}, {"kind": "oom"}]
-    assert report.retry_commands(Path("my out"), fails) == [
+    assert status.retry_commands(Path("my out"), fails) == [
         "nst-batch retry 'my out'", "nst-batch retry 'my out' --kind oom", "nst-batch retry 'my out' --kind unreadable"]
-    assert report.retry_commands(Path("r"), fails[:1]) == ["nst-batch retry r"]
+    assert status.retry_commands(Path("r"), fails[:1]) == ["nst-batch retry r"]
 
 
 def _ledger_rows(out: Path):
@@ -360,10 +360,10 @@ def test_skipped_inputs_are_listed_in_the_report_and_the_summary(tmp_path: Path)
     text = report.write_report(out)[0].read_text()
     assert "notes &lt;1&gt;.txt" in text and "IMG_0001.HEIC" in text and ".DS_Store" in text
     assert "install nst-batch[heif]" in text and _e(line) in text and 'href="#skipped"' in text
-    summary = report.load_summary(out)
+    summary = status.load_summary(out)
     assert [s["path"] for s in summary.to_dict()["skipped"]] == ["notes <1>.txt", "IMG_0001.HEIC", ".DS_Store"]
     console = Console(record=True, width=200)
-    report.print_status(console, out, summary)
+    status.print_status(console, out, summary)
     assert f"{line}; report.html names them" in console.export_text()
 
 
@@ -388,11 +388,11 @@ def test_printable_makes_control_characters_visible():
 
 def test_terminal_status_and_report_neutralise_control_characters():
     pair = {"content": HOSTILE, "style": "s\x1b]0;title\x07.png", "seconds": 3.0, "total_loss": 1.0}
-    summary = report.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
+    summary = status.Summary({"pending": 0, "running": 0, "done": 1, "failed": 1}, 2, 3.0, 3.0, None, 0.0,
                              [{"content": HOSTILE, "style": "s.png", "kind": "unreadable",
                                "message": f"{HOSTILE}: bad", "attempts": 1}], [pair], [pair])
     buf = io.StringIO()
-    report.print_report(Console(file=buf, width=300), Path("out\x1b[2J"), summary)
+    status.print_report(Console(file=buf, width=300), Path("out\x1b[2J"), summary)
     text = buf.getvalue()
     assert "\x1b" not in text and "\x07" not in text
     assert "\\x1b[31mred\\x1b[0m\\x07.png" in text and "out\\x1b[2J" in text

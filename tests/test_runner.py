@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import torch
 from rich.console import Console
 
-from nst_batch import images, runner
+from nst_batch import engine as engine_mod
+from nst_batch import images, losslog, runner
+from nst_batch.engine import Engine, Job
 from nst_batch.optimize import LogRow
 from nst_batch.progress import Display
 
@@ -42,16 +44,16 @@ def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
 def test_style_cache_keeps_at_most_its_bound_and_every_pair_gets_its_own_style(fast_settings, tmp_path, monkeypatch):
     """More styles than the bound, in an order that makes evicted styles come back: the cache never holds
     more than STYLE_CACHE styles, and a style made again after eviction gives the very same image."""
-    monkeypatch.setattr(runner, "STYLE_CACHE", 2)
+    monkeypatch.setattr(engine_mod, "STYLE_CACHE", 2)
     s = fast_settings.replace(steps=2, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
     styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 200 + i) for i in range(3)]
     photo = images.load_rgb(s.content / "square.png", s.max_megapixels)
-    engine = runner.Engine(s)
+    engine = Engine(s.replace(size=32))
     made: dict[str, list[torch.Tensor]] = {}
     order = [0, 1, 2, 0, 1, 0]
     for i in order:
-        res = engine.make([SimpleNamespace(style_path=str(styles[i]))], [photo], 32)
-        made.setdefault(styles[i].name, []).append(res.images)
+        (res,) = engine.make([Job("square.png", styles[i].name, s.content / "square.png", styles[i], image=photo)])
+        made.setdefault(styles[i].name, []).append(res.image)
         held = {k[0] for k in engine._style_targets}
         assert len(engine._style_images) <= 2 and len(held) <= 2 and held <= set(engine._style_images)
     # s0 and s1 were dropped and made again (2 and 1 times); s0's last use found it still held.
@@ -70,7 +72,7 @@ def _fat_like(monkeypatch) -> None:
 
 
 def _log_lines(out: Path) -> list[str]:
-    return (out / runner.LOSS_LOG).read_text().splitlines()
+    return (out / losslog.LOSS_LOG).read_text().splitlines()
 
 
 def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
@@ -78,7 +80,7 @@ def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
     result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6 and result.failed == 0
     lines = _log_lines(fast_settings.out)
-    assert lines[0] == ",".join(runner.LOSS_COLUMNS) and len(lines) > 6
+    assert lines[0] == ",".join(losslog.LOSS_COLUMNS) and len(lines) > 6
     assert not list(fast_settings.out.rglob("*.tmp"))
 
 
@@ -86,13 +88,13 @@ def test_loss_log_header_comes_first_whoever_opens_it_first(tmp_path, monkeypatc
     """A worker that finds losses.csv created but still empty (its creator not yet at the header, or
     killed right there) writes the header itself before any row; the creator's header changes nothing."""
     _fat_like(monkeypatch)
-    header = ",".join(runner.LOSS_COLUMNS)
+    header = ",".join(losslog.LOSS_COLUMNS)
     row = SimpleNamespace(content="c.png", style="s.png")
     step = LogRow(step=1, content=1.0, style=2.0, tv=0.5, total=3.5, elapsed_s=0.1, px=32)
-    (tmp_path / runner.LOSS_LOG).write_bytes(b"")  # created, header not written yet
-    second = runner.LossLog(tmp_path)
+    (tmp_path / losslog.LOSS_LOG).write_bytes(b"")  # created, header not written yet
+    second = losslog.LossLog(tmp_path)
     second.write(row, 1, [step])
-    first = runner.LossLog(tmp_path)  # the creator gets to its header only now
+    first = losslog.LossLog(tmp_path)  # the creator gets to its header only now
     first.write(row, 2, [step])
     second.write(row, 1, [step])
     for log in (first, second):
