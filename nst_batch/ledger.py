@@ -486,15 +486,16 @@ class Ledger:
                             (time.time(), pair_id, worker))
 
     def _finish(self, pair_id: int, worker: str, sets: str, args: tuple, finished_at: float | None = None,
-                recipe: str | None = None) -> bool:
+                recipe: str | None = None, seconds: float | None = None) -> bool:
         """Record the end of a claim that is still this worker's (and, given `recipe`, still for that
-        recipe); False, recording nothing, when it is not: its lease ran out and the pair was reset."""
+        recipe); False, recording nothing, when it is not: its lease ran out and the pair was reset.
+        `seconds` defaults to the time since the claim."""
         now = finished_at or time.time()
         with self._tx():
             cur = self.db.execute(
-                f"UPDATE pairs SET {sets}, finished_at=?, seconds=? - started_at, heartbeat=NULL "
+                f"UPDATE pairs SET {sets}, finished_at=?, seconds=COALESCE(?, ? - started_at), heartbeat=NULL "
                 "WHERE id=? AND worker=? AND state='running' AND recipe=COALESCE(?, recipe)",
-                (*args, now, now, pair_id, worker, recipe))
+                (*args, now, seconds, now, pair_id, worker, recipe))
             if cur.rowcount == 1:
                 return True
             if recipe is not None:
@@ -506,25 +507,26 @@ class Ledger:
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
              total: float, note: str | None = None, finished_at: float | None = None,
-             recipe: str | None = None) -> bool:
+             recipe: str | None = None, seconds: float | None = None) -> bool:
         """Mark done a pair this worker made with `recipe` (the recipe it claimed the pair under).
         False when the claim is no longer this worker's or the pair's recipe has changed since."""
         return self._finish(pair_id, worker,
                             "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
-                            (steps, content, style, tv, total, note), finished_at, recipe)
+                            (steps, content, style, tv, total, note), finished_at, recipe, seconds)
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",
                      (kind, message, note))
 
-    def release(self, pair_id: int, worker: str) -> None:
+    def release(self, pair_id: int, worker: str, started: bool = True) -> None:
         """Give an interrupted pair back: pending again. The attempt stays counted, so the loss-log rows
-        it wrote keep an attempt number that no later attempt reuses."""
+        it wrote keep an attempt number that no later attempt reuses; started=False takes it back, for
+        a claim that never began (queued on a Ray actor that died) and so wrote no row."""
         with self._tx():
             # Only a claim still running: a Ctrl-C that lands just after the pair was recorded done
             # (or failed) must not send it back to be made again.
-            self.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL "
-                            "WHERE id=? AND worker=? AND state='running'", (pair_id, worker))
+            self.db.execute("UPDATE pairs SET state='pending', worker=NULL, heartbeat=NULL, attempts=attempts-? "
+                            "WHERE id=? AND worker=? AND state='running'", (0 if started else 1, pair_id, worker))
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, pair_id: int) -> Row:

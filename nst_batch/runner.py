@@ -4,7 +4,9 @@
 any number of processes can share an output folder; it decodes the next photo on a thread while the
 engine computes, hands the claimed pairs to `engine.Engine.make`, writes each image and its loss
 rows, and records every outcome; one bad pair never stops the others. Signals, heartbeats and
-temporary-file cleanup are `lifecycle`'s.
+temporary-file cleanup are `lifecycle`'s. What any driver does around the engine (plan and ledger
+set-up: `plan_for`, `prepare`; writing an image: `write_output`; recording an end: `Books`) is here
+too, and `cluster`'s Ray driver calls the same functions.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from .lifecycle import Heartbeat, Interrupted, Signals, remove_stale_temporaries
 from .losslog import LossLog
 from .manifest import Settings
 from .names import skipped_line
-from .plan import HashCache, Pair, make_plan, recipe_settings
+from .optimize import LogRow
+from .plan import HashCache, Pair, Plan, make_plan, recipe_settings
 from .progress import Display
 
 
@@ -41,47 +44,126 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     # recipe change it implies would send every finished pair back to pending.
     engine = Engine(settings)
     # The engine resolved precision for its device (auto: bf16 on CUDA, fp32 elsewhere): the recipe records that.
-    resolved = engine.settings
-    hashes = HashCache(Ledger.stored_hashes(settings.out))  # inputs unchanged since the last plan are not read
-    plan = make_plan(resolved, hashes)
-    out = settings.out
-    out.mkdir(parents=True, exist_ok=True)
+    plan, hashes = plan_for(engine.settings)
     worker = worker_id()
-    with Ledger(out) as ledger:
+    with Ledger(settings.out) as ledger:
         try:
-            # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
-            ledger.register(worker, recipe_settings(resolved), settings.lease_s)
-            ledger.store_hashes(*hashes.changes())
-            remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs())
-            only = None
-            if retry:
-                # Only the failed pairs change: their recipe becomes this retry's, the rest of the
-                # ledger (and the settings a plain `run` compares against) stay as they were.
-                only = set(ledger.requeue_failed(only_failed_kinds, plan))
-            else:
-                ledger.sync(plan, out, settings.lease_s)
-                ledger.set_meta("settings", _absolute(settings).to_dict())
-                ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])  # for the report
-            if plan.skipped:
-                display.note(f"{skipped_line(plan.skipped)}; report.html names them")
-            counts = ledger.counts()
-            already = counts["done"]
-            todo = len(only) if only is not None else counts["pending"] + counts["running"]
-            skipped_failed = 0 if retry else counts["failed"]
-            if skipped_failed:
-                display.note(f"{skipped_failed} failed pair(s) from earlier runs are left alone; "
-                             f"'nst-batch retry {out}' re-runs them")
-            if todo == 0:
-                what = "no failed pairs to retry" if retry else f"all {already} pair(s) are done or failed"
-                display.note(f"nothing to do in {out}: {what}")
+            work = prepare(ledger, settings, engine.settings, plan, hashes, worker, display, only_failed_kinds,
+                           retry, str(engine.device))
+            if work is None:
                 return RunResult()
-            display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
-            return _work(ledger, engine, display, only, already, todo, {(p.content, p.style): p for p in plan}, worker)
+            return _work(ledger, engine, display, work, worker)
         finally:
             ledger.unregister(worker)
 
 
-def _absolute(settings: Settings) -> Settings:
+def plan_for(resolved: Settings) -> tuple[Plan, HashCache]:
+    """The plan of a run with these resolved settings, reading only the inputs changed since the last
+    plan on OUT; OUT is created once the plan stands (a bad folder never creates it)."""
+    hashes = HashCache(Ledger.stored_hashes(resolved.out))  # inputs unchanged since the last plan are not read
+    plan = make_plan(resolved, hashes)
+    resolved.out.mkdir(parents=True, exist_ok=True)
+    return plan, hashes
+
+
+@dataclass
+class Work:
+    """What a driver works through once the ledger is in line with the plan."""
+    pairs: dict[tuple[str, str], Pair]  # (content, style) -> the plan's pair
+    recipes: dict[tuple[str, str], str]  # the recipe each pair is claimed under
+    only: set[int] | None  # a retry's pair ids; None: every pair
+    already: int  # done before this run
+    todo: int
+
+
+def prepare(ledger: Ledger, settings: Settings, resolved: Settings, plan: Plan, hashes: HashCache, worker: str,
+            display: Display, only_failed_kinds: list[str] | None, retry: bool, where: str) -> Work | None:
+    """Everything a driver does before its first claim, whatever computes the pairs (this process, Ray
+    actors): register `worker` with the resolved settings, bring the ledger in line with the plan (or
+    re-queue the failed pairs of a retry), clean up temporaries of killed writers, say what is to do.
+    None when nothing is. `where` says what makes the pairs (the device, the Ray workers)."""
+    out = settings.out
+    # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
+    ledger.register(worker, recipe_settings(resolved), settings.lease_s)
+    ledger.store_hashes(*hashes.changes())
+    remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs())
+    only = None
+    if retry:
+        # Only the failed pairs change: their recipe becomes this retry's, the rest of the
+        # ledger (and the settings a plain `run` compares against) stay as they were.
+        only = set(ledger.requeue_failed(only_failed_kinds, plan))
+    else:
+        ledger.sync(plan, out, settings.lease_s)
+        ledger.set_meta("settings", absolute_paths(settings).to_dict())
+        ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])  # for the report
+    if plan.skipped:
+        display.note(f"{skipped_line(plan.skipped)}; report.html names them")
+    counts = ledger.counts()
+    already = counts["done"]
+    todo = len(only) if only is not None else counts["pending"] + counts["running"]
+    skipped_failed = 0 if retry else counts["failed"]
+    if skipped_failed:
+        display.note(f"{skipped_failed} failed pair(s) from earlier runs are left alone; "
+                     f"'nst-batch retry {out}' re-runs them")
+    if todo == 0:
+        what = "no failed pairs to retry" if retry else f"all {already} pair(s) are done or failed"
+        display.note(f"nothing to do in {out}: {what}")
+        return None
+    display.note(f"{todo} pair(s) to make on {where}, {already} already done")
+    pairs = {(p.content, p.style): p for p in plan}
+    return Work(pairs, {k: p.recipe for k, p in pairs.items()}, only, already, todo)
+
+
+def write_output(path: Path, data: bytes) -> float:
+    """An encoded image into place atomically; the time it got there. A refusal fails the pair as `write`."""
+    try:
+        write_atomic(path, lambda f: f.write(data))
+    except OSError as e:
+        raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
+    return time.time()  # the pair's end: the ledger may hear of it a little later
+
+
+def job_for(row: Row, pairs: dict[tuple[str, str], Pair], image=None) -> Job:
+    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache."""
+    pair = pairs.get((row.content, row.style))
+    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path),
+               style_hash=pair.style_hash if pair is not None else None, image=image)
+
+
+class Books:
+    """A pair's end as every driver records it: the ledger's word (done only while this worker still
+    holds the claim under its recipe), the heartbeat let go, the run's result and the display."""
+
+    def __init__(self, ledger: Ledger, worker: str, display: Display, beat: Heartbeat, result: RunResult):
+        self.ledger, self.worker, self.display, self.beat, self.result = ledger, worker, display, beat, result
+
+    def failed(self, row: Row, e: BaseException) -> None:
+        name = f"{row.style} × {row.content}"
+        kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
+        self.ledger.fail(row.id, self.worker, kind, msg)
+        self.beat.drop(row.id)
+        self.result.failed += 1
+        self.result.failures.append((name, kind, msg))
+        self.display.pair_end(name, False, time.time() - (row.started_at or time.time()), f"{kind}: {msg}")
+
+    def done(self, row: Row, steps: int, final: LogRow, note: str | None, finished_at: float,
+             seconds: float | None = None) -> bool:
+        """Record a pair whose image is on disk; False (and a note) when the claim had lapsed meanwhile.
+        `seconds`: the compute time when it is not the time since the claim (a pair queued on a Ray actor)."""
+        recorded = self.ledger.done(row.id, self.worker, steps, final.content, final.style, final.tv, final.total,
+                                    note, finished_at, recipe=row.recipe, seconds=seconds)
+        self.beat.drop(row.id)
+        if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
+            self.display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "
+                              "and the pair was reset; it is made again with its current recipe")
+            return False
+        self.result.made += 1
+        took = seconds if seconds is not None else finished_at - (row.started_at or finished_at)
+        self.display.pair_end(f"{row.style} × {row.content}", True, took, note or "")
+        return True
+
+
+def absolute_paths(settings: Settings) -> Settings:
     """Folders as absolute paths, so `retry` works from any directory."""
     return settings.replace(content=settings.content.resolve(), styles=settings.styles.resolve(),
                             out=settings.out.resolve())
@@ -113,15 +195,8 @@ class _BackgroundIO:
         return fut.result() if fut is not None else images.load_rgb(Path(path), self.max_mp)
 
     def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int) -> None:
-        def save() -> float:
-            try:
-                data = encode(made.image, fmt, quality)
-                write_atomic(path, lambda f: f.write(data))
-            except OSError as e:
-                raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
-            return time.time()  # the pair's end: the ledger may hear of it a little later
-
-        self.writes.append((row, self.pool.submit(save), made))
+        self.writes.append((row, self.pool.submit(lambda: write_output(path, encode(made.image, fmt, quality))),
+                            made))
 
     def finished(self, wait: bool = False):
         """Yield (row, made, error, finished_at) for writes that are over (all of them if wait)."""
@@ -138,44 +213,26 @@ class _BackgroundIO:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, todo: int,
-          pairs: dict[tuple[str, str], Pair], worker: str) -> RunResult:
+def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: str) -> RunResult:
     s = engine.settings
     out = s.out
-    recipes = {k: p.recipe for k, p in pairs.items()}
+    pairs, recipes, only = work.pairs, work.recipes, work.only
     result = RunResult()
     loss_log = LossLog(out)
     io = _BackgroundIO(s.max_megapixels)
     beat = Heartbeat(out, worker, every=max(1.0, s.lease_s / 4))
+    books = Books(ledger, worker, display, beat, result)
+    record_failure = books.failed
     steps_per_pair = s.steps * len(s.scales)
     writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
-
-    def record_failure(row: Row, e: BaseException) -> None:
-        name = f"{row.style} × {row.content}"
-        kind, msg = (e.kind, str(e)) if isinstance(e, PairError) else ("internal", f"{type(e).__name__}: {e}")
-        ledger.fail(row.id, worker, kind, msg)
-        beat.drop(row.id)
-        result.failed += 1
-        result.failures.append((name, kind, msg))
-        display.pair_end(name, False, time.time() - (row.started_at or time.time()), f"{kind}: {msg}")
 
     def settle(wait: bool = False) -> None:
         for row, made, error, finished_at in io.finished(wait):
             writing.discard(row.id)
             if error is not None:
                 record_failure(row, error)
-                continue
-            f = made.final
-            recorded = ledger.done(row.id, worker, made.steps, f.content, f.style, f.tv, f.total, made.note,
-                                   finished_at, recipe=row.recipe)
-            beat.drop(row.id)
-            if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
-                display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "
-                             "and the pair was reset; it is made again with its current recipe")
-                continue
-            result.made += 1
-            display.pair_end(f"{row.style} × {row.content}", True, finished_at - (row.started_at or finished_at),
-                             made.note or "")
+            else:
+                books.done(row, made.steps, made.final, made.note, finished_at)
 
     def claim(style: str | None = None) -> Row | None:
         row = ledger.claim(worker, s.lease_s, only, style=style, recipes=recipes)
@@ -183,12 +240,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
             beat.hold(row.id)
         return row
 
-    def job(row: Row, image) -> Job:
-        pair = pairs.get((row.content, row.style))
-        return Job(row.content, row.style, Path(row.content_path), Path(row.style_path),
-                   style_hash=pair.style_hash if pair is not None else None, image=image)
-
-    display.start(already + todo, already)
+    display.start(work.already + work.todo, work.already)
     with Signals() as signals:
         try:
             while (first := claim()) is not None:
@@ -199,7 +251,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                 rows, jobs = [], []
                 for r in claimed:  # photos decoded here (on the I/O thread when prefetched); a bad one fails now
                     try:
-                        jobs.append(job(r, io.content(r.content_path)))
+                        jobs.append(job_for(r, pairs, io.content(r.content_path)))
                         rows.append(r)
                     except Exception as e:
                         record_failure(r, e)
