@@ -67,14 +67,20 @@ def _write_report(out: Path, quiet: bool) -> None:
         console.print(printable(f"report: {paths[0]}"), markup=False, highlight=False)
 
 
-def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False):
+def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False,
+         ray=None):
     from .progress import make_display
     from .lifecycle import Interrupted
     from .runner import run
 
     display = make_display(console, quiet)
     try:
-        result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry)
+        if ray is not None:
+            from .cluster import run_ray
+
+            result = run_ray(settings, display, ray, only_failed_kinds=retry_kinds, retry=retry)
+        else:
+            result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry)
     except Interrupted as e:
         err.print(f"interrupted ({e}): finished pairs are kept; run the same command again to resume", highlight=False)
         raise typer.Exit(e.exit_code)
@@ -96,6 +102,15 @@ def run(
     weights: Optional[str] = typer.Option(None, help="vgg19-caffe, torchvision, or a state-dict path."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
+    ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
+                                      help="Compute on Ray actors (pip install 'nst-batch[ray]'): a cluster started "
+                                           "here, the one `ray start` made, or host:port."),
+    ray_workers: Optional[int] = typer.Option(None, min=1, help="Ray actors. Default: one per GPU (or CPU)."),
+    ray_gpus_per_worker: Optional[float] = typer.Option(
+        None, min=0, help="GPUs per actor. Default 1; 0 (CPU actors) when device is cpu."),
+    ray_cpus_per_worker: float = typer.Option(1.0, min=0.01, help="CPUs per actor; also its torch threads."),
+    ray_pair_timeout: float = typer.Option(3600.0, min=0.1, metavar="SECONDS",
+                                           help="A pair still computing after this long: its actor is killed."),
 ) -> None:
     """Stylize every content image in every style. Run it again to resume."""
     try:
@@ -103,7 +118,12 @@ def run(
                                           device=device, weights=weights), set_)
     except NstError as e:
         raise _fail(e)
-    _run(s, quiet)
+    opts = None
+    if ray is not None:
+        from .cluster import RayOptions
+
+        opts = RayOptions(ray, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_pair_timeout)
+    _run(s, quiet, ray=opts)
 
 
 def _stored_settings(out: Path) -> manifest.Settings:

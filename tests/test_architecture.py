@@ -26,6 +26,7 @@ LAYERS = [
     {"losslog"},
     {"lifecycle"},
     {"runner"},
+    {"cluster"},
     {"status"},
     {"report"},
     {"cli", "__main__", "__init__"},
