@@ -55,6 +55,7 @@ class RayOptions:
     cpus_per_worker: float = 1.0  # also the actor's torch threads
     pair_timeout_s: float = 3600.0  # longer than any pair takes: a call still running then is killed
     queue: int = 2  # calls outstanding per actor
+    start_timeout_s: float = 600.0  # for an actor to load its engine (a cold node, an autoscaler adding one)
 
 
 def import_ray():
@@ -213,9 +214,9 @@ def _start(ray, settings: Settings, gpus: float, options: RayOptions):
 
     slots = [_Slot(new_actor()) for _ in range(n)]
     refs = [s.handle.ready.remote() for s in slots]
-    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=options.pair_timeout_s)
+    ready, waiting = ray.wait(refs, num_returns=len(refs), timeout=options.start_timeout_s)
     if waiting:
-        raise ConfigError(f"{len(waiting)} of {n} Ray worker(s) did not start in {options.pair_timeout_s:g} s; "
+        raise ConfigError(f"{len(waiting)} of {n} Ray worker(s) did not start in {options.start_timeout_s:g} s; "
                           f"the cluster has {dict(total)} (--ray-workers, --ray-gpus-per-worker)")
     try:
         answers = ray.get(refs)
@@ -372,8 +373,8 @@ def _drive(ray, ledger: Ledger, s: Settings, display: Display, work: Work, worke
                         break
                     # Pairs are left but every actor is restarting (a node went away?): wait, not forever.
                     idle_since = idle_since or now
-                    if now - idle_since > options.pair_timeout_s:
-                        raise ConfigError(f"no Ray worker has been available for {options.pair_timeout_s:g} s; "
+                    if now - idle_since > options.start_timeout_s:
+                        raise ConfigError(f"no Ray worker has been available for {options.start_timeout_s:g} s; "
                                           "the pairs left stay pending: run again when the cluster is back")
                 else:
                     idle_since = None
