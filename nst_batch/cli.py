@@ -103,7 +103,7 @@ def run(
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
-                                      help="Compute on Ray actors (pip install 'nst-batch[ray]'): a cluster started "
+                                      help="Compute on Ray actors (pip install 'nst-batch\\[ray]'): a cluster started "
                                            "here, the one `ray start` made, or host:port."),
     ray_workers: Optional[int] = typer.Option(None, min=1, help="Ray actors. Default: one per GPU (or CPU)."),
     ray_gpus_per_worker: Optional[float] = typer.Option(
