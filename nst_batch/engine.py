@@ -27,6 +27,7 @@ from . import images, losses
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import Settings
+from .objective import objective_from
 from .optimize import LogRow, OptimConfig, Result, progress_error
 from .plan import file_hash
 from .pyramid import stylize
@@ -177,7 +178,7 @@ class Engine:
         self.settings = config.settings  # precision resolved: what the plan and the recipe use
         self.optim = config.optim
         s = self.settings
-        self.objective = losses.objective_from(s.layers, s.content_weight, s.style_weight, s.tv_weight)
+        self.objective = objective_from(s.layers, s.content_weight, s.style_weight, s.tv_weight)
         if config.cudnn_benchmark and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # GPU-only line
         self.net = load_vgg19(s.weights, self.objective.last_layer, self.device, s.pooling)

@@ -15,6 +15,7 @@ PKG = Path(__file__).resolve().parents[1] / "nst_batch"
 LAYERS = [
     {"errors", "files", "names", "progress"},
     {"images"},
+    {"objective"},
     {"vgg"},
     {"losses"},
     {"manifest"},
