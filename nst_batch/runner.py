@@ -100,17 +100,24 @@ class _BackgroundIO:
         self.max_mp = max_megapixels
         self.loads: dict[str, Future] = {}
         self.writes: list[tuple[Row, Future, Made]] = []
+        # The photo last handed out: plans run photo by photo, so its next styles reuse it (decoded once).
+        self.last: tuple[str, object] | None = None
 
     def prefetch(self, path: str) -> None:
         # One look-ahead only: a photo another worker took instead must not pile up in memory.
         for other in [p for p in self.loads if p != path]:
             self.loads.pop(other).cancel()
-        if path not in self.loads:
+        if path not in self.loads and (self.last is None or self.last[0] != path):
             self.loads[path] = self.pool.submit(images.load_rgb, Path(path), self.max_mp)
 
     def content(self, path: str):
+        if self.last is not None and self.last[0] == path:
+            return self.last[1]
         fut = self.loads.pop(path, None)
-        return fut.result() if fut is not None else images.load_rgb(Path(path), self.max_mp)
+        self.last = None  # before decoding: two photos in memory at most (this one and the look-ahead)
+        im = fut.result() if fut is not None else images.load_rgb(Path(path), self.max_mp)
+        self.last = (path, im)
+        return im
 
     def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int) -> None:
         def save() -> float:
