@@ -33,7 +33,6 @@ class Pair:
     style_path: Path
     output: str  # path relative to the output folder
     recipe: str
-    content_hash: str
     style_hash: str
 
 
@@ -177,5 +176,5 @@ def make_plan(settings: Settings, hashes: Callable[[Path], str] = file_hash) -> 
     for c, cname, cfile, ch in cnames:
         for s, sname, sdir, sh in snames:
             pairs.append(Pair(content=cname, style=sname, content_path=c, style_path=s,
-                              output=f"{sdir}/{cfile}", recipe=recipe(ch, sh), content_hash=ch, style_hash=sh))
+                              output=f"{sdir}/{cfile}", recipe=recipe(ch, sh), style_hash=sh))
     return Plan(pairs, skipped)

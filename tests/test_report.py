@@ -50,7 +50,7 @@ def run_dir(tmp_path: Path) -> Path:
     broken = src / "c" / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
     s1, s2 = make_image(src / "s" / "s1.png", 48, 48, 10), make_image(src / "s" / "s2.jpg", 56, 40, 11)
-    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png", "r", "", "") for s in (s1, s2)
+    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png", "r", "") for s in (s1, s2)
              for c in (c1, odd, broken)]
     ledger = Ledger(out)
     try:
@@ -310,7 +310,7 @@ def _one_pair_run(tmp_path: Path, content_name: str, settings: dict, content_siz
     s = make_image(src / "s" / "s.png", 48, 48, 2)
     ledger = Ledger(out)
     try:
-        ledger.sync([Pair(content_name, "s.png", c, s, f"s/{Path(content_name).stem}.png", "r", "", "")], out, 60)
+        ledger.sync([Pair(content_name, "s.png", c, s, f"s/{Path(content_name).stem}.png", "r", "")], out, 60)
         ledger.set_meta("settings", settings)
         row = ledger.claim(WORKER, 60)
         if fail:
