@@ -109,11 +109,11 @@ def test_tutorial_preset_on_caffe_weights_makes_progress(small_tutorial):
 
 @pytest.fixture(scope="module")
 def small_tutorial():
-    """chelsea x mosaic from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
+    """chelsea x composition_vii from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
     obj = objective_from("tutorial")
     net = vgg.load_vgg19("vgg19-caffe", obj.last_layer)
     photo = to_tensor(images.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
-    style = images.load_rgb(ROOT / "data" / "styles" / "mosaic.jpg")
+    style = images.load_rgb(ROOT / "data" / "styles" / "composition_vii.jpg")
 
     def run(cfg: OptimConfig):
         def style_for(h, w):
