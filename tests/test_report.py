@@ -111,30 +111,59 @@ def _parse(text: str) -> _Links:
     return p
 
 
+def _pages(out: Path) -> dict[str, str]:
+    """Every page of the report, by its path relative to OUT: the front page first."""
+    pages = {"report.html": (out / "report.html").read_text()}
+    pages |= {p.relative_to(out).as_posix(): p.read_text() for p in sorted((out / "styles").glob("*.html"))}
+    return pages
+
+
+def _check_links(out: Path) -> list[dict]:
+    """Every link and image of every page is relative, stays inside OUT and resolves, anchors included
+    (into other pages too); every page is reachable from the front page. Returns every img's attributes."""
+    pages = _pages(out)
+    parsed = {rel: _parse(text) for rel, text in pages.items()}
+    imgs, reached = [], {"report.html"}
+    for rel, page in parsed.items():
+        here = (out / rel).parent
+        imgs += page.imgs
+        for url in [img["src"] for img in page.imgs] + page.hrefs:
+            parts = urlsplit(url)
+            assert not parts.scheme and not parts.netloc, url  # nothing outside OUT, nothing on the network
+            target = (here / unquote(parts.path)).resolve() if parts.path else (out / rel).resolve()
+            assert target.is_relative_to(out.resolve()) and target.is_file(), (rel, url)
+            key = target.relative_to(out.resolve()).as_posix()
+            if key in parsed:
+                reached.add(key)
+            if parts.fragment:
+                assert parts.fragment in parsed[key].ids, (rel, url)
+    assert reached == set(pages)
+    return imgs
+
+
 def test_html_parses_and_every_relative_link_resolves(run_dir: Path):
     paths = report.write_report(run_dir)
     assert paths[0] == run_dir / "report.html"
-    page = _parse(paths[0].read_text())
-    assert len(page.imgs) == 2 + 2 + 2  # content headers (broken.jpg has none), style headers, outputs on disk
-    assert all(img["loading"] == "lazy" for img in page.imgs)
-    for url in [img["src"] for img in page.imgs] + page.hrefs:
-        parts = urlsplit(url)
-        assert not parts.scheme and not parts.netloc, url  # nothing outside OUT, nothing on the network
-        if parts.path:
-            assert (run_dir / unquote(parts.path)).is_file(), url
-        else:
-            assert parts.fragment in page.ids, url
+    assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}
+    imgs = _check_links(run_dir)
+    # Front page: the 2 styles. Each style page: its painting, 2 photos (broken.jpg has none), its outputs
+    # on disk (s1: c1, the odd name's output is gone; s2: c1).
+    assert len(imgs) == 2 + (1 + 2 + 1) * 2
+    assert all(img["loading"] == "lazy" for img in imgs)
 
 
 def test_states_failures_and_escaping(run_dir: Path):
-    text = report.write_report(run_dir)[0].read_text()
-    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in text
-    assert f"nst-batch retry {run_dir}" in text
-    assert "<x>" not in text and "a b#1 &amp; &lt;x&gt; &quot;q&quot;.png" in text
-    assert "output missing" in text  # ODD × s1 is done but its file is gone
+    report.write_report(run_dir)
+    pages = _pages(run_dir)
+    front, text = pages["report.html"], "".join(pages.values())
+    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in front  # in the failures table
+    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in pages["styles/1.html"]  # and on its card
+    assert f"nst-batch retry {run_dir}" in front
+    assert "<x>" not in text and "a b#1 &amp; &lt;x&gt; &#34;q&#34;.png" in pages["styles/1.html"]  # markupsafe: &#34; for "
+    assert "output missing" in pages["styles/1.html"]  # ODD × s1 is done but its file is gone
     assert "no preview" in text  # broken.jpg cannot be decoded: a placeholder, not a crash
-    assert "st-running" in text and "st-pending" in text
-    assert '"size"' in text or "<th>size</th>" in text
+    assert "st-running" in pages["styles/2.html"] and "st-pending" in pages["styles/2.html"]
+    assert "<th>size</th>" in front
 
 
 def test_abandoned_attempt_is_not_drawn(run_dir: Path):
@@ -143,7 +172,7 @@ def test_abandoned_attempt_is_not_drawn(run_dir: Path):
     curves = report.read_curves(run_dir / LOSS_LOG, rows)
     assert [(p.step, p.px) for p in curves[("c1.png", "s2.jpg")]] == [(10, 32), (20, 32), (30, 64), (40, 64)]
     assert len(curves[("c1.png", "s1.png")]) == 4  # the final row replaces the repeated last step
-    text = (run_dir / "report.html").read_text()
+    text = "".join(_pages(run_dir).values())
     assert "999px" not in text and "64px" in text
     points = re.findall(r'<polyline points="([^"]*)"', text)
     assert len(points) == 3 * 3  # content, style, total for the 3 pairs with rows in their current attempt
@@ -222,6 +251,7 @@ def test_thumbnails_are_reused_until_the_output_changes(run_dir: Path):
 def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
     (run_dir / LOSS_LOG).unlink()
     assert "loss curves" in report.write_report(run_dir)[0].read_text()
+    assert "<polyline" not in "".join(_pages(run_dir).values())
     with pytest.raises(ConfigError):
         report.write_report(tmp_path / "nowhere")
 
@@ -279,26 +309,31 @@ addEventListener("load", () => {
 </script>"""
 
 
-def test_page_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
+def test_pages_render_in_headless_chromium(run_dir: Path, tmp_path: Path):
     chromium = shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed; CI must install it (apt-get install -y chromium)")
         pytest.skip("chromium is not installed")
-    text = report.write_report(run_dir)[0].read_text()
-    # Lazy images below the fold never load in a headless dump; the check wants them all, so load eagerly.
-    check = run_dir / "check.html"
-    check.write_text(text.replace("<head>", "<head>" + _CHECK, 1).replace('loading="lazy"', 'loading="eager"'))
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
-         check.as_uri()], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    body = _parse(proc.stdout).body
-    assert body.get("data-images") == "6", proc.stdout[:2000]
-    assert json.loads(body["data-broken"]) == []
-    assert json.loads(body["data-errors"]) == []
+    report.write_report(run_dir)
+    images = {}
+    for rel, text in _pages(run_dir).items():
+        # Lazy images below the fold never load in a headless dump; the check wants them all, so load
+        # eagerly. The copy sits beside the page, so its relative links are the page's.
+        check = (run_dir / rel).with_name("check.html")
+        check.write_text(text.replace("<head>", "<head>" + _CHECK, 1).replace('loading="lazy"', 'loading="eager"'))
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+             check.as_uri()], capture_output=True, text=True, timeout=120)
+        check.unlink()
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        body = _parse(proc.stdout).body
+        images[rel] = body.get("data-images")
+        assert json.loads(body["data-broken"]) == [], rel
+        assert json.loads(body["data-errors"]) == [], rel
+    assert images == {"report.html": "2", "styles/1.html": "4", "styles/2.html": "4"}
 
 
 # -- input limits, skipped inputs, hostile names ------------------------------------------------------
@@ -332,7 +367,7 @@ def test_a_source_over_max_megapixels_is_not_decoded_for_a_thumbnail(tmp_path: P
     row = _ledger_rows(out)[0]
     assert not (out / report._thumb_name("c", row.content_path)).exists()
     assert (out / report._thumb_name("s", row.style_path)).exists()  # 48×48 = 2304 px: within it
-    assert "no preview" in (out / "report.html").read_text()
+    assert "no preview" in _pages(out)["styles/1.html"]
 
 
 @pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2+3.png", "@SUM(A1).png",
