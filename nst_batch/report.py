@@ -17,7 +17,7 @@ with the collection, and nothing is decoded or read again that the run already r
   (styles + 1) cells would pass 8000 px, cells shrink to fit, down to 64 px; past that
   (more than 124 contents or styles) the sheet holds the first 124. When it cannot hold every
   pair with cells of SHEET_LABEL_PX or more (past 82 photos or styles), each style also gets
-  contact_sheets/<k>-<name>.jpg: its first SHEET_STYLE_MAX outputs, SHEET_STYLE_COLUMNS a row, 180 px.
+  contact_sheets/<k>-<name>.jpg: its first SHEET_STYLE_MAX outputs, SHEET_STYLE_COLUMNS a row, 120 px.
 - thumbs/: 240 px JPEGs of every output and source image. The runner writes an output's own
   from the image in memory (write_output_thumb); the report makes any that is missing or older
   than its image (older runs), so re-running the report on a big run is quick.
@@ -28,11 +28,14 @@ with the collection, and nothing is decoded or read again that the run already r
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import re
 import shlex
 import time
 import warnings
@@ -70,12 +73,13 @@ SHEET_MIN_CELL_PX = 64
 SHEET_MAX_SIDE = 8000
 SHEET_LABEL_PX = 96  # cells from this size up carry their names
 SHEET_STYLE_COLUMNS = 20
-SHEET_STYLE_MAX = 400  # photos on a style's own sheet: 20 × 20 cells of 180 px
+SHEET_STYLE_MAX = 200  # photos on a style's own sheet: 20 × 10 cells (the style's pages have them all)
+SHEET_STYLE_CELL_PX = 120  # half a thumbnail: JPEG decodes it at half scale, so a sheet is quick to draw
 PAGE_ROWS = 500  # photos on a style's page: about 1.5 MB of HTML with their curves
 FRONT_LIST_MAX = 1000  # failures and skipped inputs listed on the front page (summary.csv has them all)
 CURVE_CSV_MAX_BYTES = 50_000_000  # losses.csv read for curves the ledger lacks only up to this size
 TOP_N = 5
-CURVE_MAX_POINTS = 60  # per series: keeps a 5000-pair page small whatever log_every was
+CURVE_MAX_POINTS = 30  # a pair's stored and drawn curve (under 1 KB in the ledger), whatever log_every was: 6 px apart on the 180 px wide plot
 OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start closed, so the page opens fast
 
 
@@ -217,7 +221,6 @@ def write_report(out: Path) -> list[Path]:
     a page), summary.csv, contact_sheet.jpg (and contact_sheets/*.jpg when one sheet cannot show the
     run readably), thumbs/. Returns report.html first, then the rest."""
     # Imported here, not at the top: they load torch, which `status` (a user of this module) never needs.
-    from .images import save_atomic
     from .runner import LOSS_LOG
 
     rows, settings, skipped = _read_ledger(out)
@@ -229,28 +232,91 @@ def write_report(out: Path) -> list[Path]:
     pages = style_pages(grid)
     written = [out / SUMMARY_CSV, out / CONTACT_SHEET]
     write_text_atomic(written[0], summary_csv(rows))
-    save_atomic(_contact_sheet(out, grid, thumbs, layout), written[1], "jpg", quality=85)
+    cells = [(c, s) for c in grid.contents[:layout.contents] for s in grid.styles[:layout.styles]]
+    shown_c, shown_s = grid.contents[:layout.contents], grid.styles[:layout.styles]
+    headers = [thumbs.content.get(c) for c in shown_c] + [thumbs.style.get(s) for s in shown_s]
+    _sheet_unless_same(written[1], _sheet_key(out, grid, thumbs, cells, (layout, shown_c, shown_s), headers),
+                       lambda: _contact_sheet(out, grid, thumbs, layout))
     sheets = {k: f"{SHEETS}/{k}-{_slug(style)}.jpg" for k, style in enumerate(grid.styles, 1)} if per_style else {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # Pillow releases the GIL
-        for k, rel in zip(sheets, pool.map(
-                lambda k: save_atomic(_style_sheet(out, grid, grid.styles[k - 1], thumbs), out / sheets[k], "jpg",
-                                      quality=85), sheets)):
-            written.append(out / sheets[k])
-    ledger = Ledger(out, readonly=True)
-    try:
-        curves = _Curves(ledger, out / LOSS_LOG, rows)
-        for page in pages:
-            rel = page.path
-            write_text_atomic(out / rel, _render("style.html", **_style_context(out, grid, thumbs, page, pages,
-                                                                                 curves, sheets)))
-            written.append(out / rel)
-    finally:
-        ledger.close()
+    shape = style_sheet_shape(len(grid.contents))
+    for k, rel in sheets.items():
+        style = grid.styles[k - 1]
+        cells = [(c, style) for c in grid.contents[:shape[0] * shape[1]]]
+        key = _sheet_key(out, grid, thumbs, cells, (SHEET_STYLE_CELL_PX, shape, style), [thumbs.style.get(style)])
+        _sheet_unless_same(out / rel, key, lambda: _style_sheet(out, grid, style, thumbs))
+        written.append(out / rel)
+    written += _write_pages(_PageJob(out, grid, thumbs, pages, sheets, rows, out / LOSS_LOG), range(len(pages)))
     _remove_stale(out, {p.relative_to(out).as_posix() for p in written})
     front = out / REPORT_HTML
     write_text_atomic(front, _render("front.html", **_front_context(out, grid, settings, summarize(rows, skipped),
                                                                      thumbs, pages, layout, sheets)))
     return [front, *written]
+
+
+@dataclass(frozen=True)
+class _PageJob:
+    out: Path
+    grid: _Grid
+    thumbs: Thumbs
+    pages: list[StylePage]
+    sheets: dict[int, str]
+    rows: list[Row]
+    log: Path
+
+
+def _write_pages(job: _PageJob, which: Iterable[int]) -> list[Path]:
+    """Each page unless the page there already shows the same pairs the same way (its key, in a comment
+    at its top): a report run again over a finished collection rewrites only what changed."""
+    ledger = Ledger(job.out, readonly=True)
+    try:
+        curves = _Curves(ledger, job.log, job.rows)
+        written = []
+        for i in which:
+            page = job.pages[i]
+            rows = [r for c in page.contents if (r := job.grid.cells.get((c, page.style))) is not None]
+            stored = curves.stored(rows)
+            key = _page_key(job, page, rows, stored, curves.csv_signature(rows, stored))
+            path = job.out / page.path
+            if _key_of(path) != key:
+                write_text_atomic(path, _render("style.html", key=key, **_style_context(
+                    job.out, job.grid, job.thumbs, page, job.pages, rows, curves.of(rows, stored), job.sheets)))
+            written.append(path)
+        return written
+    finally:
+        ledger.close()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_key() -> bytes:
+    """The templates and this module as they are: a page written by other code is written again."""
+    h = hashlib.sha1(Path(__file__).read_bytes())
+    for t in sorted((Path(__file__).parent / "templates").iterdir()):
+        h.update(t.name.encode() + t.read_bytes())
+    return h.digest()
+
+
+def _page_key(job: _PageJob, page: StylePage, rows: list[Row], stored: dict[int, str],
+              csv_signature: tuple | None) -> str:
+    g, t = job.grid, job.thumbs
+    h = hashlib.sha1(_code_key())
+    h.update(repr((page, len(g.styles), len(g.contents), job.out.resolve().name, job.sheets.get(page.k),
+                   t.style.get(page.style), csv_signature)).encode())
+    for r in rows:
+        h.update(repr((tuple(vars(r).values()), r.id in g.on_disk, t.output.get(r.id), t.content.get(r.content),
+                       stored.get(r.id))).encode())
+    return h.hexdigest()
+
+
+_KEY = re.compile(rb"<!-- nst-batch page ([0-9a-f]{40}) -->")
+
+
+def _key_of(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            m = _KEY.search(f.read(200))
+    except OSError:
+        return None
+    return m.group(1).decode() if m else None
 
 
 def _remove_stale(out: Path, written: set[str]) -> None:
@@ -517,10 +583,12 @@ def curve_record(rows: Iterable) -> str | None:
     return "[" + ",".join(f"[{p.step},{p.px},{p.content:.4g},{p.style:.4g},{p.total:.4g}]" for p in pts) + "]"
 
 
-def parse_curve(text: str | None) -> list[Point]:
-    """curve_record's text back to points; [] for anything else (a damaged value draws nothing)."""
+def parse_curve(text: str | None) -> list:
+    """curve_record's text back to [step, px, content, style, total] lists, as loss_chart takes them;
+    [] for anything else (a damaged value draws nothing). Lists, not Points: 200,000 curves."""
     try:
-        return [Point(int(a), int(b), float(c), float(d), float(e)) for a, b, c, d, e in json.loads(text or "[]")]
+        pts = json.loads(text or "[]")
+        return pts if isinstance(pts, list) and all(len(p) == 5 for p in pts) else []  # loss_chart: the rest
     except (TypeError, ValueError):
         return []
 
@@ -534,13 +602,28 @@ class _Curves:
         self.ledger, self.log, self.rows = ledger, log, rows
         self._csv: dict[tuple[str, str], list[Point]] | None = None
 
-    def of(self, rows: list[Row]) -> dict[int, list[Point]]:
-        stored = self.ledger.curves(r.id for r in rows)
+    def stored(self, rows: list[Row]) -> dict[int, str]:
+        return self.ledger.curves(r.id for r in rows)
+
+    def _lacking(self, rows: list[Row], stored: dict[int, str]) -> list[Row]:
+        return [r for r in rows if r.id not in stored and r.attempts and r.state != "pending"]
+
+    def csv_signature(self, rows: list[Row], stored: dict[int, str]) -> tuple | None:
+        """What the curves of these pairs read from losses.csv depend on: None when they read nothing."""
+        if not self._lacking(rows, stored):
+            return None
+        try:
+            st = self.log.stat()
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns) if st.st_size < CURVE_CSV_MAX_BYTES else None
+
+    def of(self, rows: list[Row], stored: dict[int, str]) -> dict[int, list]:
         got = {i: parse_curve(text) for i, text in stored.items()}
-        if any(r.id not in got and r.attempts and r.state != "pending" for r in rows):
+        if self._lacking(rows, stored):
             fallback = self._from_csv()
-            got |= {r.id: fallback[(r.content, r.style)] for r in rows
-                    if r.id not in got and (r.content, r.style) in fallback}
+            got |= {r.id: [(p.step, p.px, p.content, p.style, p.total) for p in fallback[(r.content, r.style)]]
+                    for r in rows if r.id not in got and (r.content, r.style) in fallback}
         return got
 
     def _from_csv(self) -> dict[tuple[str, str], list[Point]]:
@@ -553,53 +636,69 @@ class _Curves:
         return self._csv
 
 
-_SERIES = (("content", "#2b6cb0"), ("style", "#c53030"), ("total", "#222"))
-_W, _H, _L, _B = 220, 84, 38, 14  # chart size, left and bottom margins
+_SERIES = ("content", "style", "total")  # their colours: templates/report.css
+_W, _H, _L, _B = 220, 84, 38, 14  # chart size, left and bottom margins (templates/style.html draws with them)
 
 
 @dataclass(frozen=True)
 class Chart:
     """A small chart of content, style and total loss over steps (drawn by the templates as SVG):
     numbers and fixed words only, no user data. Log y when the values span 10× or more."""
-    w: int
-    h: int
-    axis: str  # SVG path data
     scales: list[tuple[int, int]]  # (x, px) where a new scale starts
-    series: list[tuple[str, str, str]]  # (name, colour, "x,y x,y ...")
+    series: list[tuple[str, str]]  # (name, "x,y x,y ...")
     top: str  # y labels
     bottom: str
-    first_step: int
-    last_step: int
-    log: bool
-    left: int
+    first_step: str
+    last_step: str  # "150 steps", "150 steps · log"
 
 
-def loss_chart(points: list[Point]) -> Chart | None:
-    """None when there is nothing to draw (no points, or no positive loss)."""
+def loss_chart(points: list) -> Chart | None:
+    """Points: (step, px, content, style, total). None when there is nothing to draw (no points, or no
+    positive loss). Plain arithmetic on columns, x positions shared by the pairs logged at the same
+    steps: it runs for each of 200,000 pairs."""
     pts = _thin(points, CURVE_MAX_POINTS)
-    values = [getattr(p, name) for p in pts for name, _ in _SERIES]
-    positive = [v for v in values if v > 0]
+    if not pts:
+        return None
+    steps, pxs, *cols = zip(*pts)
+    positive = [v for col in cols for v in col if v > 0]
     if not positive:
         return None
     lo, hi = min(positive), max(positive)
     log = hi / lo >= 10
-    f = (lambda v: math.log10(max(v, lo))) if log else (lambda v: v)
-    ylo, yhi = (f(lo), f(hi)) if log else (min(0.0, min(values)), hi)
-    s0, s1 = pts[0].step, pts[-1].step
-    xs = (_W - _L - 4) / ((s1 - s0) or 1)
-    ys = (_H - _B - 8) / ((yhi - ylo) or 1)
+    if log:
+        log10 = math.log10
+        cols = [list(map(log10, map(max, col, itertools.repeat(lo)))) for col in cols]
+        ylo, yhi = log10(lo), log10(hi)
+    else:
+        ylo, yhi = min(0.0, *cols[0], *cols[1], *cols[2]), hi
+    ky = (_H - _B - 8) / ((yhi - ylo) or 1)
+    top = 4.5 + yhi * ky  # y = 4 + (yhi - v) * ky, rounded to whole pixels (a smaller page)
+    n = len(pts)
+    xy = [0] * (2 * n)
+    xy[::2] = _xs(steps)
+    fmt = _xy_format(n)
+    series = []
+    for name, col in zip(_SERIES, cols):
+        xy[1::2] = [int(top - v * ky) for v in col]
+        series.append((name, fmt % tuple(xy)))  # one C-level format for the whole polyline
+    s0 = steps[0]
+    kx = (_W - _L - 4) / ((steps[-1] - s0) or 1)
+    scales = [(round(_L + (steps[i] - s0) * kx), pxs[i]) for i in range(1, n) if pxs[i] != pxs[i - 1]]
+    return Chart(scales, series, f"{hi:.3g}", f"{lo if log else ylo:.3g}", str(s0),
+                 f"{steps[-1]} steps{' · log' if log else ''}")
 
-    def x(step: int) -> float:
-        return _L + (step - s0) * xs
 
-    def y(v: float) -> float:
-        return 4 + (yhi - f(v)) * ys
+@functools.lru_cache(maxsize=None)
+def _xy_format(n: int) -> str:
+    return " ".join(["%d,%d"] * n)
 
-    scales = [(round(x(b.step)), b.px) for a, b in zip(pts, pts[1:]) if b.px != a.px]  # a new scale starts
-    series = [(name, colour, " ".join(f"{x(p.step):.0f},{y(getattr(p, name)):.0f}" for p in pts))  # whole px
-              for name, colour in _SERIES]
-    return Chart(_W, _H, f"M{_L} 4V{_H - _B}H{_W}", scales, series, f"{hi:.3g}", f"{lo if log else ylo:.3g}",
-                 s0, s1, log, _L)
+
+@functools.lru_cache(maxsize=256)
+def _xs(steps: tuple) -> list[int]:
+    """x of each step, whole pixels (a smaller page): the same for every pair logged at these steps."""
+    s0 = steps[0]
+    kx = (_W - _L - 4) / ((steps[-1] - s0) or 1)
+    return [int(_L + 0.5 + (st - s0) * kx) for st in steps]
 
 
 # -- contact_sheet.jpg -----------------------------------------------------------------------------
@@ -679,7 +778,7 @@ def style_sheet_shape(n_contents: int) -> tuple[int, int]:
 
 def _style_sheet(out: Path, grid: _Grid, style: str, thumbs: Thumbs) -> Image.Image:
     """One style's outputs, labelled with their photos, under a header row with the painting."""
-    cell = SHEET_CELL_PX
+    cell = SHEET_STYLE_CELL_PX
     cols, rows = style_sheet_shape(len(grid.contents))
     sheet = Image.new("RGB", (cols * cell, (rows + 1) * cell), "white")
     draw = ImageDraw.Draw(sheet, "RGBA")
@@ -693,6 +792,38 @@ def _style_sheet(out: Path, grid: _Grid, style: str, thumbs: Thumbs) -> Image.Im
         _sheet_cell(draw, sheet, out, grid.cells.get((content, style)), thumbs, x, y, cell, font)
         _label(draw, x, y, cell, content, font)
     return sheet
+
+
+def _sheet_key(out: Path, grid: _Grid, thumbs: Thumbs, cells: list[tuple[str, str]], layout: object,
+               headers: list[str | None]) -> str:
+    """What a sheet shows: each cell's names, state and thumbnail (with its date), the headers'
+    thumbnails, the layout. Stored in the JPEG's comment, so a report run again over 200,000 pairs
+    redraws only the sheets whose pairs changed."""
+    def mtime(rel: str | None) -> int:
+        try:
+            return os.stat(out / rel).st_mtime_ns if rel else 0
+        except OSError:
+            return 0
+
+    h = hashlib.sha1(repr(layout).encode())
+    for thumb in headers:
+        h.update(repr((thumb, mtime(thumb))).encode())
+    for c, s in cells:
+        r = grid.cells.get((c, s))
+        thumb = thumbs.output.get(r.id) if r is not None and r.state == "done" else None
+        h.update(repr((c, s, r and r.state, r and r.error_kind, thumb, mtime(thumb))).encode())
+    return h.hexdigest()
+
+
+def _sheet_unless_same(path: Path, key: str, make) -> None:
+    try:
+        with Image.open(path) as im:  # reads the header only
+            if im.info.get("comment") == key.encode():
+                return
+    except Exception:  # missing, or not a sheet of ours: make it
+        pass
+    sheet = make()
+    write_atomic(path, lambda f: sheet.save(f, "JPEG", quality=85, comment=key))
 
 
 def _slug(name: str) -> str:
@@ -829,6 +960,16 @@ def _front_context(out: Path, grid: _Grid, settings: dict, s: Summary, thumbs: T
     }
 
 
+_LOSSES = (("content", "content_loss"), ("style", "style_loss"), ("tv", "tv_loss"), ("total", "total_loss"))
+
+
+def _chart(points: list[tuple]) -> Chart | None:
+    try:
+        return loss_chart(points)
+    except (TypeError, ValueError, ZeroDivisionError):  # a damaged stored curve: no chart, not a crash
+        return None
+
+
 def _opt_href(rel: str | None, up: int = 0) -> str | None:
     return None if rel is None else _href(rel, up)
 
@@ -838,23 +979,24 @@ def _anchor(pair_id: int) -> str:
 
 
 def _style_context(out: Path, grid: _Grid, thumbs: Thumbs, page: StylePage, pages: list[StylePage],
-                   curves: _Curves, sheets: dict[int, str]) -> dict:
-    rows = [r for c in page.contents if (r := grid.cells.get((c, page.style))) is not None]
-    points = curves.of(rows)
+                   rows: list[Row], points: dict[int, list], sheets: dict[int, str]) -> dict:
     cards = []
     for r in rows:
         msg = r.error_message or ""
         on_disk = r.id in grid.on_disk
+        thumb = thumbs.output.get(r.id)
+        src = thumbs.content.get(r.content)
         cards.append({
             "id": _anchor(r.id), "content": r.content, "state": r.state, "name": f"{r.style} × {r.content}",
             "kind": r.error_kind or "failed", "message": msg, "short": msg if len(msg) <= 160 else msg[:157] + "…",
             "href": _href(r.output, 1) if on_disk else None,
-            "thumb": _opt_href(thumbs.output.get(r.id), 1) if on_disk else None,
-            "src": _opt_href(thumbs.content.get(r.content), 1), "note": r.note, "attempts": r.attempts,
-            "steps": _num(shown(r, "steps"), "{}"), "seconds": _num(shown(r, "seconds"), "{:.1f}"),
-            "losses": [(name, _num(shown(r, col))) for name, col in (
-                ("content", "content_loss"), ("style", "style_loss"), ("tv", "tv_loss"), ("total", "total_loss"))],
-            "chart": loss_chart(points.get(r.id, [])),
+            # Thumbnail names are ours (hex digits): nothing to percent-encode.
+            "thumb": "../" + thumb if on_disk and thumb else None, "src": "../" + src if src else None,
+            "note": r.note,
+            "meta": f"attempts {r.attempts} · steps {_num(shown(r, 'steps'), '{}') or '-'} · "
+                    f"{_num(shown(r, 'seconds'), '{:.1f}') or '-'} s",
+            "losses": " · ".join(f"{name} {v}" for name, col in _LOSSES if (v := _num(shown(r, col)))),
+            "chart": _chart(points.get(r.id, [])),
         })
     mine = [p for p in pages if p.k == page.k]
     all_rows = [r for c in grid.contents if (r := grid.cells.get((c, page.style))) is not None]
