@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping
 from .errors import ConfigError
 from .files import LEDGER
 
-SCHEMA_VERSION = 3  # 2: the workers table; 3: the files table and the (state, style) index
+SCHEMA_VERSION = 4  # 2: the workers table; 3: the files table and the (state, style) index; 4: pairs.curve
 FILENAME = LEDGER
 STATES = ("pending", "running", "done", "failed")
 
@@ -85,6 +85,14 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style);
 """
 
+# Schema 4. A done pair's loss curve, thinned (losslog.curve_record): the report draws it without
+# reading losses.csv. Not a Row field: 200,000 of them are read a page at a time (Ledger.curves).
+_CURVE = "ALTER TABLE pairs ADD COLUMN curve TEXT"
+
+COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
+           "error_kind", "error_message", "note", "worker", "heartbeat", "started_at", "finished_at", "seconds",
+           "steps", "content_loss", "style_loss", "tv_loss", "total_loss")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -110,6 +118,14 @@ class Row:
     style_loss: float | None
     tv_loss: float | None
     total_loss: float | None
+
+
+_SELECT = ", ".join(COLUMNS)
+
+
+def _row(r: sqlite3.Row) -> Row:
+    """A Row from `SELECT *`, whatever columns the schema adds (the curve is not a Row field)."""
+    return Row(*(r[c] for c in COLUMNS))
 
 
 def worker_id() -> str:
@@ -145,7 +161,7 @@ def _live(state: str, heartbeat: float | None, worker: str | None, now: float, l
     return state == "running" and (heartbeat or 0) > now - lease_s and not _is_dead(worker)
 
 
-def _output_exists(out: Path) -> Callable[[str], bool]:
+def output_exists(out: Path) -> Callable[[str], bool]:
     """rel path -> is it a file in `out`. One directory listing per folder instead of one stat per
     pair (200,000 done pairs live in 20 folders). A name not in the listing is asked of the file
     system itself, which also settles names it compares otherwise (case, Unicode normalization)."""
@@ -170,7 +186,7 @@ def _output_exists(out: Path) -> Callable[[str], bool]:
 _STEP = 16
 _CLAIMED = ("state='running', worker=?, heartbeat=?, started_at=?, attempts=attempts+1, error_kind=NULL, "
             "error_message=NULL, note=NULL, steps=NULL, seconds=NULL, content_loss=NULL, style_loss=NULL, "
-            "tv_loss=NULL, total_loss=NULL")
+            "tv_loss=NULL, total_loss=NULL, curve=NULL")
 
 
 class Ledger:
@@ -232,6 +248,8 @@ class Ledger:
                 for stmt in _FILES.strip().split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+            if version is None or version < 4:  # 3 -> 4: a new nullable column, NULL for pairs made before
+                self.db.execute(_CURVE)
             if version != SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("COMMIT")
@@ -331,7 +349,7 @@ class Ledger:
         """
         now = time.time()
         counts = {"new": 0, "redo": 0, "dropped": 0}
-        exists = _output_exists(out)
+        exists = output_exists(out)
         inserts, resets, moves = [], [], []
         with self._tx():
             cur = self.db.cursor()
@@ -419,7 +437,7 @@ class Ledger:
         """The pair a claim would most likely take next, without claiming it (for prefetching)."""
         self._set_only(only)
         r = self._next(only, None, recipes, None)
-        return None if r is None else Row(**dict(r))
+        return None if r is None else _row(r)
 
     def _next(self, only: set[int] | None, style: str | None, recipes: Recipes | None,
               stale: tuple[float, float] | None, claiming: bool = False) -> sqlite3.Row | None:
@@ -506,12 +524,13 @@ class Ledger:
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
              total: float, note: str | None = None, finished_at: float | None = None,
-             recipe: str | None = None) -> bool:
+             recipe: str | None = None, curve: str | None = None) -> bool:
         """Mark done a pair this worker made with `recipe` (the recipe it claimed the pair under).
-        False when the claim is no longer this worker's or the pair's recipe has changed since."""
+        False when the claim is no longer this worker's or the pair's recipe has changed since.
+        `curve`: its loss curve as losslog.curve_record makes it (a small JSON list), or None."""
         return self._finish(pair_id, worker,
-                            "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
-                            (steps, content, style, tv, total, note), finished_at, recipe)
+                            "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?, "
+                            "curve=?", (steps, content, style, tv, total, note, curve), finished_at, recipe)
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",
@@ -528,10 +547,10 @@ class Ledger:
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, pair_id: int) -> Row:
-        return Row(**dict(self.db.execute("SELECT * FROM pairs WHERE id=?", (pair_id,)).fetchone()))
+        return _row(self.db.execute("SELECT * FROM pairs WHERE id=?", (pair_id,)).fetchone())
 
     def rows(self) -> list[Row]:
-        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs ORDER BY id")]
+        return [Row(*r) for r in self.db.execute(f"SELECT {_SELECT} FROM pairs ORDER BY id")]
 
     def outputs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT output FROM pairs")]
@@ -549,12 +568,26 @@ class Ledger:
         """The n done pairs with the highest `column` (ties: lowest id first)."""
         if column not in ("seconds", "total_loss"):
             raise ValueError(column)
-        return [Row(**dict(r)) for r in self.db.execute(
+        return [_row(r) for r in self.db.execute(
             f"SELECT * FROM pairs WHERE state='done' AND {column} IS NOT NULL ORDER BY {column} DESC, id LIMIT ?",
             (n,))]
 
+    def curves(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> stored curve (JSON text) of those pairs that have one. Looked up by id, a page's
+        pairs at a time, so the report never holds 200,000 curves. Empty for a ledger from before
+        schema 4 (read as it is)."""
+        if "curve" not in {r[1] for r in self.db.execute("PRAGMA table_info(pairs)")}:
+            return {}
+        ids = list(ids)
+        got: dict[int, str] = {}
+        for i in range(0, len(ids), 500):  # well under SQLite's limit on bound parameters
+            chunk = ids[i:i + 500]
+            got.update(self.db.execute(f"SELECT id, curve FROM pairs WHERE curve IS NOT NULL AND id IN "
+                                       f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        return got
+
     def failed_rows(self) -> list[Row]:
-        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs WHERE state='failed' ORDER BY id")]
+        return [_row(r) for r in self.db.execute("SELECT * FROM pairs WHERE state='failed' ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(STATES, 0)

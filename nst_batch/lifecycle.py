@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import EXIT_SIGINT, EXIT_SIGTERM
-from .files import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
+from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS
 from .ledger import Ledger
 from .losslog import LOSS_LOG
 
@@ -98,7 +98,7 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
     folder shared between machines (where a PID means nothing), they are older than any write takes.
 
     Only our own: the temporaries files.write_atomic makes for a file nst-batch writes (an output of
-    `outputs`, the report's files, a thumbnail) and the one older loss logs were made through. A
+    `outputs`, the report's files and pages, a thumbnail or contact sheet) and the one older loss logs were made through. A
     user's `.notes.123.tmp` in OUT is none of these and stays."""
     ours = {*outputs, LOSS_LOG, REPORT_HTML, SUMMARY_CSV, CONTACT_SHEET}
     removed = 0
@@ -106,7 +106,9 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
     for tmp in out.rglob(".*.tmp"):
         target, _, pid = tmp.name[1:-4].rpartition(".")
         rel = tmp.parent.relative_to(out) / target
-        if not (rel.as_posix() in ours or (rel.parent.as_posix() == THUMBS and target.endswith(".jpg"))):
+        folder = rel.parent.as_posix()
+        if not (rel.as_posix() in ours or (folder in (THUMBS, SHEETS) and target.endswith(".jpg"))
+                or (folder == STYLES and target.endswith(".html"))):
             continue
         try:
             old = now - tmp.stat().st_mtime > min_age_s

@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import images
-from .engine import Engine, Job, Made, encode
+from .engine import Engine, Job, Made, encode, to_pil
 from .errors import PairError
-from .files import write_atomic
+from .files import thumb_path, write_atomic
 from .ledger import Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals, remove_stale_temporaries
-from .losslog import LossLog
+from .losslog import LossLog, curve_record
 from .manifest import Settings
 from .names import skipped_line
 from .plan import HashCache, Pair, make_plan, recipe_settings
@@ -119,13 +119,17 @@ class _BackgroundIO:
         self.last = (path, im)
         return im
 
-    def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int) -> None:
+    def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int, thumb: Path) -> None:
         def save() -> float:
             try:
                 data = encode(made.image, fmt, quality)
                 write_atomic(path, lambda f: f.write(data))
             except OSError as e:
                 raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
+            try:  # after the output, so the thumbnail is the newer file; the report makes it if this fails
+                images.write_thumbnail(thumb, to_pil(made.image))
+            except OSError:
+                pass
             return time.time()  # the pair's end: the ledger may hear of it a little later
 
         self.writes.append((row, self.pool.submit(save), made))
@@ -174,7 +178,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                 continue
             f = made.final
             recorded = ledger.done(row.id, worker, made.steps, f.content, f.style, f.tv, f.total, made.note,
-                                   finished_at, recipe=row.recipe)
+                                   finished_at, recipe=row.recipe, curve=curve_record(made.logs))
             beat.drop(row.id)
             if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
                 display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "
@@ -234,7 +238,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, 
                     if m.error is not None:  # this pair failed; the others of its batch go on
                         record_failure(r, m.error)
                         continue
-                    io.write(r, m, out / r.output, s.format, s.quality)
+                    io.write(r, m, out / r.output, s.format, s.quality, out / thumb_path("o", r.output))
                     writing.add(r.id)
                 signals.check()
                 settle()

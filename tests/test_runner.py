@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from PIL import Image
 from rich.console import Console
 
 from nst_batch import engine as engine_mod
@@ -119,3 +120,24 @@ def test_style_targets_outlive_their_decoded_images(fast_settings, tmp_path, mon
     assert len(engine._style_images) == 1 and len(engine._style_targets) == 3
     # square is 32x32, wide 32x20 at full size: the same long side, so one pass per style.
     assert engine.style_passes == 3
+
+
+def test_a_run_leaves_each_outputs_thumbnail_and_curve_for_the_report(fast_settings):
+    """At 200,000 pairs the report must not decode outputs or read losses.csv again: the runner writes
+    each output's thumbnail from the image in memory and stores its thinned loss curve in the ledger."""
+    from nst_batch import losslog
+    from nst_batch.files import thumb_path
+    from nst_batch.ledger import Ledger
+
+    s = fast_settings.replace(steps=3)
+    assert runner.run(s, Display(Console(quiet=True))).made == 6
+    with Ledger(s.out, readonly=True) as ledger:
+        rows = ledger.rows()
+        curves = ledger.curves([r.id for r in rows])
+    for r in rows:
+        thumb = s.out / thumb_path("o", r.output)
+        assert thumb.stat().st_mtime >= (s.out / r.output).stat().st_mtime  # newer: the report keeps it
+        with Image.open(thumb) as im, Image.open(s.out / r.output) as full:
+            assert im.size == full.size  # a 48 px output is under the thumbnail size: not enlarged
+        points = losslog.parse_curve(curves[r.id])
+        assert points and points[-1][0] == r.steps and abs(points[-1][4] - r.total_loss) <= 1e-3 * r.total_loss
