@@ -110,7 +110,7 @@ def _stored_settings(out: Path) -> manifest.Settings:
     from .ledger import Ledger
 
     with Ledger(out, readonly=True) as ledger:
-        stored = ledger.get_meta("settings")
+        stored = ledger.stored_settings()
     if not stored:
         raise manifest.ConfigError(f"{out}: the ledger holds no settings; run 'nst-batch run' first")
     return manifest.apply(manifest.Settings(), stored, f"{out}/ledger.sqlite")

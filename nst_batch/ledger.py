@@ -278,6 +278,15 @@ class Ledger:
         r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(r[0]) if r else default
 
+    def store_settings(self, settings: dict[str, Any]) -> None:
+        """The manifest's settings of the last `run` (Settings.to_dict, folders absolute): `retry` re-runs
+        failed pairs with them, the report shows them. The one writer; `stored_settings` the one reader."""
+        self.set_meta("settings", settings)
+
+    def stored_settings(self) -> dict[str, Any]:
+        value = self.get_meta("settings")
+        return value if isinstance(value, dict) else {}
+
     # -- workers and their settings ------------------------------------------------------------
     def register(self, worker: str, settings: dict[str, Any], lease_s: float) -> None:
         """Record that `worker` makes pixels with `settings` (plan.recipe_settings). ConfigError, one

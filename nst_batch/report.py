@@ -77,7 +77,7 @@ OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start 
 def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
     ledger = Ledger(out, readonly=True)
     try:
-        return ledger.rows(), ledger.get_meta("settings", {}) or {}, skipped_from(ledger.get_meta("skipped"))
+        return ledger.rows(), ledger.stored_settings(), skipped_from(ledger.get_meta("skipped"))
     finally:
         ledger.close()
 

@@ -60,7 +60,7 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
                 only = set(ledger.requeue_failed(only_failed_kinds, plan))
             else:
                 ledger.sync(plan, out, settings.lease_s)
-                ledger.set_meta("settings", _absolute(settings).to_dict())
+                ledger.store_settings(_absolute(settings).to_dict())
                 ledger.set_meta("skipped", [k.to_dict() for k in plan.skipped])  # for the report
             if plan.skipped:
                 display.note(f"{skipped_line(plan.skipped)}; report.html names them")
