@@ -8,10 +8,16 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
+SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
 REPORT_HTML = "report.html"
 SUMMARY_CSV = "summary.csv"
 CONTACT_SHEET = "contact_sheet.jpg"
 THUMBS = "thumbs"
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Does `folder` hold a run's ledger: an unsharded one, or a shard's in folder/shards/K-of-N/?"""
+    return (folder / LEDGER).is_file() or any((folder / SHARDS).glob(f"*-of-*/{LEDGER}"))
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:

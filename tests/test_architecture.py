@@ -19,6 +19,7 @@ LAYERS = [
     {"losses"},
     {"manifest"},
     {"plan"},
+    {"shards"},
     {"ledger"},
     {"optimize"},
     {"pyramid"},
