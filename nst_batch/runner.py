@@ -44,14 +44,14 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     `shards`: the ledgers to work through, one after the other: None is OUT's own (an unsharded
     run), a Shard is that shard's ledger and its pairs only (`--shard K/N`; a plain `retry` of a
     sharded folder passes all of them). The model is loaded and the inputs planned once for all."""
+    out = settings.out
+    for shard in shards:  # first: a layout mistake costs no model load and no hashing
+        check_layout(out, shard)
     # The model and device first: a weights typo must fail before the ledger is touched, or the
     # recipe change it implies would send every finished pair back to pending.
     engine = Engine(settings)
     # The engine resolved precision for its device (auto: bf16 on CUDA, fp32 elsewhere): the recipe records that.
     resolved = engine.settings
-    out = settings.out
-    for shard in shards:  # before planning: a layout mistake costs no hashing
-        check_layout(out, shard)
     first = shards[0].folder(out) if shards[0] is not None else out
     hashes = HashCache(Ledger.stored_hashes(first))  # inputs unchanged since the last plan are not read
     plan = make_plan(resolved, hashes)
