@@ -54,7 +54,7 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
     resolved = engine.settings
     first = shards[0].folder(out) if shards[0] is not None else out
     hashes = HashCache(Ledger.stored_hashes(first))  # inputs unchanged since the last plan are not read
-    plan = make_plan(resolved, hashes)
+    plan = make_plan(resolved, _only_for(resolved, shards, hashes))
     out.mkdir(parents=True, exist_ok=True)
     result = RunResult()
     for shard in shards:
@@ -63,6 +63,19 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
         result.failed += got.failed
         result.failures += got.failures
     return result
+
+
+def _only_for(settings: Settings, shards: Sequence[Shard | None], hashes: HashCache):
+    """The hash function for the plan: `hashes` itself, or, sharded, one that reads only the inputs of
+    the shards' own pairs (found by a first plan that reads no file). Each of 64 array tasks
+    would otherwise read the whole collection from shared storage on its first start; a pair of
+    another shard gets a placeholder recipe, and is dropped from this run's plan anyway."""
+    if any(s is None for s in shards):
+        return hashes
+    names = make_plan(settings, lambda path: "")
+    needed = {str(x) for p in names if any(s.owns(p.content, p.style) for s in shards)
+              for x in (p.content_path, p.style_path)}
+    return lambda path: hashes(path) if str(path) in needed else "not-this-shard"
 
 
 def _run_ledger(settings: Settings, engine: Engine, plan: Plan, hashes: HashCache, display: Display,

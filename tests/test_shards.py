@@ -376,3 +376,26 @@ def test_a_live_worker_of_another_host_keeps_its_shard(tmp_path):
         finally:
             stop.set()
             t.join()
+
+
+def test_a_shard_reads_only_the_inputs_of_its_own_pairs(collection, monkeypatch):
+    """64 array tasks on one collection: each hashes the files its pairs use, not the whole collection."""
+    from nst_batch import plan as plan_module
+    from nst_batch import runner
+
+    content, styles, out, args = collection
+    read = []
+    real = plan_module.file_hash
+
+    class Counting(plan_module.HashCache):
+        def __init__(self, known=None):
+            super().__init__(known, read=lambda p: read.append(p.name) or real(p))
+
+    monkeypatch.setattr(runner, "HashCache", Counting)
+    shard = Shard(8, 3)
+    mine = {p for p in names(content, styles) if shard.owns(*p)}
+    assert mine and len(mine) < 10
+    run_here(settings_of(content, styles, out), shard)
+    assert set(read) == {c for c, _ in mine} | {s for _, s in mine}
+    with Ledger(shard.folder(out), readonly=True) as led:
+        assert {(r.content, r.style) for r in led.rows() if r.state == "done"} == mine
