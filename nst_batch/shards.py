@@ -82,7 +82,7 @@ def parse(text: str, env: Mapping[str, str] | None = None) -> Shard:
     if "JOB_COMPLETION_INDEX" in env:
         if COUNT_ENV not in env:
             raise ConfigError(f"--shard auto: JOB_COMPLETION_INDEX is set but {COUNT_ENV} is not; set it to "
-                              "the Job's completions (or pass --shard $(JOB_COMPLETION_INDEX)/N)")
+                              "the Job's completions")
         return _make(_int(env["JOB_COMPLETION_INDEX"], "JOB_COMPLETION_INDEX"), _int(env[COUNT_ENV], COUNT_ENV),
                      "JOB_COMPLETION_INDEX")
     raise ConfigError("--shard auto: neither SLURM_ARRAY_TASK_ID (a SLURM array task) nor JOB_COMPLETION_INDEX "
