@@ -9,6 +9,7 @@ from typing import BinaryIO, Callable
 import hashlib
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
+SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
 REPORT_HTML = "report.html"
 SUMMARY_CSV = "summary.csv"
 CONTACT_SHEET = "contact_sheet.jpg"
@@ -22,6 +23,11 @@ def thumb_path(kind: str, source: str) -> str:
     (a content or style image, by its path). Hashed: names are user data (any characters, any length,
     case-only differences)."""
     return f"{THUMBS}/{kind}-{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Does `folder` hold a run's ledger: an unsharded one, or a shard's in folder/shards/K-of-N/?"""
+    return (folder / LEDGER).is_file() or any((folder / SHARDS).glob(f"*-of-*/{LEDGER}"))
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:

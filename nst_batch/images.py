@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import PairError
-from .files import LEDGER as LEDGER_FILENAME, write_atomic
+from .files import is_output_folder, write_atomic
 from .names import Skipped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -146,7 +146,7 @@ def scan(root: Path, key: str = "content", skip: Path | None = None) -> Found:
         for n in sorted(dirnames):
             p = d / n
             reason = ("hidden_folder" if n.startswith(".") else "folder_link" if p.is_symlink()
-                      else "output_folder" if _same_folder(p, skip_id) or (p / LEDGER_FILENAME).is_file()
+                      else "output_folder" if _same_folder(p, skip_id) or is_output_folder(p)
                       else None)
             if reason:
                 skipped.append(Skipped(key, rel(p, True), reason))

@@ -12,6 +12,11 @@ Sized for whole collections (10,000 photos x 20 styles = 200,000 pairs): a claim
 `ORDER BY id LIMIT` query, the same cost whatever the ledger holds; `sync` of an unchanged plan
 writes nothing; `status` reads aggregates, not rows; input hashes are kept (table `files`) so an
 unchanged file is not read again.
+
+A shard's ledger (OUT/shards/K-of-N/ledger.sqlite, see shards.py) is in rollback-journal mode
+instead (journal_mode=DELETE, synchronous=FULL): WAL needs shared memory between the processes, which a
+network filesystem does not give, and a shard has one writer host. `open_ledgers` reads all of an
+output folder's ledgers as one (`LedgerSet`), for `status`, `report` and `retry`.
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ import os
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as _replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
-from .files import LEDGER
+from .files import LEDGER, SHARDS
+from .shards import Shard, found
 
 SCHEMA_VERSION = 4  # 2: the workers table; 3: the files table and the (state, style) index; 4: pairs.curve
 FILENAME = LEDGER
@@ -203,9 +209,15 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self._only: frozenset[int] | None = None  # the ids in temp.claim_only
         self._floors: dict[str | None, int] = {}
+        # Decided by where the file is, so every opener (a worker, its heartbeat thread) agrees.
+        self.shard_ledger = out.parent.name == SHARDS
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if self.shard_ledger:
+                self.db.execute("PRAGMA journal_mode=DELETE")
+                self.db.execute("PRAGMA synchronous=FULL")  # NORMAL can lose a commit in rollback mode
+            else:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.db.close()
@@ -309,6 +321,12 @@ class Ledger:
                                       "output folder")
             self.db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?)",
                             (worker, json.dumps(mine, sort_keys=True), lease_s, now, now))
+
+    def live_workers(self) -> list[tuple[str, float, float]]:
+        """(worker, seconds since its heartbeat, its lease_s) of every registered worker still live."""
+        now = time.time()
+        return [(r["worker"], now - r["heartbeat"], r["lease_s"]) for r in self.db.execute("SELECT * FROM workers")
+                if r["heartbeat"] > now - r["lease_s"] and not _is_dead(r["worker"])]
 
     def worker_heartbeat(self, worker: str) -> None:
         with self._tx():
@@ -603,6 +621,110 @@ class Ledger:
         for state, n in self.db.execute("SELECT state, COUNT(*) FROM pairs GROUP BY state"):
             c[state] = n
         return c
+
+
+class LedgerSet:
+    """Every ledger of an output folder read as one: the unsharded run's, or each shard's. Read-only.
+
+    The read methods of `Ledger` that `status` and the report use. Ids are made unique across
+    shards (local id x N + K), so a row's id names it in the union but not in its shard's ledger."""
+
+    def __init__(self, parts: list[tuple[Shard | None, Ledger]]):
+        self.parts = parts
+        self.shards = [s for s, _ in parts if s is not None]
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folder of each ledger: its loss log (losslog.LOSS_LOG) lies beside it."""
+        return [led.path.parent for _, led in self.parts]
+
+    def close(self) -> None:
+        for _, led in self.parts:
+            led.close()
+
+    def __enter__(self) -> "LedgerSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _rows(self, pick: Callable[[Ledger], list[Row]]) -> list[Row]:
+        rows = []
+        for shard, led in self.parts:
+            got = pick(led)
+            rows += got if shard is None else [_replace(r, id=r.id * shard.count + shard.index) for r in got]
+        return rows
+
+    def rows(self) -> list[Row]:
+        return sorted(self._rows(Ledger.rows), key=lambda r: r.id)
+
+    def failed_rows(self) -> list[Row]:
+        return sorted(self._rows(Ledger.failed_rows), key=lambda r: r.id)
+
+    def top_done(self, column: str, n: int) -> list[Row]:
+        rows = self._rows(lambda led: led.top_done(column, n))
+        return sorted(rows, key=lambda r: (-getattr(r, column), r.id))[:n]
+
+    def outputs(self) -> list[str]:
+        return [o for _, led in self.parts for o in led.outputs()]
+
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(STATES, 0)
+        for _, led in self.parts:
+            for k, v in led.counts().items():
+                c[k] += v
+        return c
+
+    def done_seconds(self) -> tuple[list[float], float | None, float | None]:
+        secs, firsts, lasts = [], [], []
+        for _, led in self.parts:
+            s, first, last = led.done_seconds()
+            secs += s
+            firsts += [first] if first is not None else []
+            lasts += [last] if last is not None else []
+        return secs, min(firsts, default=None), max(lasts, default=None)
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """The first shard's value that is set (every shard of one manifest stores the same settings)."""
+        for _, led in self.parts:
+            v = led.get_meta(key)
+            if v is not None:
+                return v
+        return default
+
+    def live_workers(self) -> list[tuple[str, float, float]]:
+        return [w for _, led in self.parts for w in led.live_workers()]
+
+    def stored_settings(self) -> dict[str, Any]:
+        return next((d for _, led in self.parts if (d := led.stored_settings())), {})
+
+    def curves(self, ids: Iterable[int]) -> dict[int, str]:
+        """Ledger.curves by union id (local id x N + K for a shard)."""
+        ids = list(ids)
+        got: dict[int, str] = {}
+        for shard, led in self.parts:
+            if shard is None:
+                got |= led.curves(ids)
+                continue
+            mine = {i // shard.count: i for i in ids if i % shard.count == shard.index}
+            got |= {mine[local]: c for local, c in led.curves(mine).items()}
+        return got
+
+
+def open_ledgers(out: Path) -> LedgerSet:
+    """All ledgers of OUT, read-only: OUT/ledger.sqlite, or every OUT/shards/K-of-N/ledger.sqlite.
+    ConfigError when there is none."""
+    shards = found(out)
+    if not shards:
+        return LedgerSet([(None, Ledger(out, readonly=True))])
+    parts: list[tuple[Shard | None, Ledger]] = []
+    try:
+        for s in shards:
+            parts.append((s, Ledger(s.folder(out), readonly=True)))
+    except BaseException:
+        LedgerSet(parts).close()
+        raise
+    return LedgerSet(parts)
 
 
 class _Tx:

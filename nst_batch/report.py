@@ -47,7 +47,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path, write_atomic, write_text_atomic
-from .ledger import Ledger, Row, output_exists
+from .ledger import LedgerSet, Row, open_ledgers, output_exists
 from .images import THUMB_PX, shrink
 from .losslog import CURVE_MAX_POINTS, LOSS_LOG, Point, parse_curve, read_curves, thin
 from .status import Summary, _dur, retry_commands, summarize
@@ -75,11 +75,8 @@ OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start 
 # -- terminal -------------------------------------------------------------------------------------
 
 def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
-    ledger = Ledger(out, readonly=True)
-    try:
-        return ledger.rows(), ledger.stored_settings(), skipped_from(ledger.get_meta("skipped"))
-    finally:
-        ledger.close()
+    with open_ledgers(out) as ledgers:  # one ledger, or every shard's (issue 11)
+        return ledgers.rows(), ledgers.stored_settings(), skipped_from(ledgers.get_meta("skipped"))
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -132,7 +129,7 @@ class _PageJob:
 def _write_pages(job: _PageJob, which: Iterable[int]) -> list[Path]:
     """Each page unless the page there already shows the same pairs the same way (its key, in a comment
     at its top): a report run again over a finished collection rewrites only what changed."""
-    ledger = Ledger(job.out, readonly=True)
+    ledger = open_ledgers(job.out)
     try:
         curves = _Curves(ledger, job.log, job.rows)
         written = []
@@ -330,7 +327,7 @@ class _Curves:
     without one (a run from before schema 4, a failed or running pair) losses.csv, read once and only
     when it is under CURVE_CSV_MAX_BYTES (at 200,000 pairs it holds millions of rows)."""
 
-    def __init__(self, ledger: Ledger, log: Path, rows: list[Row]):
+    def __init__(self, ledger: LedgerSet, log: Path, rows: list[Row]):
         self.ledger, self.log, self.rows = ledger, log, rows
         self._csv: dict[tuple[str, str], list[Point]] | None = None
 

@@ -9,21 +9,24 @@ temporary-file cleanup are `lifecycle`'s.
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from . import images
 from .engine import Engine, Job, Made, encode, to_pil
-from .errors import PairError
+from .errors import ConfigError, PairError
 from .files import thumb_path, write_atomic
 from .ledger import Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals, remove_stale_temporaries
 from .losslog import LossLog, curve_record
 from .manifest import Settings
 from .names import skipped_line
-from .plan import HashCache, Pair, make_plan, recipe_settings
+from .plan import HashCache, Pair, Plan, make_plan, recipe_settings
+from .shards import Shard, check_layout, claim_layout
 from .progress import Display
 
 
@@ -35,24 +38,66 @@ class RunResult:
 
 
 def run(settings: Settings, display: Display, only_failed_kinds: list[str] | None = None,
-        retry: bool = False) -> RunResult:
-    """Make every pair of the plan that is not done yet. With retry=True, only the failed ones."""
+        retry: bool = False, shards: Sequence[Shard | None] = (None,)) -> RunResult:
+    """Make every pair of the plan that is not done yet. With retry=True, only the failed ones.
+
+    `shards`: the ledgers to work through, one after the other: None is OUT's own (an unsharded
+    run), a Shard is that shard's ledger and its pairs only (`--shard K/N`; a plain `retry` of a
+    sharded folder passes all of them). The model is loaded and the inputs planned once for all."""
+    out = settings.out
+    for shard in shards:  # first: a layout mistake costs no model load and no hashing
+        check_layout(out, shard)
     # The model and device first: a weights typo must fail before the ledger is touched, or the
     # recipe change it implies would send every finished pair back to pending.
     engine = Engine(settings)
     # The engine resolved precision for its device (auto: bf16 on CUDA, fp32 elsewhere): the recipe records that.
     resolved = engine.settings
-    hashes = HashCache(Ledger.stored_hashes(settings.out))  # inputs unchanged since the last plan are not read
-    plan = make_plan(resolved, hashes)
-    out = settings.out
+    first = shards[0].folder(out) if shards[0] is not None else out
+    hashes = HashCache(Ledger.stored_hashes(first))  # inputs unchanged since the last plan are not read
+    plan = make_plan(resolved, _only_for(resolved, shards, hashes))
     out.mkdir(parents=True, exist_ok=True)
+    result = RunResult()
+    for shard in shards:
+        got = _run_ledger(settings, engine, plan, hashes, display, only_failed_kinds, retry, shard)
+        result.made += got.made
+        result.failed += got.failed
+        result.failures += got.failures
+    return result
+
+
+def _only_for(settings: Settings, shards: Sequence[Shard | None], hashes: HashCache):
+    """The hash function for the plan: `hashes` itself, or, sharded, one that reads only the inputs of
+    the shards' own pairs (found by a first plan that reads no file). Each of 64 array tasks
+    would otherwise read the whole collection from shared storage on its first start; a pair of
+    another shard gets a placeholder recipe, and is dropped from this run's plan anyway."""
+    if any(s is None for s in shards):
+        return hashes
+    names = make_plan(settings, lambda path: "")
+    needed = {str(x) for p in names if any(s.owns(p.content, p.style) for s in shards)
+              for x in (p.content_path, p.style_path)}
+    return lambda path: hashes(path) if str(path) in needed else "not-this-shard"
+
+
+def _run_ledger(settings: Settings, engine: Engine, plan: Plan, hashes: HashCache, display: Display,
+                only_failed_kinds: list[str] | None, retry: bool, shard: Shard | None) -> RunResult:
+    resolved = engine.settings
+    out = settings.out
+    if shard is not None:
+        plan = Plan([p for p in plan if shard.owns(p.content, p.style)], plan.skipped)
+    # A retry needs the ledger there already; a run makes the shard's folder (refusing another count).
+    folder = (shard.folder(out) if shard is not None else out) if retry else claim_layout(out, shard)
+    where = f"shard {shard}: " if shard is not None else ""
     worker = worker_id()
-    with Ledger(out) as ledger:
+    with Ledger(folder, create=not retry) as ledger:
+        if shard is not None:
+            _one_host(ledger, display, shard)
         try:
             # Before anything changes: a live worker with other pixel settings refuses us (ConfigError).
             ledger.register(worker, recipe_settings(resolved), settings.lease_s)
             ledger.store_hashes(*hashes.changes())
-            remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs())
+            # Sharded, OUT is shared with other hosts, whose PIDs mean nothing here: only this shard's
+            # own outputs are judged by PID, the report's files by age alone.
+            remove_stale_temporaries(out, [p.output for p in plan] + ledger.outputs(), shared=shard is not None)
             only = None
             if retry:
                 # Only the failed pairs change: their recipe becomes this retry's, the rest of the
@@ -69,16 +114,37 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
             todo = len(only) if only is not None else counts["pending"] + counts["running"]
             skipped_failed = 0 if retry else counts["failed"]
             if skipped_failed:
-                display.note(f"{skipped_failed} failed pair(s) from earlier runs are left alone; "
-                             f"'nst-batch retry {out}' re-runs them")
+                again = f"nst-batch retry {out}" + (f" --shard {shard}" if shard is not None else "")
+                display.note(f"{where}{skipped_failed} failed pair(s) from earlier runs are left alone; "
+                             f"'{again}' re-runs them")
             if todo == 0:
                 what = "no failed pairs to retry" if retry else f"all {already} pair(s) are done or failed"
-                display.note(f"nothing to do in {out}: {what}")
+                display.note(f"{where}nothing to do in {out}: {what}")
                 return RunResult()
-            display.note(f"{todo} pair(s) to make on {engine.device}, {already} already done")
-            return _work(ledger, engine, display, only, already, todo, {(p.content, p.style): p for p in plan}, worker)
+            display.note(f"{where}{todo} pair(s) to make on {engine.device}, {already} already done")
+            return _work(ledger, engine, display, only, already, todo, {(p.content, p.style): p for p in plan},
+                         worker, folder)
         finally:
             ledger.unregister(worker)
+
+
+def _one_host(ledger: Ledger, display: Display, shard: Shard) -> None:
+    """A shard's ledger has one writer host (SQLite locking over a network filesystem is not to be
+    trusted between hosts). A worker of another host still registered may be one that died (a node
+    lost, its task requeued here): wait for its registration to lapse; one that keeps beating is
+    alive, and this run stops (exit 2)."""
+    me = socket.gethostname()
+    deadline = None
+    while others := [w for w in ledger.live_workers() if w[0].rpartition(":")[0] != me]:
+        worker, age, lease_s = others[0]
+        if deadline is None:
+            deadline = time.monotonic() + max(lease - a for _, a, lease in others) + 1
+            display.note(f"shard {shard}: {worker} was live {age:.0f}s ago; waiting up to "
+                         f"{deadline - time.monotonic():.0f}s for its lease to lapse (one host per shard)")
+        elif time.monotonic() > deadline:
+            raise ConfigError(f"--shard {shard}: {worker} is still running this shard on {ledger.path.parent}; "
+                              "one host per shard: run another shard, or stop that one first")
+        time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
 
 
 def _absolute(settings: Settings) -> Settings:
@@ -150,14 +216,15 @@ class _BackgroundIO:
 
 
 def _work(ledger: Ledger, engine: Engine, display: Display, only, already: int, todo: int,
-          pairs: dict[tuple[str, str], Pair], worker: str) -> RunResult:
+          pairs: dict[tuple[str, str], Pair], worker: str, folder: Path) -> RunResult:
+    """`folder`: where the ledger and the loss log are (OUT, or a shard's folder); images go to OUT."""
     s = engine.settings
     out = s.out
     recipes = {k: p.recipe for k, p in pairs.items()}
     result = RunResult()
-    loss_log = LossLog(out)
+    loss_log = LossLog(folder)
     io = _BackgroundIO(s.max_megapixels)
-    beat = Heartbeat(out, worker, every=max(1.0, s.lease_s / 4))
+    beat = Heartbeat(folder, worker, every=max(1.0, s.lease_s / 4))
     steps_per_pair = s.steps * len(s.scales)
     writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
 

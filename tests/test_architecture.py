@@ -20,6 +20,7 @@ LAYERS = [
     {"losses"},
     {"manifest"},
     {"plan"},
+    {"shards"},
     {"ledger"},
     {"optimize"},
     {"pyramid"},
