@@ -43,7 +43,7 @@ def synthesize(out: Path, n_contents: int, n_styles: int) -> None:
     styles = [src / "styles" / f"style_{j:02d}.jpg" for j in range(n_styles)]
     for p in contents + styles:
         _image(p, 256, 192, rng, "JPEG")
-    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{c.stem}.png", "r", "", "") for s in styles for c in contents]
+    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{c.stem}.png", "r", "") for s in styles for c in contents]
     ledger = Ledger(out)
     try:
         ledger.sync(pairs, out, lease_s=60)

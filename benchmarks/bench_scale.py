@@ -19,7 +19,11 @@ command pays (imports included) and its peak memory is its own:
                run again: each output's presence is checked). Marks every pair done: run it after
                `claims` and `status`;
 - report:      `write_report` on a ledger where every pair is done (outputs are hard links to one
-               tiny PNG, losses.csv has 15 rows a pair), first build and rebuild, largest page.
+               tiny PNG, losses.csv has 15 rows a pair), as this version's runner leaves OUT (each
+               output's thumbnail written, each pair's 60-point curve in the ledger): first build
+               and rebuild, pages, largest page, and what the runner's part costs a pair;
+- report_old:  the same for a run from before those (no output thumbnails, no stored curves): the
+               first build makes 200,000 thumbnails.
 
 Figures go to the terminal and, with --json, to a file. Nothing here runs VGG.
 """
@@ -41,7 +45,7 @@ import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve()
-PHASES = ("cold", "warm", "claims", "status", "resume", "report")
+PHASES = ("cold", "warm", "claims", "status", "resume", "report", "report_old")
 
 
 def _settings(root: Path):
@@ -178,20 +182,35 @@ def phase_status(root: Path) -> dict:
     return {"status_s": time.perf_counter() - t0, "pairs": summary.total}
 
 
-def _finish_all(out: Path) -> None:
+def _finish_all(out: Path, runner_side: bool) -> dict:
     """Every pair done, with an output file (hard links: 200,000 real files, one inode per style, as
-    file systems cap the links of one inode) and loss rows."""
+    file systems cap the links of one inode) and loss rows (15 a pair in losses.csv). With
+    `runner_side`, as a run of this version leaves OUT: each pair's curve in the ledger (60 points, the
+    most curve_record keeps: the largest pages) and each output's thumbnail, written as the runner
+    writes them; without, as a run from before them: neither, so the report makes the thumbnails and
+    (losses.csv being far over its limit) draws no curve. Returns what the runner's part cost a pair."""
+    from types import SimpleNamespace
+
+    from nst_batch import images, losslog, report
+    from nst_batch.files import thumb_path, write_atomic
     from nst_batch.ledger import Ledger
     from nst_batch.losslog import LOSS_COLUMNS, LOSS_LOG
 
     rng = np.random.default_rng(1)
+    for folder in (report.THUMBS, report.STYLES, report.SHEETS):
+        shutil.rmtree(out / folder, ignore_errors=True)  # a first build: nothing left from a previous one
+    log = [SimpleNamespace(step=step, px=32 if step <= 150 else 64, content=0.5, style=3 / step, total=0.51 + 3 / step)
+           for step in range(5, 301, 5)]  # 60 rows, as a 300-step run logging every 5 steps writes them
+    t0 = time.perf_counter()
+    curve = losslog.curve_record(log)
+    curve_us = (time.perf_counter() - t0) * 1e6
     ledger = Ledger(out)
     try:
         now = time.time()
         ledger.db.execute("BEGIN")
         ledger.db.execute("UPDATE pairs SET state='done', attempts=1, started_at=?+id*2, finished_at=?+id*2+1.5, "
                           "seconds=1.5, steps=150, content_loss=0.5, style_loss=0.3, tv_loss=0.01, "
-                          "total_loss=0.81, worker=NULL", (now, now))
+                          "total_loss=0.81, worker=NULL, curve=?", (now, now, curve if runner_side else None))
         ledger.db.execute("COMMIT")
         rows = ledger.rows()
     finally:
@@ -202,14 +221,35 @@ def _finish_all(out: Path) -> None:
         for r in rows:
             f.writelines(f"{r.content},{r.style},{step},0.5,{3 / step:.6g},0.01,{0.51 + 3 / step:.6g},"
                          f"{step / 100:.3f},1,{32 if step <= 75 else 64}\n" for step in range(10, 151, 10))
+    res = {"curve_record_us": curve_us, "curve_bytes": len(curve), "losses_csv_mb": (out / LOSS_LOG).stat().st_size / 1e6}
+    if runner_side:
+        # The runner's call, timed on the first 1,000 outputs; the rest get the same bytes (the outputs
+        # of a style are one file here), so setting up 200,000 costs less than making them.
+        first, t, data = rows[:1000], 0.0, {}
+        for r in first:
+            with Image.open(out / r.output) as im:
+                im.load()
+                t0 = time.perf_counter()
+                images.write_thumbnail(out / thumb_path("o", r.output), im)
+                t += time.perf_counter() - t0
+            data.setdefault(r.style, (out / thumb_path("o", r.output)).read_bytes())
+        for r in rows[1000:]:
+            b = data.get(r.style)
+            if b is None:
+                with Image.open(out / r.output) as im:
+                    b = data[r.style] = images.thumbnail_jpeg(im)
+            write_atomic(out / thumb_path("o", r.output), lambda f: f.write(b), durable=False)
+        res["runner_thumb_ms"] = t / len(first) * 1000
+    res["ledger_mb"] = (out / "ledger.sqlite").stat().st_size / 1e6
+    return res
 
 
-def phase_report(root: Path) -> dict:
+def phase_report(root: Path, runner_side: bool = True) -> dict:
     from nst_batch import report
 
     out = _settings(root).out
     t0 = time.perf_counter()
-    _finish_all(out)
+    setup = _finish_all(out, runner_side)
     prep = time.perf_counter() - t0
     t0 = time.perf_counter()
     report.write_report(out)
@@ -217,10 +257,15 @@ def phase_report(root: Path) -> dict:
     t0 = time.perf_counter()
     report.write_report(out)
     again = time.perf_counter() - t0
-    pages = [p for p in out.rglob("*.html")]
+    pages = [out / report.REPORT_HTML, *(out / report.STYLES).glob("*.html")]
     largest = max(pages, key=lambda p: p.stat().st_size)
-    return {"setup_not_timed_s": prep, "report_first_s": first, "report_again_s": again, "pages": len(pages),
-            "largest_page": largest.name, "largest_page_mb": largest.stat().st_size / 1e6}
+    sheets = [out / report.CONTACT_SHEET, *(out / report.SHEETS).glob("*.jpg")]
+    return {"setup_not_timed_s": prep, **setup, "report_first_s": first, "report_again_s": again,
+            "pages": len(pages), "largest_page": largest.relative_to(out).as_posix(),
+            "largest_page_mb": largest.stat().st_size / 1e6,
+            "front_page_mb": (out / report.REPORT_HTML).stat().st_size / 1e6,
+            "all_pages_mb": sum(p.stat().st_size for p in pages) / 1e6, "sheets": len(sheets),
+            "largest_sheet_mb": max(p.stat().st_size for p in sheets) / 1e6}
 
 
 def run_phase(name: str, root: Path, args) -> dict:
@@ -235,8 +280,10 @@ def run_phase(name: str, root: Path, args) -> dict:
         res = phase_status(root)
     elif name == "resume":
         res = phase_resume(root)
-    else:
+    elif name == "report":
         res = phase_report(root)
+    else:
+        res = phase_report(root, runner_side=False)
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
 

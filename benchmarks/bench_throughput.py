@@ -60,11 +60,12 @@ from nst_batch import images, losses, manifest  # noqa: E402
 from nst_batch.engine import Engine, pick_device, resolve, to_tensor  # noqa: E402
 from nst_batch.optimize import LogRow, OptimConfig, Result  # noqa: E402
 from nst_batch.pyramid import scale_shapes, stylize  # noqa: E402
+from nst_batch.objective import PRESETS  # noqa: E402
 from nst_batch.vgg import VGGFeatures, flops_per_step, load_vgg19  # noqa: E402
 from tutorial_loop import Normalization, caffe_vgg19_features, run_style_transfer  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "images"
-TUTORIAL = losses.PRESETS["tutorial"]
+TUTORIAL = PRESETS["tutorial"]
 
 # Chosen from the measurements in docs/benchmarks.md; any Settings key can be set, values are YAML.
 DEFAULT_CONFIGS = [

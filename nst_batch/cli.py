@@ -45,14 +45,32 @@ def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: li
     return manifest.apply(s, {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}, "option")
 
 
-def _finish(result, out: Path, quiet: bool) -> None:
+def _finish(result, out: Path, quiet: bool, shard=None) -> None:
     from .status import load_summary, print_status
 
-    summary = load_summary(out)
-    _write_report(out, quiet)
+    summary = load_summary(out, shard)  # a shard's exit code is its own pairs'
+    if shard is None or _all_settled(out, shard.count):
+        # Sharded, the report covers every shard: written by whichever shard finds none left to make.
+        _write_report(out, quiet)
+    elif not quiet:
+        console.print(printable(f"shard {shard} finished; the report is written when the last shard ends "
+                                f"(or now: nst-batch report {out})"), markup=False, highlight=False)
     if not quiet or summary.counts["failed"]:
+        if shard is not None:
+            console.print(f"shard {shard}:", markup=False, highlight=False)
         print_status(console, out, summary)
     raise typer.Exit(EXIT_PAIRS_FAILED if summary.counts["failed"] else EXIT_OK)
+
+
+def _all_settled(out: Path, count: int) -> bool:
+    """Every shard of `count` has a ledger (has started) and nothing is left to make in any of them."""
+    from .shards import found
+    from .status import load_summary
+
+    if len(found(out)) < count:
+        return False
+    c = load_summary(out).counts
+    return c["pending"] + c["running"] == 0
 
 
 def _write_report(out: Path, quiet: bool) -> None:
@@ -60,7 +78,7 @@ def _write_report(out: Path, quiet: bool) -> None:
 
     try:
         paths = report.write_report(out)
-    except OSError as e:  # a full disk must not turn a finished run into a traceback
+    except (OSError, NstError) as e:  # a full disk must not turn a finished run into a traceback
         err.print(printable(f"warning: could not write the report in {out}: {e}"), markup=False, highlight=False)
         return
     if not quiet and paths:
@@ -68,7 +86,7 @@ def _write_report(out: Path, quiet: bool) -> None:
 
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False,
-         ray=None):
+         shards: tuple = (None,), ray=None):
     from .progress import make_display
     from .lifecycle import Interrupted
     from .runner import run
@@ -80,13 +98,18 @@ def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None
 
             result = run_ray(settings, display, ray, only_failed_kinds=retry_kinds, retry=retry)
         else:
-            result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry)
+            result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry, shards=shards)
     except Interrupted as e:
         err.print(f"interrupted ({e}): finished pairs are kept; run the same command again to resume", highlight=False)
         raise typer.Exit(e.exit_code)
     except NstError as e:
         raise _fail(e)
-    _finish(result, settings.out, quiet)
+    _finish(result, settings.out, quiet, shards[0] if len(shards) == 1 else None)
+
+
+_SHARD_HELP = ("K/N: make only shard K (0..N-1) of N; each shard keeps its own ledger in OUT/shards/K-of-N/. "
+               "auto: K and N from SLURM_ARRAY_TASK_ID/_COUNT (SLURM array) or JOB_COMPLETION_INDEX and "
+               "NST_SHARD_COUNT (Kubernetes indexed Job). See README, Many machines.")
 
 
 @app.command()
@@ -102,6 +125,7 @@ def run(
     weights: Optional[str] = typer.Option(None, help="vgg19-caffe, torchvision, or a state-dict path."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N|auto", help=_SHARD_HELP),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
                                       help="Compute on Ray actors (pip install 'nst-batch\\[ray]'): a cluster started "
                                            "here, the one `ray start` made, or host:port."),
@@ -113,24 +137,30 @@ def run(
                                            help="A pair still computing after this long: its actor is killed."),
 ) -> None:
     """Stylize every content image in every style. Run it again to resume."""
+    from . import shards
+
     try:
         s = _settings(manifest_path, dict(content=content, styles=styles, out=out, size=size, steps=steps,
                                           device=device, weights=weights), set_)
+        picked = shards.parse(shard) if shard is not None else None
     except NstError as e:
         raise _fail(e)
     opts = None
     if ray is not None:
+        if picked is not None:
+            raise _fail(manifest.ConfigError("--ray and --shard do not go together: a Ray cluster spreads the "
+                                             "whole plan itself; a shard is for SLURM or Kubernetes jobs"))
         from .cluster import RayOptions
 
         opts = RayOptions(ray, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_pair_timeout)
-    _run(s, quiet, ray=opts)
+    _run(s, quiet, shards=(picked,), ray=opts)
 
 
 def _stored_settings(out: Path) -> manifest.Settings:
-    from .ledger import Ledger
+    from .ledger import open_ledgers
 
-    with Ledger(out, readonly=True) as ledger:
-        stored = ledger.get_meta("settings")
+    with open_ledgers(out) as ledgers:
+        stored = ledgers.stored_settings()
     if not stored:
         raise manifest.ConfigError(f"{out}: the ledger holds no settings; run 'nst-batch run' first")
     return manifest.apply(manifest.Settings(), stored, f"{out}/ledger.sqlite")
@@ -145,6 +175,9 @@ def retry(
     device: Optional[str] = typer.Option(None, help="Override the device."),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override any manifest key."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N|auto",
+                                        help="Only this shard's failed pairs. Without it, a sharded OUT has "
+                                             "every shard's failed pairs re-run here, shard after shard."),
 ) -> None:
     """Re-run only the failed pairs of OUT, with the same settings or with overrides."""
     try:
@@ -152,9 +185,31 @@ def retry(
         s = manifest.apply(s, manifest.parse_set(set_), "--set")
         s = manifest.apply(s, {k: v for k, v in dict(size=size, steps=steps, device=device).items() if v is not None},
                            "option")
+        targets = _retry_shards(out, shard)
     except NstError as e:
         raise _fail(e)
-    _run(s, quiet, retry_kinds=kind or None, retry=True)
+    _run(s, quiet, retry_kinds=kind or None, retry=True, shards=targets)
+
+
+def _retry_shards(out: Path, shard: Optional[str]) -> tuple:
+    """The ledgers a retry works through: (None,) unsharded; the one --shard names; or every shard
+    with failed pairs, refused while any shard has a live worker (a shard's ledger has one writer
+    host, and the array may still be running on others)."""
+    from . import shards
+    from .ledger import open_ledgers
+
+    if shard is not None:
+        return (shards.parse(shard),)
+    found = shards.found(out)
+    if not found:
+        return (None,)
+    with open_ledgers(out) as ledgers:
+        live = ledgers.live_workers()
+        failed = [s for s, led in ledgers.parts if led.counts()["failed"]]
+    if live:
+        raise manifest.ConfigError(f"{out}: a shard is still running ({live[0][0]}); wait for every shard to end, "
+                                   "or retry one shard with --shard K/N")
+    return tuple(failed) or (found[0],)
 
 
 @app.command()

@@ -28,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, Job, encode
+from .engine import Engine, Job, encode, to_pil
 from .errors import ConfigError, NstError, PairError, WeightsError
+from .files import thumb_path
+from .images import thumbnail_jpeg
 from .ledger import Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals
-from .losslog import LossLog
+from .losslog import LossLog, curve_record
 from .manifest import Settings
 from .optimize import LogRow
 from .plan import recipe_settings
@@ -74,6 +76,7 @@ class Outcome:
     (kind, message), since PairError does not pickle."""
 
     data: bytes | None
+    thumb: bytes | None  # the report's thumbnail (images.thumbnail_jpeg), made where the image is
     logs: list[LogRow]
     final: LogRow | None
     steps: int
@@ -109,7 +112,8 @@ class EngineWorker:
         t0 = time.perf_counter()
         made = self.engine.make(jobs)
         took = time.perf_counter() - t0
-        return [Outcome(encode(m.image, s.format, s.quality) if m.ok else None, m.logs, m.final, m.steps, m.note,
+        return [Outcome(encode(m.image, s.format, s.quality) if m.ok else None,
+                        thumbnail_jpeg(to_pil(m.image)) if m.ok else None, m.logs, m.final, m.steps, m.note,
                         None if m.ok else (m.error.kind, str(m.error)), took) for m in made]
 
 
@@ -302,11 +306,11 @@ def _drive(ray, ledger: Ledger, s: Settings, display: Display, work: Work, worke
                 books.failed(row, PairError(*o.error))
                 continue
             try:
-                finished_at = write_output(out / row.output, o.data)
+                finished_at = write_output(out / row.output, o.data, (out / thumb_path("o", row.output), o.thumb))
             except PairError as e:
                 books.failed(row, e)
                 continue
-            books.done(row, o.steps, o.final, o.note, finished_at, seconds=o.seconds)
+            books.done(row, o.steps, o.final, o.note, finished_at, seconds=o.seconds, curve=curve_record(o.logs))
 
     def lose(slot: _Slot, why: str) -> None:
         """The actor died or was killed: its calls in order; the first that failed was computing."""

@@ -27,15 +27,19 @@ from . import images, losses
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import Settings
+from .objective import objective_from
 from .optimize import LogRow, OptimConfig, Result, progress_error
 from .plan import file_hash
 from .pyramid import stylize
 
-# Styles whose decoded image and Gram targets the engine keeps, least recently used dropped first.
-# Pairs are claimed style by style, so 2 (the style in use and the one before) redo nothing in a
-# plain run. Measured for one style at 512 px, gatys: targets 2.33 MiB a scale whatever the size
-# (4.66 MiB at scales [0.5, 1.0]); the decoded image 4 bytes a pixel (2.9 MiB for 1071×712).
-STYLE_CACHE = 2
+# Styles whose Gram targets the engine keeps, least recently used dropped first. Plans run photo by
+# photo (each photo decoded once for all its styles), so every style of a run comes back once per photo:
+# keep them all, up to this bound. Measured for one style, gatys: targets 2.33 MiB a scale whatever the
+# image size (4.66 MiB at scales [0.5, 1.0]), so 64 styles hold at most ~300 MB.
+STYLE_CACHE = 64
+# Decoded style images kept, for targets at a size not seen yet (a photo of another shape): 4 bytes a
+# pixel (2.9 MiB for 1071×712, 400 MB at max_megapixels 100), so only a few.
+STYLE_IMAGES = 2
 
 
 # -- device and precision, resolved once ------------------------------------------------------------
@@ -177,7 +181,7 @@ class Engine:
         self.settings = config.settings  # precision resolved: what the plan and the recipe use
         self.optim = config.optim
         s = self.settings
-        self.objective = losses.objective_from(s.layers, s.content_weight, s.style_weight, s.tv_weight)
+        self.objective = objective_from(s.layers, s.content_weight, s.style_weight, s.tv_weight)
         if config.cudnn_benchmark and self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # GPU-only line
         self.net = load_vgg19(s.weights, self.objective.last_layer, self.device, s.pooling)
@@ -185,10 +189,10 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         if s.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
-        # style hash -> decoded image or the PairError it raised; the STYLE_CACHE most recently used
-        # styles only, with their targets (pairs run style by style: more would only grow memory)
+        # style hash -> decoded image or the PairError it raised (the STYLE_IMAGES most recent), and
+        # style hash -> {(long side, ...): targets} (the STYLE_CACHE most recent styles)
         self._style_images: OrderedDict[str, object] = OrderedDict()
-        self._style_targets: dict[tuple, losses.Targets] = {}
+        self._style_targets: OrderedDict[str, dict[tuple, losses.Targets]] = OrderedDict()
         self._style_hash: dict[Path, str] = {}
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
 
@@ -198,10 +202,8 @@ class Engine:
         if key in self._style_images:
             self._style_images.move_to_end(key)
         else:
-            while len(self._style_images) >= STYLE_CACHE:
-                old, _ = self._style_images.popitem(last=False)
-                for k in [k for k in self._style_targets if k[0] == old]:
-                    del self._style_targets[k]
+            while len(self._style_images) >= STYLE_IMAGES:
+                self._style_images.popitem(last=False)
             try:
                 self._style_images[key] = images.load_rgb(path, self.settings.max_megapixels)
             except PairError as e:
@@ -212,22 +214,31 @@ class Engine:
         return im
 
     def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
+        held = self._style_targets.get(style_hash)
+        if held is not None:
+            self._style_targets.move_to_end(style_hash)
+            if long_side in held:
+                return held[long_side]
         im = self._style_image(path, style_hash)
         # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
         # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
-        long_side = max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
-        key = (style_hash, long_side, self.objective, self.settings.weights, self.settings.pooling)
-        if key not in self._style_targets:
-            t = to_tensor(im, long_side).to(self.device)
+        side = max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
+        if held is None:
+            while len(self._style_targets) >= STYLE_CACHE:
+                self._style_targets.popitem(last=False)
+            held = self._style_targets[style_hash] = {}
+        if side not in held:
+            t = to_tensor(im, side).to(self.device)
             if self.optim.channels_last:
                 t = t.contiguous(memory_format=torch.channels_last)
             amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
                    if self.optim.autocast_dtype else nullcontext())
             with torch.no_grad(), amp:
                 feats = self.net(t, frozenset(self.objective.style_layers))
-                self._style_targets[key] = losses.style_targets(self.objective, feats)
+                held[side] = losses.style_targets(self.objective, feats)
             self.style_passes += 1
-        return self._style_targets[key]
+        held[long_side] = held[side]  # asked for by the requested size next time (objective and weights are the engine's own)
+        return held[side]
 
     def _hash_of(self, job: Job) -> str:
         if job.style_hash is not None:

@@ -6,12 +6,28 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import BinaryIO, Callable
+import hashlib
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
+SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
 REPORT_HTML = "report.html"
 SUMMARY_CSV = "summary.csv"
 CONTACT_SHEET = "contact_sheet.jpg"
 THUMBS = "thumbs"
+STYLES = "styles"  # the report's per-style pages
+SHEETS = "contact_sheets"  # per-style contact sheets, for runs one sheet cannot show
+
+
+def thumb_path(kind: str, source: str) -> str:
+    """A thumbnail's path relative to OUT: kind 'o' (an output, by its path relative to OUT), 'c' or 's'
+    (a content or style image, by its path). Hashed: names are user data (any characters, any length,
+    case-only differences)."""
+    return f"{THUMBS}/{kind}-{hashlib.sha1(source.encode()).hexdigest()[:16]}.jpg"
+
+
+def is_output_folder(folder: Path) -> bool:
+    """Does `folder` hold a run's ledger: an unsharded one, or a shard's in folder/shards/K-of-N/?"""
+    return (folder / LEDGER).is_file() or any((folder / SHARDS).glob(f"*-of-*/{LEDGER}"))
 
 
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:

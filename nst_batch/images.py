@@ -16,6 +16,7 @@ Decisions a user may care about:
 from __future__ import annotations
 
 import functools
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import PairError
-from .files import LEDGER as LEDGER_FILENAME, write_atomic
+from .files import is_output_folder, write_atomic
 from .names import Skipped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -35,6 +36,7 @@ AVIF_SUFFIXES = {".avif", ".avifs"}
 # photo renamed to .jpg is still recognised, to say what it needs instead of "not an image".
 _HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 MIN_SIDE = 16  # VGG19 pools 4 times before conv5_1: smaller images have no conv5 features
+THUMB_PX = 240  # a thumbnail's long side: enough to judge a result on a report's card
 
 
 @functools.cache
@@ -144,7 +146,7 @@ def scan(root: Path, key: str = "content", skip: Path | None = None) -> Found:
         for n in sorted(dirnames):
             p = d / n
             reason = ("hidden_folder" if n.startswith(".") else "folder_link" if p.is_symlink()
-                      else "output_folder" if _same_folder(p, skip_id) or (p / LEDGER_FILENAME).is_file()
+                      else "output_folder" if _same_folder(p, skip_id) or is_output_folder(p)
                       else None)
             if reason:
                 skipped.append(Skipped(key, rel(p, True), reason))
@@ -242,3 +244,29 @@ def encode_to(im: Image.Image, f, fmt: str, quality: int = 95) -> None:
 def save_atomic(im: Image.Image, path: Path, fmt: str, quality: int = 95) -> None:
     """Encode `im` as PNG or JPEG and write it atomically (see files.write_atomic)."""
     write_atomic(path, lambda f: encode_to(im, f, fmt, quality))
+
+
+# -- thumbnails ------------------------------------------------------------------------------------
+
+def shrink(im: Image.Image) -> Image.Image:
+    """An RGB copy at most THUMB_PX on its long side, upright, in the pipeline's colours (`im` may be
+    changed: thumbnail() works in place; pass a copy to keep it)."""
+    im = ImageOps.exif_transpose(im)
+    im.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC)
+    return _to_rgb(im)
+
+
+def thumbnail_jpeg(im: Image.Image) -> bytes:
+    """The thumbnail of a decoded image as JPEG bytes; `im` is not changed."""
+    buf = io.BytesIO()
+    shrink(im.copy()).save(buf, "JPEG", quality=85)
+    return buf.getvalue()
+
+
+def write_thumbnail(dst: Path, im: Image.Image) -> Path:
+    """Write an output's thumbnail from the image in memory (the runner does, right after the output), so
+    the report never decodes the outputs of a collection again. Written after the output, the thumbnail
+    is the newer file, and the report keeps it until the output changes."""
+    data = thumbnail_jpeg(im)
+    write_atomic(dst, lambda f: f.write(data), durable=False)  # a cache: no fsync
+    return dst

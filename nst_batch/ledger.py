@@ -12,6 +12,11 @@ Sized for whole collections (10,000 photos x 20 styles = 200,000 pairs): a claim
 `ORDER BY id LIMIT` query, the same cost whatever the ledger holds; `sync` of an unchanged plan
 writes nothing; `status` reads aggregates, not rows; input hashes are kept (table `files`) so an
 unchanged file is not read again.
+
+A shard's ledger (OUT/shards/K-of-N/ledger.sqlite, see shards.py) is in rollback-journal mode
+instead (journal_mode=DELETE, synchronous=FULL): WAL needs shared memory between the processes, which a
+network filesystem does not give, and a shard has one writer host. `open_ledgers` reads all of an
+output folder's ledgers as one (`LedgerSet`), for `status`, `report` and `retry`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,15 @@ import os
 import socket
 import sqlite3
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as _replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
-from .files import LEDGER
+from .files import LEDGER, SHARDS
+from .shards import Shard, found
 
-SCHEMA_VERSION = 3  # 2: the workers table; 3: the files table and the (state, style) index
+SCHEMA_VERSION = 4  # 2: the workers table; 3: the files table and the (state, style) index; 4: pairs.curve
 FILENAME = LEDGER
 STATES = ("pending", "running", "done", "failed")
 
@@ -85,6 +91,14 @@ CREATE TABLE IF NOT EXISTS files (
 CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style);
 """
 
+# Schema 4. A done pair's loss curve, thinned (losslog.curve_record): the report draws it without
+# reading losses.csv. Not a Row field: 200,000 of them are read a page at a time (Ledger.curves).
+_CURVE = "ALTER TABLE pairs ADD COLUMN curve TEXT"
+
+COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
+           "error_kind", "error_message", "note", "worker", "heartbeat", "started_at", "finished_at", "seconds",
+           "steps", "content_loss", "style_loss", "tv_loss", "total_loss")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -110,6 +124,14 @@ class Row:
     style_loss: float | None
     tv_loss: float | None
     total_loss: float | None
+
+
+_SELECT = ", ".join(COLUMNS)
+
+
+def _row(r: sqlite3.Row) -> Row:
+    """A Row from `SELECT *`, whatever columns the schema adds (the curve is not a Row field)."""
+    return Row(*(r[c] for c in COLUMNS))
 
 
 def worker_id() -> str:
@@ -145,7 +167,7 @@ def _live(state: str, heartbeat: float | None, worker: str | None, now: float, l
     return state == "running" and (heartbeat or 0) > now - lease_s and not _is_dead(worker)
 
 
-def _output_exists(out: Path) -> Callable[[str], bool]:
+def output_exists(out: Path) -> Callable[[str], bool]:
     """rel path -> is it a file in `out`. One directory listing per folder instead of one stat per
     pair (200,000 done pairs live in 20 folders). A name not in the listing is asked of the file
     system itself, which also settles names it compares otherwise (case, Unicode normalization)."""
@@ -170,7 +192,7 @@ def _output_exists(out: Path) -> Callable[[str], bool]:
 _STEP = 16
 _CLAIMED = ("state='running', worker=?, heartbeat=?, started_at=?, attempts=attempts+1, error_kind=NULL, "
             "error_message=NULL, note=NULL, steps=NULL, seconds=NULL, content_loss=NULL, style_loss=NULL, "
-            "tv_loss=NULL, total_loss=NULL")
+            "tv_loss=NULL, total_loss=NULL, curve=NULL")
 
 
 class Ledger:
@@ -187,9 +209,15 @@ class Ledger:
         self.db.row_factory = sqlite3.Row
         self._only: frozenset[int] | None = None  # the ids in temp.claim_only
         self._floors: dict[str | None, int] = {}
+        # Decided by where the file is, so every opener (a worker, its heartbeat thread) agrees.
+        self.shard_ledger = out.parent.name == SHARDS
         try:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
+            if self.shard_ledger:
+                self.db.execute("PRAGMA journal_mode=DELETE")
+                self.db.execute("PRAGMA synchronous=FULL")  # NORMAL can lose a commit in rollback mode
+            else:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
         except sqlite3.DatabaseError as e:
             self.db.close()
@@ -232,6 +260,8 @@ class Ledger:
                 for stmt in _FILES.strip().split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
+            if version is None or version < 4:  # 3 -> 4: a new nullable column, NULL for pairs made before
+                self.db.execute(_CURVE)
             if version != SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("COMMIT")
@@ -260,6 +290,15 @@ class Ledger:
         r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(r[0]) if r else default
 
+    def store_settings(self, settings: dict[str, Any]) -> None:
+        """The manifest's settings of the last `run` (Settings.to_dict, folders absolute): `retry` re-runs
+        failed pairs with them, the report shows them. The one writer; `stored_settings` the one reader."""
+        self.set_meta("settings", settings)
+
+    def stored_settings(self) -> dict[str, Any]:
+        value = self.get_meta("settings")
+        return value if isinstance(value, dict) else {}
+
     # -- workers and their settings ------------------------------------------------------------
     def register(self, worker: str, settings: dict[str, Any], lease_s: float) -> None:
         """Record that `worker` makes pixels with `settings` (plan.recipe_settings). ConfigError, one
@@ -282,6 +321,12 @@ class Ledger:
                                       "output folder")
             self.db.execute("INSERT OR REPLACE INTO workers VALUES (?, ?, ?, ?, ?)",
                             (worker, json.dumps(mine, sort_keys=True), lease_s, now, now))
+
+    def live_workers(self) -> list[tuple[str, float, float]]:
+        """(worker, seconds since its heartbeat, its lease_s) of every registered worker still live."""
+        now = time.time()
+        return [(r["worker"], now - r["heartbeat"], r["lease_s"]) for r in self.db.execute("SELECT * FROM workers")
+                if r["heartbeat"] > now - r["lease_s"] and not _is_dead(r["worker"])]
 
     def worker_heartbeat(self, worker: str) -> None:
         with self._tx():
@@ -331,7 +376,7 @@ class Ledger:
         """
         now = time.time()
         counts = {"new": 0, "redo": 0, "dropped": 0}
-        exists = _output_exists(out)
+        exists = output_exists(out)
         inserts, resets, moves = [], [], []
         with self._tx():
             cur = self.db.cursor()
@@ -419,7 +464,7 @@ class Ledger:
         """The pair a claim would most likely take next, without claiming it (for prefetching)."""
         self._set_only(only)
         r = self._next(only, None, recipes, None)
-        return None if r is None else Row(**dict(r))
+        return None if r is None else _row(r)
 
     def _next(self, only: set[int] | None, style: str | None, recipes: Recipes | None,
               stale: tuple[float, float] | None, claiming: bool = False) -> sqlite3.Row | None:
@@ -507,12 +552,13 @@ class Ledger:
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
              total: float, note: str | None = None, finished_at: float | None = None,
-             recipe: str | None = None, seconds: float | None = None) -> bool:
+             recipe: str | None = None, curve: str | None = None, seconds: float | None = None) -> bool:
         """Mark done a pair this worker made with `recipe` (the recipe it claimed the pair under).
-        False when the claim is no longer this worker's or the pair's recipe has changed since."""
+        False when the claim is no longer this worker's or the pair's recipe has changed since.
+        `curve`: its loss curve as losslog.curve_record makes it (a small JSON list), or None."""
         return self._finish(pair_id, worker,
-                            "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?",
-                            (steps, content, style, tv, total, note), finished_at, recipe, seconds)
+                            "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?, "
+                            "curve=?", (steps, content, style, tv, total, note, curve), finished_at, recipe, seconds)
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",
@@ -530,10 +576,10 @@ class Ledger:
 
     # -- reading ------------------------------------------------------------------------------------
     def get(self, pair_id: int) -> Row:
-        return Row(**dict(self.db.execute("SELECT * FROM pairs WHERE id=?", (pair_id,)).fetchone()))
+        return _row(self.db.execute("SELECT * FROM pairs WHERE id=?", (pair_id,)).fetchone())
 
     def rows(self) -> list[Row]:
-        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs ORDER BY id")]
+        return [Row(*r) for r in self.db.execute(f"SELECT {_SELECT} FROM pairs ORDER BY id")]
 
     def outputs(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT output FROM pairs")]
@@ -551,18 +597,136 @@ class Ledger:
         """The n done pairs with the highest `column` (ties: lowest id first)."""
         if column not in ("seconds", "total_loss"):
             raise ValueError(column)
-        return [Row(**dict(r)) for r in self.db.execute(
+        return [_row(r) for r in self.db.execute(
             f"SELECT * FROM pairs WHERE state='done' AND {column} IS NOT NULL ORDER BY {column} DESC, id LIMIT ?",
             (n,))]
 
+    def curves(self, ids: Iterable[int]) -> dict[int, str]:
+        """id -> stored curve (JSON text) of those pairs that have one. Looked up by id, a page's
+        pairs at a time, so the report never holds 200,000 curves. Empty for a ledger from before
+        schema 4 (read as it is)."""
+        if "curve" not in {r[1] for r in self.db.execute("PRAGMA table_info(pairs)")}:
+            return {}
+        ids = list(ids)
+        got: dict[int, str] = {}
+        for i in range(0, len(ids), 500):  # well under SQLite's limit on bound parameters
+            chunk = ids[i:i + 500]
+            got.update(self.db.execute(f"SELECT id, curve FROM pairs WHERE curve IS NOT NULL AND id IN "
+                                       f"({','.join('?' * len(chunk))})", chunk).fetchall())
+        return got
+
     def failed_rows(self) -> list[Row]:
-        return [Row(**dict(r)) for r in self.db.execute("SELECT * FROM pairs WHERE state='failed' ORDER BY id")]
+        return [_row(r) for r in self.db.execute("SELECT * FROM pairs WHERE state='failed' ORDER BY id")]
 
     def counts(self) -> dict[str, int]:
         c = dict.fromkeys(STATES, 0)
         for state, n in self.db.execute("SELECT state, COUNT(*) FROM pairs GROUP BY state"):
             c[state] = n
         return c
+
+
+class LedgerSet:
+    """Every ledger of an output folder read as one: the unsharded run's, or each shard's. Read-only.
+
+    The read methods of `Ledger` that `status` and the report use. Ids are made unique across
+    shards (local id x N + K), so a row's id names it in the union but not in its shard's ledger."""
+
+    def __init__(self, parts: list[tuple[Shard | None, Ledger]]):
+        self.parts = parts
+        self.shards = [s for s, _ in parts if s is not None]
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folder of each ledger: its loss log (losslog.LOSS_LOG) lies beside it."""
+        return [led.path.parent for _, led in self.parts]
+
+    def close(self) -> None:
+        for _, led in self.parts:
+            led.close()
+
+    def __enter__(self) -> "LedgerSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _rows(self, pick: Callable[[Ledger], list[Row]]) -> list[Row]:
+        rows = []
+        for shard, led in self.parts:
+            got = pick(led)
+            rows += got if shard is None else [_replace(r, id=r.id * shard.count + shard.index) for r in got]
+        return rows
+
+    def rows(self) -> list[Row]:
+        return sorted(self._rows(Ledger.rows), key=lambda r: r.id)
+
+    def failed_rows(self) -> list[Row]:
+        return sorted(self._rows(Ledger.failed_rows), key=lambda r: r.id)
+
+    def top_done(self, column: str, n: int) -> list[Row]:
+        rows = self._rows(lambda led: led.top_done(column, n))
+        return sorted(rows, key=lambda r: (-getattr(r, column), r.id))[:n]
+
+    def outputs(self) -> list[str]:
+        return [o for _, led in self.parts for o in led.outputs()]
+
+    def counts(self) -> dict[str, int]:
+        c = dict.fromkeys(STATES, 0)
+        for _, led in self.parts:
+            for k, v in led.counts().items():
+                c[k] += v
+        return c
+
+    def done_seconds(self) -> tuple[list[float], float | None, float | None]:
+        secs, firsts, lasts = [], [], []
+        for _, led in self.parts:
+            s, first, last = led.done_seconds()
+            secs += s
+            firsts += [first] if first is not None else []
+            lasts += [last] if last is not None else []
+        return secs, min(firsts, default=None), max(lasts, default=None)
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        """The first shard's value that is set (every shard of one manifest stores the same settings)."""
+        for _, led in self.parts:
+            v = led.get_meta(key)
+            if v is not None:
+                return v
+        return default
+
+    def live_workers(self) -> list[tuple[str, float, float]]:
+        return [w for _, led in self.parts for w in led.live_workers()]
+
+    def stored_settings(self) -> dict[str, Any]:
+        return next((d for _, led in self.parts if (d := led.stored_settings())), {})
+
+    def curves(self, ids: Iterable[int]) -> dict[int, str]:
+        """Ledger.curves by union id (local id x N + K for a shard)."""
+        ids = list(ids)
+        got: dict[int, str] = {}
+        for shard, led in self.parts:
+            if shard is None:
+                got |= led.curves(ids)
+                continue
+            mine = {i // shard.count: i for i in ids if i % shard.count == shard.index}
+            got |= {mine[local]: c for local, c in led.curves(mine).items()}
+        return got
+
+
+def open_ledgers(out: Path) -> LedgerSet:
+    """All ledgers of OUT, read-only: OUT/ledger.sqlite, or every OUT/shards/K-of-N/ledger.sqlite.
+    ConfigError when there is none."""
+    shards = found(out)
+    if not shards:
+        return LedgerSet([(None, Ledger(out, readonly=True))])
+    parts: list[tuple[Shard | None, Ledger]] = []
+    try:
+        for s in shards:
+            parts.append((s, Ledger(s.folder(out), readonly=True)))
+    except BaseException:
+        LedgerSet(parts).close()
+        raise
+    return LedgerSet(parts)
 
 
 class _Tx:

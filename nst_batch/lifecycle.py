@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import EXIT_SIGINT, EXIT_SIGTERM
-from .files import CONTACT_SHEET, REPORT_HTML, SUMMARY_CSV, THUMBS
+from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS
 from .ledger import Ledger
 from .losslog import LOSS_LOG
 
@@ -93,26 +93,34 @@ class Signals:
             raise Interrupted(self.pending)
 
 
-def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float = 600.0) -> int:
+def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float = 600.0,
+                             shared: bool = False) -> int:
     """Delete `.NAME.PID.tmp` files left by writers killed mid-write: their process is gone, or, for a
     folder shared between machines (where a PID means nothing), they are older than any write takes.
 
     Only our own: the temporaries files.write_atomic makes for a file nst-batch writes (an output of
-    `outputs`, the report's files, a thumbnail) and the one older loss logs were made through. A
-    user's `.notes.123.tmp` in OUT is none of these and stays."""
-    ours = {*outputs, LOSS_LOG, REPORT_HTML, SUMMARY_CSV, CONTACT_SHEET}
+    `outputs`, the report's files and pages, a thumbnail or contact sheet) and the one older loss logs
+    were made through. A user's `.notes.123.tmp` in OUT is none of these and stays.
+
+    shared=True (a shard's run: other hosts write OUT too): the report's files and thumbnails,
+    which any host may be writing, are judged by age alone; `outputs` are this worker's own to judge."""
+    mine = set(outputs)
+    ours = {*mine, LOSS_LOG, REPORT_HTML, SUMMARY_CSV, CONTACT_SHEET}
     removed = 0
     now = time.time()
     for tmp in out.rglob(".*.tmp"):
         target, _, pid = tmp.name[1:-4].rpartition(".")
         rel = tmp.parent.relative_to(out) / target
-        if not (rel.as_posix() in ours or (rel.parent.as_posix() == THUMBS and target.endswith(".jpg"))):
+        folder = rel.parent.as_posix()
+        if not (rel.as_posix() in ours or (folder in (THUMBS, SHEETS) and target.endswith(".jpg"))
+                or (folder == STYLES and target.endswith(".html"))):
             continue
         try:
             old = now - tmp.stat().st_mtime > min_age_s
         except FileNotFoundError:
             continue
-        if pid.isdigit() and (old or not _pid_alive(int(pid))):
+        by_pid = not shared or rel.as_posix() in mine
+        if pid.isdigit() and (old or (by_pid and not _pid_alive(int(pid)))):
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -14,53 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .vgg import LAYERS, canonical_layer
-
-
-@dataclass(frozen=True)
-class Objective:
-    content_layers: tuple[str, ...]
-    style_layers: tuple[str, ...]
-    content_weight: float
-    style_weight: float
-    tv_weight: float
-    normalization: str  # "relative" or "tutorial"
-
-    @property
-    def layers(self) -> frozenset[str]:
-        return frozenset(self.content_layers + self.style_layers)
-
-    @property
-    def last_layer(self) -> str:
-        return max(self.layers, key=LAYERS.index)
-
-
-PRESETS = {
-    # Gatys et al. 2016: content relu4_2, style relu1_1..relu5_1 equally weighted.
-    "gatys": Objective(("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
-                       content_weight=1.0, style_weight=3.0, tv_weight=0.5, normalization="relative"),
-    # The seed tutorial: conv_4 content, conv_1..conv_5 style (pre-ReLU), weights 1 / 1e6.
-    "tutorial": Objective(("conv2_2",), ("conv1_1", "conv1_2", "conv2_1", "conv2_2", "conv3_1"),
-                          content_weight=1.0, style_weight=1e6, tv_weight=0.0, normalization="tutorial"),
-}
-
-
-def objective_from(layers, content_weight=None, style_weight=None, tv_weight=None) -> Objective:
-    """Resolve the manifest's `layers` (preset name or {content, style} lists) and weight overrides."""
-    if isinstance(layers, str):
-        base = PRESETS[layers]
-    else:
-        base = Objective(tuple(canonical_layer(n) for n in layers["content"]),
-                         tuple(canonical_layer(n) for n in layers["style"]),
-                         PRESETS["gatys"].content_weight, PRESETS["gatys"].style_weight,
-                         PRESETS["gatys"].tv_weight, "relative")
-    return Objective(
-        base.content_layers, base.style_layers,
-        base.content_weight if content_weight is None else content_weight,
-        base.style_weight if style_weight is None else style_weight,
-        base.tv_weight if tv_weight is None else tv_weight,
-        base.normalization,
-    )
+from .objective import Objective
 
 
 class _Gram(torch.autograd.Function):

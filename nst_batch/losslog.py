@@ -8,6 +8,7 @@ side at that step's scale, `attempt` the ledger's attempt number that made it.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -93,11 +94,11 @@ def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point
     repeats the last step with the losses of the image as written: it replaces that step.
     """
     want = {(r.content, r.style): r.attempts for r in rows if r.attempts and r.state != "pending"}
-    curves: dict[tuple[str, str], list[Point]] = {}
+    logged: dict[tuple[str, str], list[Point]] = {}
     try:
         f = open(path, newline="", encoding="utf-8")
     except FileNotFoundError:
-        return curves
+        return {}
     with f:
         reader = csv.reader(f)
         col = {name: i for i, name in enumerate(next(reader, []))}
@@ -105,21 +106,63 @@ def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point
             ic, is_, ia, istep, ipx = (col[k] for k in ("content", "style", "attempt", "step", "px"))
             il = [col[k] for k in ("content_loss", "style_loss", "total_loss")]
         except KeyError:
-            return curves
+            return {}
         for rec in reader:
             try:
                 key = (rec[ic], rec[is_])
                 if want.get(key) != int(rec[ia]):
                     continue
-                p = Point(int(rec[istep]), int(rec[ipx]), *(float(rec[i]) for i in il))
+                logged.setdefault(key, []).append(Point(int(rec[istep]), int(rec[ipx]), *(float(rec[i]) for i in il)))
             except (IndexError, ValueError):  # a line cut short by a crash
                 continue
-            if not all(map(math.isfinite, (p.content, p.style, p.total))):
-                continue
-            series = curves.setdefault(key, [])
-            if series and p.step < series[-1].step:
-                series.clear()
-            elif series and p.step == series[-1].step:
-                series.pop()
-            series.append(p)
-    return curves
+    return {key: pts for key, rows_ in logged.items() if (pts := curve_points(rows_))}
+
+
+def curve_points(rows: Iterable) -> list[Point]:
+    """One attempt's logged rows (anything with step, px, content, style and total: optimize.LogRow or a
+    Point read back), in the order logged, to its curve: an out-of-memory retry starts again from step 1
+    (only that last start is kept), the final row repeats the last step with the losses of the image as
+    written (it replaces that step), and a non-finite value is not drawn."""
+    series: list[Point] = []
+    for r in rows:
+        p = Point(int(r.step), int(r.px), float(r.content), float(r.style), float(r.total))
+        if not all(map(math.isfinite, (p.content, p.style, p.total))):
+            continue
+        if series and p.step < series[-1].step:
+            series.clear()
+        elif series and p.step == series[-1].step:
+            series.pop()
+        series.append(p)
+    return series
+
+
+def thin(points: list, n: int) -> list:
+    if len(points) <= n:
+        return points
+    return [points[round(i * (len(points) - 1) / (n - 1))] for i in range(n)]
+
+
+# A pair's stored and drawn curve (under 1 KB in the ledger), whatever log_every was: 6 px apart on the
+# report's 180 px wide plot.
+CURVE_MAX_POINTS = 30
+
+
+def curve_record(rows: Iterable) -> str | None:
+    """The compact curve the ledger stores with a done pair (Ledger.done(curve=...)): a JSON list of at
+    most CURVE_MAX_POINTS [step, px, content, style, total], losses to 4 significant digits (a chart
+    84 px high needs no more); None when nothing was logged. So the report draws 200,000 curves
+    without reading losses.csv."""
+    pts = thin(curve_points(rows), CURVE_MAX_POINTS)
+    if not pts:
+        return None
+    return "[" + ",".join(f"[{p.step},{p.px},{p.content:.4g},{p.style:.4g},{p.total:.4g}]" for p in pts) + "]"
+
+
+def parse_curve(text: str | None) -> list:
+    """curve_record's text back to [step, px, content, style, total] lists; [] for anything else (a
+    damaged value draws nothing). Lists, not Points: 200,000 curves."""
+    try:
+        pts = json.loads(text or "[]")
+        return pts if isinstance(pts, list) and all(isinstance(p, list) and len(p) == 5 for p in pts) else []
+    except (TypeError, ValueError):
+        return []

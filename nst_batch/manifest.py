@@ -17,9 +17,9 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .objective import GATYS, Layers, LayersError
 from .images import MIN_SIDE
 
-LAYER_PRESETS = ("gatys", "tutorial")
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
 
 
@@ -33,7 +33,7 @@ class Settings:
     steps: int = 300
     optimizer: str = "lbfgs"
     lr: float = 0.02
-    layers: Any = "gatys"
+    layers: Layers = GATYS
     content_weight: float | None = None
     style_weight: float | None = None
     tv_weight: float | None = None
@@ -54,14 +54,20 @@ class Settings:
     lease_s: float = 120.0
     max_megapixels: float = 100.0
 
+    def __post_init__(self) -> None:
+        # Code may hand `layers` over as the manifest writes it (a preset name or a mapping): one type here.
+        object.__setattr__(self, "layers", Layers.parse(self.layers))
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
+        """As a manifest writes it (the ledger stores this, and recipes hash it)."""
         d = dataclasses.asdict(self)
         for k in ("content", "styles", "out"):
             d[k] = str(d[k])
         d["scales"] = list(self.scales)
+        d["layers"] = self.layers.to_manifest()
         return d
 
 
@@ -104,25 +110,11 @@ def _choice(key, v, source, choices):
     return v
 
 
-def _check_layers(v, source):
-    if isinstance(v, str):
-        return _choice("layers", v, source, LAYER_PRESETS)
-    if isinstance(v, dict):
-        unknown = set(v) - {"content", "style"}
-        if unknown or not v.get("style") or not v.get("content"):
-            raise _fail("layers", "as a mapping needs exactly 'content' and 'style' lists of layer names "
-                        "(e.g. content: [relu4_2], style: [relu1_1, relu2_1])", source)
-        from .vgg import canonical_layer  # late: vgg imports torch, manifest errors should not wait
-
-        out = {}
-        for part in ("content", "style"):
-            names = v[part] if isinstance(v[part], list) else [v[part]]
-            try:
-                out[part] = [canonical_layer(str(n)) for n in names]
-            except ValueError as e:
-                raise _fail(f"layers.{part}", str(e), source) from None
-        return out
-    raise _fail("layers", f"must be a preset ({', '.join(LAYER_PRESETS)}) or a mapping, got {v!r}", source)
+def _check_layers(v, source) -> Layers:
+    try:
+        return Layers.parse(v)
+    except LayersError as e:
+        raise _fail(f"layers.{e.part}" if e.part else "layers", str(e), source) from None
 
 
 def _check_device(v, source):

@@ -10,7 +10,6 @@ that an optimisation went somewhere.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 

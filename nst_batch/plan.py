@@ -1,8 +1,8 @@
 """Settings -> the ordered list of pairs to make, each with its output name and recipe hash.
 
-Order is style-major (every content for the first style, then the next style): pairs
-that share a style run back to back, which is what the style-target cache and batching
-want. The recipe hash covers everything that changes an output's pixels, so the ledger
+Order is photo-major (every style for the first photo, then the next photo): the pairs of
+one photo run back to back, so a worker decodes each photo once for all its styles, and the
+engine keeps every style's (small) Gram targets for the run. The recipe hash covers everything that changes an output's pixels, so the ledger
 can tell a finished pair from one whose inputs or settings have since changed.
 """
 
@@ -33,7 +33,6 @@ class Pair:
     style_path: Path
     output: str  # path relative to the output folder
     recipe: str
-    content_hash: str
     style_hash: str
 
 
@@ -172,10 +171,10 @@ def make_plan(settings: Settings, hashes: Callable[[Path], str] = file_hash) -> 
     recipe = recipe_hasher(settings)
     # Per file once, not per pair: 10,000 photos x 20 styles is 200,000 pairs.
     cnames = [(c, c.relative_to(croot).as_posix(), f"{cstem[c]}.{settings.format}", hashed[c]) for c in contents]
+    snames = [(s, s.relative_to(sroot).as_posix(), sstem[s], hashed[s]) for s in styles]
     pairs = []
-    for s in styles:
-        sname, sdir, sh = s.relative_to(sroot).as_posix(), sstem[s], hashed[s]
-        for c, cname, cfile, ch in cnames:
+    for c, cname, cfile, ch in cnames:
+        for s, sname, sdir, sh in snames:
             pairs.append(Pair(content=cname, style=sname, content_path=c, style_path=s,
-                              output=f"{sdir}/{cfile}", recipe=recipe(ch, sh), content_hash=ch, style_hash=sh))
+                              output=f"{sdir}/{cfile}", recipe=recipe(ch, sh), style_hash=sh))
     return Plan(pairs, skipped)

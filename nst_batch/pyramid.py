@@ -18,7 +18,8 @@ import torch
 from . import losses
 from .errors import PairError
 from .images import MIN_SIDE
-from .losses import Objective, Targets
+from .losses import Targets
+from .objective import Objective
 from .optimize import LogRow, OptimConfig, Result, optimize_scale
 from .vgg import VGGFeatures, resize
 

@@ -17,7 +17,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from .ledger import STATES, Ledger, Row
+from .ledger import STATES, Ledger, LedgerSet, Row, open_ledgers
+from .shards import Shard
 from .names import Skipped, printable, skipped_from, skipped_line
 
 TOP_N = 5
@@ -56,9 +57,9 @@ def summarize(rows: list[Row], skipped: list[Skipped] | None = None) -> Summary:
                     _top(rows, "seconds"), _top(rows, "total_loss"), skipped or [])
 
 
-def summarize_ledger(ledger: Ledger) -> Summary:
+def summarize_ledger(ledger: Ledger | LedgerSet) -> Summary:
     """summarize(ledger.rows()) without loading the rows: counts, sums and the top few by SQL, so
-    `status` takes well under a second at 200,000 pairs."""
+    `status` takes well under a second at 200,000 pairs. A LedgerSet: all shards together."""
     secs, first, last = ledger.done_seconds()
     return _summary(ledger.counts(), secs, first, last, ledger.failed_rows(),
                     _top(ledger.top_done("seconds", TOP_N), "seconds"),
@@ -136,6 +137,10 @@ def print_report(console: Console, out: Path, summary: Summary) -> None:
     print_status(console, out, summary)
 
 
-def load_summary(out: Path) -> Summary:
-    with Ledger(out, readonly=True) as ledger:
-        return summarize_ledger(ledger)
+def load_summary(out: Path, shard: Shard | None = None) -> Summary:
+    """The whole output folder (every shard's ledger, when it is split), or only `shard`'s."""
+    if shard is not None:
+        with Ledger(shard.folder(out), readonly=True) as ledger:
+            return summarize_ledger(ledger)
+    with open_ledgers(out) as ledgers:
+        return summarize_ledger(ledgers)

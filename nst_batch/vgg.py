@@ -1,8 +1,6 @@
 """VGG19 feature extractor: built once per run, truncated after the deepest layer used, frozen.
 
-Layers are named the way papers name them (conv1_1, relu1_1, pool1, ...). The seed
-tutorial numbers convolutions sequentially (conv_1 .. conv_16, relu_N, pool_N); those
-names are accepted and mapped, so `conv_4` is `conv2_2`.
+Layers are named as in `objective` (conv1_1, relu1_1, pool1, ...; the tutorial's conv_4 maps there).
 
 Each weight source brings its own input convention, and the extractor applies it, so
 the rest of the code always hands it RGB images in [0, 1]:
@@ -14,7 +12,6 @@ the rest of the code always hands it RGB images in [0, 1]:
 from __future__ import annotations
 
 import importlib.util
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,42 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import WeightsError
-
-_BLOCKS = (2, 2, 4, 4, 4)  # convolutions per block in VGG19
-_CHANNELS = (64, 128, 256, 512, 512)
-
-
-def _layer_names() -> list[str]:
-    names = []
-    for b, n in enumerate(_BLOCKS, start=1):
-        for i in range(1, n + 1):
-            names += [f"conv{b}_{i}", f"relu{b}_{i}"]
-        names.append(f"pool{b}")
-    return names
-
-
-LAYERS = _layer_names()  # index i here == index i in torchvision's vgg19().features
-CONVS = [n for n in LAYERS if n.startswith("conv")]
-
-
-def canonical_layer(name: str) -> str:
-    """'relu4_2' -> 'relu4_2'; tutorial-style 'conv_4' -> 'conv2_2'. ValueError for anything else."""
-    if name in LAYERS:
-        return name
-    m = re.fullmatch(r"(conv|relu|pool)_(\d+)", name)
-    if m and 1 <= int(m.group(2)) <= len(CONVS):
-        conv = CONVS[int(m.group(2)) - 1]
-        kind = m.group(1)
-        if kind == "conv":
-            return conv
-        if kind == "relu":
-            return "relu" + conv[4:]
-        # The tutorial names a pool after the conv count so far; only pools right after a block's last conv exist.
-        b, i = map(int, conv[4:].split("_"))
-        if i == _BLOCKS[b - 1]:
-            return f"pool{b}"
-    raise ValueError(f"unknown VGG19 layer {name!r} (use names like relu4_2, conv1_1, pool2 or the tutorial's conv_4)")
-
+from .objective import BLOCKS, CHANNELS, LAYERS, canonical_layer
 
 @dataclass(frozen=True)
 class Convention:
@@ -140,7 +102,7 @@ def _caffe_convs() -> list[tuple[torch.Tensor, torch.Tensor]]:
     except Exception as e:  # missing, truncated or tampered file
         raise WeightsError(f"cannot read the VGG19 weights in {path}: {e}") from None
     convs = []
-    for b, n in enumerate(_BLOCKS, start=1):
+    for b, n in enumerate(BLOCKS, start=1):
         for i in range(1, n + 1):
             key = f"block{b}_conv{i}"
             try:
@@ -164,7 +126,7 @@ def _state_dict_convs(state: dict, origin: str) -> list[tuple[torch.Tensor, torc
     for idx, name in enumerate(LAYERS):
         if not name.startswith("conv"):
             continue
-        out_ch = _CHANNELS[int(name[4]) - 1]
+        out_ch = CHANNELS[int(name[4]) - 1]
         wk, bk = f"{prefix}{idx}.weight", f"{prefix}{idx}.bias"
         if wk not in state or bk not in state:
             missing = wk if wk not in state else bk
@@ -217,7 +179,7 @@ def flops_per_step(height: int, width: int, last_layer: str) -> float:
     total, h, w, cin = 0.0, height, width, 3
     for name in LAYERS[: LAYERS.index(canonical_layer(last_layer)) + 1]:
         if name.startswith("conv"):
-            cout = _CHANNELS[int(name[4]) - 1]
+            cout = CHANNELS[int(name[4]) - 1]
             total += 2 * h * w * cin * cout * 9
             cin = cout
         elif name.startswith("pool"):

@@ -15,10 +15,12 @@ PKG = Path(__file__).resolve().parents[1] / "nst_batch"
 LAYERS = [
     {"errors", "files", "names", "progress"},
     {"images"},
+    {"objective"},
     {"vgg"},
     {"losses"},
     {"manifest"},
     {"plan"},
+    {"shards"},
     {"ledger"},
     {"optimize"},
     {"pyramid"},

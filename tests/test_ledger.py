@@ -337,6 +337,7 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     led.close()
     db = sqlite3.connect(out / FILENAME)
     db.execute("DROP TABLE workers")
+    db.execute("ALTER TABLE pairs DROP COLUMN curve")
     db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
     db.commit()
     db.close()
@@ -345,7 +346,7 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 3
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 4
         assert led.rows() == before
         assert {"workers", "files", "pairs_state_style"} <= _names(led)
         led.register(worker_id(), _settings(), LEASE)
@@ -372,6 +373,7 @@ def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
     db = sqlite3.connect(out / FILENAME)
     db.execute("DROP TABLE files")
     db.execute("DROP INDEX pairs_state_style")
+    db.execute("ALTER TABLE pairs DROP COLUMN curve")
     db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
     db.commit()
     db.close()
@@ -388,6 +390,43 @@ def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
         led.store_hashes({"/in/a.png": (3, 4, "h")})
         assert Ledger.stored_hashes(out) == {"/in/a.png": (3, 4, "h")}
         assert led.claim("w:1", LEASE, style="t.png").content == "c.png"
+    finally:
+        led.close()
+
+
+def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_writers(out):
+    """Schema 3 is schema 4 without pairs.curve: readers see no curves (the report falls back to
+    losses.csv); a worker adds the column, and a pair's curve is stored when it is done and cleared
+    when it is claimed again."""
+    led = Ledger(out)
+    led.sync([pair("a.png"), pair("b.png")], out, LEASE)
+    finish(led, out)
+    before = led.rows()
+    led.close()
+    db = sqlite3.connect(out / FILENAME)
+    db.execute("ALTER TABLE pairs DROP COLUMN curve")
+    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
+    db.commit()
+    db.close()
+    ro = Ledger(out, readonly=True)
+    try:
+        assert ro.rows() == before and ro.get(before[0].id) == before[0]
+        assert ro.curves(r.id for r in before) == {}
+        assert ro.get_meta("schema_version") == 3  # untouched by readers
+    finally:
+        ro.close()
+    led = Ledger(out)
+    try:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 4
+        assert led.rows() == before and led.curves(r.id for r in before) == {}
+        led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
+        r = led.claim("w:1", LEASE)
+        assert led.done(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, curve="[[10,32,1,2,3.1]]")
+        assert led.curves([r.id, 999]) == {r.id: "[[10,32,1,2,3.1]]"}
+        assert led.get(r.id).state == "done"  # a Row whatever columns the table has
+        led.db.execute("UPDATE pairs SET state='pending' WHERE id=?", (r.id,))
+        led.claim("w:1", LEASE, only={r.id})
+        assert led.curves([r.id]) == {}  # a new attempt: the old curve is not its curve
     finally:
         led.close()
 

@@ -214,7 +214,7 @@ def test_set_parses_yaml_values():
     changes = manifest.parse_set(["layers=tutorial", "scales=[0.5,1]", "style_weight=1e4", "format=jpeg",
                                   "content_weight=", "init = noise"])
     s = manifest.apply(Settings(), changes, "--set")
-    assert s.layers == "tutorial"
+    assert s.layers.to_manifest() == "tutorial"
     assert s.scales == (0.5, 1.0)
     assert s.style_weight == 1e4
     assert s.format == "jpg"
@@ -225,7 +225,7 @@ def test_set_parses_yaml_values():
 def test_set_layers_mapping_uses_canonical_names():
     s = manifest.apply(Settings(), manifest.parse_set(["layers={content: [conv_4], style: [relu_1, relu3_1]}"]),
                        "--set")
-    assert s.layers == {"content": ["conv2_2"], "style": ["relu1_1", "relu3_1"]}
+    assert s.layers.to_manifest() == {"content": ["conv2_2"], "style": ["relu1_1", "relu3_1"]}
 
 
 def test_precedence_manifest_then_set_then_options(tmp_path):

@@ -14,12 +14,13 @@ from torch import nn
 from nst_batch import losses, pyramid, runner, vgg
 from nst_batch.engine import Engine
 from nst_batch.errors import WeightsError
-from nst_batch.losses import Objective
+from nst_batch.objective import PRESETS, Objective, objective_from
 from nst_batch.optimize import OptimConfig
 from nst_batch.pyramid import stylize
 from conftest import optim_config
 from nst_batch.progress import Display
-from nst_batch.vgg import LAYERS, canonical_layer, load_vgg19
+from nst_batch.objective import LAYERS, canonical_layer
+from nst_batch.vgg import load_vgg19
 
 ALL_STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
 
@@ -135,11 +136,11 @@ def test_canonical_layer_rejects(name):
 
 
 def test_presets_use_the_layers_they_document():
-    tut = losses.PRESETS["tutorial"]
+    tut = PRESETS["tutorial"]
     assert tut.content_layers == (canonical_layer("conv_4"),)
     assert tut.style_layers == tuple(canonical_layer(f"conv_{i}") for i in range(1, 6))
-    assert losses.PRESETS["gatys"].style_layers == ALL_STYLE
-    assert losses.PRESETS["gatys"].last_layer == "relu5_1"
+    assert PRESETS["gatys"].style_layers == ALL_STYLE
+    assert PRESETS["gatys"].last_layer == "relu5_1"
 
 
 # -- torchvision layout, and the tutorial's losses exactly ---------------------------------------------------
@@ -253,7 +254,7 @@ def test_tutorial_preset_equals_the_tutorials_losses(torchvision_features):
     style_score = sum(sl.loss for sl in style_losses) * style_weight
     content_score = sum(cl.loss for cl in content_losses) * content_weight
 
-    obj = losses.objective_from("tutorial")
+    obj = objective_from("tutorial")
     net = load_vgg19(str(path), obj.last_layer)
     with torch.no_grad():
         terms = losses.compute(obj, net(input_img, obj.layers), input_img,
@@ -364,7 +365,7 @@ def test_gram_formula():
 
 
 def test_relative_losses_are_zero_at_the_target_and_weighted(caffe_net):
-    obj = losses.objective_from("gatys", content_weight=2.0, style_weight=5.0, tv_weight=0.0)
+    obj = objective_from("gatys", content_weight=2.0, style_weight=5.0, tv_weight=0.0)
     x = image(32, 32, 6)
     feats = caffe_net(x, obj.layers)
     zero = losses.compute(obj, feats, x, losses.content_targets(obj, feats), losses.style_targets(obj, feats))

@@ -21,6 +21,7 @@ from rich.console import Console
 from torch import nn
 
 from nst_batch import images, losses, runner, vgg
+from nst_batch.objective import Objective, objective_from
 from nst_batch.engine import Engine, resolve, to_tensor
 from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
@@ -108,11 +109,11 @@ def test_tutorial_preset_on_caffe_weights_makes_progress(small_tutorial):
 
 @pytest.fixture(scope="module")
 def small_tutorial():
-    """chelsea x mosaic from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
-    obj = losses.objective_from("tutorial")
+    """chelsea x composition_vii from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
+    obj = objective_from("tutorial")
     net = vgg.load_vgg19("vgg19-caffe", obj.last_layer)
     photo = to_tensor(images.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
-    style = images.load_rgb(ROOT / "data" / "styles" / "mosaic.jpg")
+    style = images.load_rgb(ROOT / "data" / "styles" / "composition_vii.jpg")
 
     def run(cfg: OptimConfig):
         def style_for(h, w):
@@ -163,7 +164,7 @@ def test_no_progress_fails_the_pair_and_writes_nothing(fast_settings):
 # -- item 2: the stop rule is checked on every step, whatever log_every says -----------------------------------
 
 
-OBJ = losses.Objective(("relu2_1",), ("relu1_1", "relu2_1"), content_weight=1.0, style_weight=3.0, tv_weight=0.5,
+OBJ = Objective(("relu2_1",), ("relu1_1", "relu2_1"), content_weight=1.0, style_weight=3.0, tv_weight=0.5,
                        normalization="relative")
 
 

@@ -23,12 +23,13 @@ def settings(content: Path, styles: Path, out: Path, **kw) -> Settings:
     return Settings(content=content, styles=styles, out=out, **kw)
 
 
-def test_count_and_style_major_order(folders):
+def test_count_and_photo_major_order(folders):
+    # Photo by photo: a worker decodes each photo once for all its styles (issue 10).
     content, styles, out = folders
     pairs = make_plan(settings(content, styles, out))
     assert len(pairs) == 3 * 2
-    assert [(p.style, p.content) for p in pairs] == [
-        (s, c) for s in ("s1.png", "s2.jpg") for c in ("square.png", "tall.jpg", "wide.png")]
+    assert [(p.content, p.style) for p in pairs] == [
+        (c, s) for c in ("square.png", "tall.jpg", "wide.png") for s in ("s1.png", "s2.jpg")]
     assert pairs == make_plan(settings(content, styles, out))  # stable
 
 

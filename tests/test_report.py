@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from nst_batch import losslog, report, status
+from nst_batch import images, losslog, report, status
+from nst_batch.files import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.plan import Pair
 from nst_batch.ledger import Ledger
@@ -50,7 +51,7 @@ def run_dir(tmp_path: Path) -> Path:
     broken = src / "c" / "broken.jpg"
     broken.write_bytes(b"not a jpeg at all")
     s1, s2 = make_image(src / "s" / "s1.png", 48, 48, 10), make_image(src / "s" / "s2.jpg", 56, 40, 11)
-    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png", "r", "", "") for s in (s1, s2)
+    pairs = [Pair(c.name, s.name, c, s, f"{s.stem}/{Path(c.name).stem}.png", "r", "") for s in (s1, s2)
              for c in (c1, odd, broken)]
     ledger = Ledger(out)
     try:
@@ -111,30 +112,59 @@ def _parse(text: str) -> _Links:
     return p
 
 
+def _pages(out: Path) -> dict[str, str]:
+    """Every page of the report, by its path relative to OUT: the front page first."""
+    pages = {"report.html": (out / "report.html").read_text()}
+    pages |= {p.relative_to(out).as_posix(): p.read_text() for p in sorted((out / "styles").glob("*.html"))}
+    return pages
+
+
+def _check_links(out: Path) -> list[dict]:
+    """Every link and image of every page is relative, stays inside OUT and resolves, anchors included
+    (into other pages too); every page is reachable from the front page. Returns every img's attributes."""
+    pages = _pages(out)
+    parsed = {rel: _parse(text) for rel, text in pages.items()}
+    imgs, reached = [], {"report.html"}
+    for rel, page in parsed.items():
+        here = (out / rel).parent
+        imgs += page.imgs
+        for url in [img["src"] for img in page.imgs] + page.hrefs:
+            parts = urlsplit(url)
+            assert not parts.scheme and not parts.netloc, url  # nothing outside OUT, nothing on the network
+            target = (here / unquote(parts.path)).resolve() if parts.path else (out / rel).resolve()
+            assert target.is_relative_to(out.resolve()) and target.is_file(), (rel, url)
+            key = target.relative_to(out.resolve()).as_posix()
+            if key in parsed:
+                reached.add(key)
+            if parts.fragment:
+                assert parts.fragment in parsed[key].ids, (rel, url)
+    assert reached == set(pages)
+    return imgs
+
+
 def test_html_parses_and_every_relative_link_resolves(run_dir: Path):
     paths = report.write_report(run_dir)
     assert paths[0] == run_dir / "report.html"
-    page = _parse(paths[0].read_text())
-    assert len(page.imgs) == 2 + 2 + 2  # content headers (broken.jpg has none), style headers, outputs on disk
-    assert all(img["loading"] == "lazy" for img in page.imgs)
-    for url in [img["src"] for img in page.imgs] + page.hrefs:
-        parts = urlsplit(url)
-        assert not parts.scheme and not parts.netloc, url  # nothing outside OUT, nothing on the network
-        if parts.path:
-            assert (run_dir / unquote(parts.path)).is_file(), url
-        else:
-            assert parts.fragment in page.ids, url
+    assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}
+    imgs = _check_links(run_dir)
+    # Front page: the 2 styles. Each style page: its painting, 2 photos (broken.jpg has none), its outputs
+    # on disk (s1: c1, the odd name's output is gone; s2: c1).
+    assert len(imgs) == 2 + (1 + 2 + 1) * 2
+    assert all(img["loading"] == "lazy" for img in imgs)
 
 
 def test_states_failures_and_escaping(run_dir: Path):
-    text = report.write_report(run_dir)[0].read_text()
-    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in text
-    assert f"nst-batch retry {run_dir}" in text
-    assert "<x>" not in text and "a b#1 &amp; &lt;x&gt; &quot;q&quot;.png" in text
-    assert "output missing" in text  # ODD × s1 is done but its file is gone
+    report.write_report(run_dir)
+    pages = _pages(run_dir)
+    front, text = pages["report.html"], "".join(pages.values())
+    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in front  # in the failures table
+    assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in pages["styles/1.html"]  # and on its card
+    assert f"nst-batch retry {run_dir}" in front
+    assert "<x>" not in text and "a b#1 &amp; &lt;x&gt; &#34;q&#34;.png" in pages["styles/1.html"]  # markupsafe: &#34; for "
+    assert "output missing" in pages["styles/1.html"]  # ODD × s1 is done but its file is gone
     assert "no preview" in text  # broken.jpg cannot be decoded: a placeholder, not a crash
-    assert "st-running" in text and "st-pending" in text
-    assert '"size"' in text or "<th>size</th>" in text
+    assert 'class="st st-running"' in pages["styles/2.html"] and 'class="st st-pending"' in pages["styles/2.html"]
+    assert "<th>size</th>" in front
 
 
 def test_abandoned_attempt_is_not_drawn(run_dir: Path):
@@ -143,7 +173,7 @@ def test_abandoned_attempt_is_not_drawn(run_dir: Path):
     curves = losslog.read_curves(run_dir / LOSS_LOG, rows)
     assert [(p.step, p.px) for p in curves[("c1.png", "s2.jpg")]] == [(10, 32), (20, 32), (30, 64), (40, 64)]
     assert len(curves[("c1.png", "s1.png")]) == 4  # the final row replaces the repeated last step
-    text = (run_dir / "report.html").read_text()
+    text = "".join(_pages(run_dir).values())
     assert "999px" not in text and "64px" in text
     points = re.findall(r'<polyline points="([^"]*)"', text)
     assert len(points) == 3 * 3  # content, style, total for the 3 pairs with rows in their current attempt
@@ -222,6 +252,7 @@ def test_thumbnails_are_reused_until_the_output_changes(run_dir: Path):
 def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
     (run_dir / LOSS_LOG).unlink()
     assert "loss curves" in report.write_report(run_dir)[0].read_text()
+    assert "<polyline" not in "".join(_pages(run_dir).values())
     with pytest.raises(ConfigError):
         report.write_report(tmp_path / "nowhere")
 
@@ -279,26 +310,31 @@ addEventListener("load", () => {
 </script>"""
 
 
-def test_page_renders_in_headless_chromium(run_dir: Path, tmp_path: Path):
+def test_pages_render_in_headless_chromium(run_dir: Path, tmp_path: Path):
     chromium = shutil.which("chromium")
     if chromium is None:
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed; CI must install it (apt-get install -y chromium)")
         pytest.skip("chromium is not installed")
-    text = report.write_report(run_dir)[0].read_text()
-    # Lazy images below the fold never load in a headless dump; the check wants them all, so load eagerly.
-    check = run_dir / "check.html"
-    check.write_text(text.replace("<head>", "<head>" + _CHECK, 1).replace('loading="lazy"', 'loading="eager"'))
-    proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
-         check.as_uri()], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    body = _parse(proc.stdout).body
-    assert body.get("data-images") == "6", proc.stdout[:2000]
-    assert json.loads(body["data-broken"]) == []
-    assert json.loads(body["data-errors"]) == []
+    report.write_report(run_dir)
+    images = {}
+    for rel, text in _pages(run_dir).items():
+        # Lazy images below the fold never load in a headless dump; the check wants them all, so load
+        # eagerly. The copy sits beside the page, so its relative links are the page's.
+        check = (run_dir / rel).with_name("check.html")
+        check.write_text(text.replace("<head>", "<head>" + _CHECK, 1).replace('loading="lazy"', 'loading="eager"'))
+        proc = subprocess.run(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=5000", "--dump-dom",
+             check.as_uri()], capture_output=True, text=True, timeout=120)
+        check.unlink()
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        body = _parse(proc.stdout).body
+        images[rel] = body.get("data-images")
+        assert json.loads(body["data-broken"]) == [], rel
+        assert json.loads(body["data-errors"]) == [], rel
+    assert images == {"report.html": "2", "styles/1.html": "4", "styles/2.html": "4"}
 
 
 # -- input limits, skipped inputs, hostile names ------------------------------------------------------
@@ -310,7 +346,7 @@ def _one_pair_run(tmp_path: Path, content_name: str, settings: dict, content_siz
     s = make_image(src / "s" / "s.png", 48, 48, 2)
     ledger = Ledger(out)
     try:
-        ledger.sync([Pair(content_name, "s.png", c, s, f"s/{Path(content_name).stem}.png", "r", "", "")], out, 60)
+        ledger.sync([Pair(content_name, "s.png", c, s, f"s/{Path(content_name).stem}.png", "r", "")], out, 60)
         ledger.set_meta("settings", settings)
         row = ledger.claim(WORKER, 60)
         if fail:
@@ -330,9 +366,9 @@ def test_a_source_over_max_megapixels_is_not_decoded_for_a_thumbnail(tmp_path: P
                         fail=("too_large", "huge.png: 64x40 is over the 0.0024 MP limit (key 'max_megapixels')"))
     report.write_report(out)  # reads the limit from the settings stored in the ledger
     row = _ledger_rows(out)[0]
-    assert not (out / report._thumb_name("c", row.content_path)).exists()
-    assert (out / report._thumb_name("s", row.style_path)).exists()  # 48×48 = 2304 px: within it
-    assert "no preview" in (out / "report.html").read_text()
+    assert not (out / thumb_path("c", row.content_path)).exists()
+    assert (out / thumb_path("s", row.style_path)).exists()  # 48×48 = 2304 px: within it
+    assert "no preview" in _pages(out)["styles/1.html"]
 
 
 @pytest.mark.parametrize("name", ["=HYPERLINK(\"http://x\",\"y\").png", "+1.png", "-2+3.png", "@SUM(A1).png",
@@ -396,3 +432,151 @@ def test_terminal_status_and_report_neutralise_control_characters():
     text = buf.getvalue()
     assert "\x1b" not in text and "\x07" not in text
     assert "\\x1b[31mred\\x1b[0m\\x07.png" in text and "out\\x1b[2J" in text
+
+
+# -- collections: stored curves, runner-made thumbnails, pages, per-style sheets ----------------------
+
+def _log(*rows):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(step=s, px=px, content=c, style=st, total=c + st) for s, px, c, st in rows]
+
+
+def test_curve_record_keeps_the_last_start_and_the_final_losses_and_thins():
+    # An out-of-memory retry starts again at step 1 (smaller px); the final row repeats the last step.
+    rec = losslog.curve_record(_log((10, 64, 1.0, 9.0), (20, 64, 1.0, 8.0), (10, 45, 1.0, 7.0), (20, 45, 1.0, 6.0),
+                                   (20, 45, 1.0, 5.5), (30, 45, float("nan"), 5.0)))
+    assert json.loads(rec) == [[10, 45, 1, 7, 8], [20, 45, 1, 5.5, 6.5]]
+    assert losslog.parse_curve(rec) == [[10, 45, 1, 7, 8], [20, 45, 1, 5.5, 6.5]]
+    long = json.loads(losslog.curve_record(_log(*((s, 32, 1 / s, 2 / s) for s in range(1, 1001)))))
+    assert len(long) == losslog.CURVE_MAX_POINTS and long[0][0] == 1 and long[-1][0] == 1000
+    assert long[1][3] == float(f"{2 / long[1][0]:.4g}")  # 4 significant digits
+    assert losslog.curve_record([]) is None
+    assert losslog.parse_curve("not json") == losslog.parse_curve("[[1, 2]]") == losslog.parse_curve(None) == []
+
+
+def _store_curve(out: Path, content: str, style: str, steps: list[tuple[int, int]], scale: float) -> None:
+    ledger = Ledger(out)
+    try:
+        rec = losslog.curve_record(_log(*((s, px, 0.5 * scale / s, 2.0 * scale / s) for s, px in steps)))
+        ledger.db.execute("UPDATE pairs SET curve=? WHERE content=? AND style=?", (rec, content, style))
+    finally:
+        ledger.close()
+
+
+def _polylines(out: Path, page: str) -> list[str]:
+    return re.findall(r'<polyline points="([^"]*)"', _pages(out)[page])
+
+
+def test_curves_come_from_the_ledger_and_from_losses_csv_only_for_pairs_without_one(run_dir: Path, monkeypatch):
+    # c1 × s1 has 4 steps in losses.csv; the ledger's curve (what the runner stores) has 2 and wins.
+    _store_curve(run_dir, "c1.png", "s1.png", [(10, 32), (40, 64)], 1.0)
+    report.write_report(run_dir)
+    assert sorted(len(p.split()) for p in _polylines(run_dir, "styles/1.html")) == [2] * 3
+    # c1 × s2 has no stored curve: drawn from losses.csv (4 steps of attempt 2), the odd name's too (1).
+    assert sorted(len(p.split()) for p in _polylines(run_dir, "styles/2.html")) == [1] * 3 + [4] * 3
+    # A losses.csv over the limit is not read: only stored curves are drawn.
+    monkeypatch.setattr(report, "CURVE_CSV_MAX_BYTES", 10)
+    report.write_report(run_dir)
+    assert len(_polylines(run_dir, "styles/1.html")) == 3 and _polylines(run_dir, "styles/2.html") == []
+
+
+def test_the_runner_made_thumbnail_is_used_and_kept(run_dir: Path):
+    output = run_dir / "s1" / "c1.png"
+    with Image.open(output) as im:
+        big = im.resize((480, 300))
+    dst = images.write_thumbnail(run_dir / thumb_path("o", "s1/c1.png"), big)
+    assert dst == run_dir / thumb_path("o", "s1/c1.png")
+    with Image.open(dst) as im:
+        assert im.format == "JPEG" and im.size == (240, 150)  # 240 px on the long side
+    made = dst.stat().st_mtime_ns
+    report.write_report(run_dir)
+    assert dst.stat().st_mtime_ns == made  # not decoded or written again
+    assert f'src="../{thumb_path("o", "s1/c1.png")}"' in _pages(run_dir)["styles/1.html"]
+    with Image.open(run_dir / thumb_path("o", "s2/c1.png")) as im:  # made by the report: an older run
+        assert max(im.size) <= images.THUMB_PX
+
+
+def test_a_style_with_more_photos_than_a_page_gets_several_and_old_pages_go(run_dir: Path, monkeypatch):
+    monkeypatch.setattr(report, "PAGE_ROWS", 2)
+    report.write_report(run_dir)
+    assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/1-2.html", "styles/2.html",
+                                    "styles/2-2.html"}
+    _check_links(run_dir)  # the pager, the front page's links to each page, failures' links to their card
+    pages = _pages(run_dir)
+    for k in (1, 2):  # each pair on exactly one page of its style, in plan order
+        ids = [re.findall(r'<div class="card [^"]*" id="(p\d+)"', pages[p]) for p in (f"styles/{k}.html",
+                                                                                   f"styles/{k}-2.html")]
+        assert [len(i) for i in ids] == [2, 1]
+    assert 'href="styles/1-2.html#p' in pages["report.html"]  # broken.jpg × s1 failed: 3rd photo, page 2
+    monkeypatch.setattr(report, "PAGE_ROWS", 500)
+    report.write_report(run_dir)
+    assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}  # stale pages removed
+
+
+def test_the_contact_sheet_rule():
+    assert report.layout_is_readable(report.sheet_layout(82, 20), 82, 20)
+    assert not report.layout_is_readable(report.sheet_layout(83, 20), 83, 20)  # cells under 96 px
+    assert not report.layout_is_readable(report.sheet_layout(10, 200), 10, 200)
+    assert report.style_sheet_shape(3) == (3, 1)
+    assert report.style_sheet_shape(10_000) == (report.SHEET_STYLE_COLUMNS,
+                                                report.SHEET_STYLE_MAX // report.SHEET_STYLE_COLUMNS)
+
+
+def test_per_style_contact_sheets_when_one_sheet_would_be_unreadable(run_dir: Path, monkeypatch):
+    monkeypatch.setattr(report, "SHEET_LABEL_PX", report.SHEET_CELL_PX + 1)  # as if cells had to shrink
+    paths = report.write_report(run_dir)
+    sheets = sorted(p.relative_to(run_dir).as_posix() for p in paths if p.parent.name == "contact_sheets")
+    assert sheets == ["contact_sheets/1-s1.jpg", "contact_sheets/2-s2.jpg"]
+    cell = report.SHEET_STYLE_CELL_PX
+    for rel in sheets:
+        with Image.open(run_dir / rel) as im:
+            assert im.size == (3 * cell, 2 * cell)  # 3 photos in a row, under the painting's row
+    _check_links(run_dir)
+    assert 'href="contact_sheets/1-s1.jpg"' in _pages(run_dir)["report.html"]
+    made = (run_dir / sheets[0]).stat().st_mtime_ns
+    report.write_report(run_dir)
+    assert (run_dir / sheets[0]).stat().st_mtime_ns == made  # nothing changed: not drawn again
+    monkeypatch.undo()
+    report.write_report(run_dir)
+    assert not (run_dir / "contact_sheets" / "1-s1.jpg").exists()  # one sheet is enough again
+
+
+def test_hostile_style_and_photo_names_are_escaped_on_every_page(tmp_path: Path):
+    hostile = '<img src=x onerror=alert(1)> & "q" \'s\'.png'
+    src, out = tmp_path / "src", tmp_path / "out"
+    c = make_image(src / "c" / hostile, 40, 30, 1)
+    s = make_image(src / "s" / hostile, 30, 30, 2)
+    ledger = Ledger(out)
+    try:
+        ledger.sync([Pair(hostile, hostile, c, s, "s/x.png", "r", "")], out, 60)
+        row = ledger.claim(WORKER, 60)
+        ledger.fail(row.id, WORKER, "unreadable", f"{hostile}: <b>bad</b>")
+    finally:
+        ledger.close()
+    report.write_report(out)
+    for rel, text in _pages(out).items():
+        assert "<img src=x" not in text and "<b>bad" not in text, rel
+        assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34; &#39;s&#39;.png" in text, rel
+    _check_links(out)
+
+
+def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
+    report.write_report(run_dir)
+    page1, page2 = run_dir / "styles" / "1.html", run_dir / "styles" / "2.html"
+    made = page1.stat().st_mtime_ns, page2.stat().st_mtime_ns
+    report.write_report(run_dir)
+    assert (page1.stat().st_mtime_ns, page2.stat().st_mtime_ns) == made
+    ledger = Ledger(run_dir)
+    try:  # the running pair of s2 finishes
+        row = next(r for r in ledger.rows() if r.state == "running")
+        make_image(run_dir / row.output, 40, 32, row.id)
+        ledger.done(row.id, WORKER, 40, 0.5, 0.2, 0.01, 0.8)
+    finally:
+        ledger.close()
+    report.write_report(run_dir)
+    assert page1.stat().st_mtime_ns == made[0] and page2.stat().st_mtime_ns != made[1]
+    assert 'class="st st-running"' not in page2.read_text()
+    _store_curve(run_dir, "c1.png", "s1.png", [(10, 32), (40, 64)], 1.0)  # a stored curve changes page 1
+    report.write_report(run_dir)
+    assert page1.stat().st_mtime_ns != made[0]

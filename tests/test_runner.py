@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from PIL import Image
 from rich.console import Console
 
 from nst_batch import engine as engine_mod
@@ -21,7 +22,7 @@ from nst_batch.progress import Display
 from conftest import make_image
 
 
-def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
+def test_each_photo_is_decoded_once_and_ahead_on_the_io_thread(fast_settings, monkeypatch):
     threads: list[str] = []
     real = images.load_rgb
 
@@ -34,8 +35,9 @@ def test_next_photo_is_decoded_on_the_io_thread(fast_settings, monkeypatch):
     assert result.made == 6
     content_loads = len(threads) - 2  # each of the 2 styles is decoded once, on the main thread
     prefetched = sum(name.startswith("nst-io") for name in threads)
-    # All but the first photo come from the look-ahead (the first has nothing before it to overlap with).
-    assert content_loads == 6 and prefetched == 5, threads
+    # 3 photos x 2 styles, photo by photo: each photo decoded once for both its styles (issue 10), and all
+    # but the first from the look-ahead (the first has nothing before it to overlap with).
+    assert content_loads == 3 and prefetched == 2, threads
 
 
 # -- issue 8: the style cache is bounded, the loss log needs no hard link ----------------------------
@@ -45,6 +47,7 @@ def test_style_cache_keeps_at_most_its_bound_and_every_pair_gets_its_own_style(f
     """More styles than the bound, in an order that makes evicted styles come back: the cache never holds
     more than STYLE_CACHE styles, and a style made again after eviction gives the very same image."""
     monkeypatch.setattr(engine_mod, "STYLE_CACHE", 2)
+    monkeypatch.setattr(engine_mod, "STYLE_IMAGES", 2)
     s = fast_settings.replace(steps=2, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
     styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 200 + i) for i in range(3)]
     photo = images.load_rgb(s.content / "square.png", s.max_megapixels)
@@ -54,7 +57,7 @@ def test_style_cache_keeps_at_most_its_bound_and_every_pair_gets_its_own_style(f
     for i in order:
         (res,) = engine.make([Job("square.png", styles[i].name, s.content / "square.png", styles[i], image=photo)])
         made.setdefault(styles[i].name, []).append(res.image)
-        held = {k[0] for k in engine._style_targets}
+        held = set(engine._style_targets)
         assert len(engine._style_images) <= 2 and len(held) <= 2 and held <= set(engine._style_images)
     # s0 and s1 were dropped and made again (2 and 1 times); s0's last use found it still held.
     assert engine.style_passes == 5
@@ -102,3 +105,39 @@ def test_loss_log_header_comes_first_whoever_opens_it_first(tmp_path, monkeypatc
     lines = _log_lines(tmp_path)
     assert lines[0] == header and header not in lines[1:]
     assert [line.split(",")[-2] for line in lines[1:]] == ["1", "2", "1"]  # the attempt column: no row lost
+
+
+def test_style_targets_outlive_their_decoded_images(fast_settings, tmp_path, monkeypatch):
+    """Photo by photo, every style comes back once per photo: its targets stay (up to STYLE_CACHE styles)
+    even when its decoded image was dropped, so no style is decoded or passed through VGG twice."""
+    monkeypatch.setattr(engine_mod, "STYLE_IMAGES", 1)
+    s = fast_settings.replace(steps=2, size=32, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
+    styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 300 + i) for i in range(3)]
+    engine = Engine(s)
+    for name in ("square.png", "wide.png"):  # two photos, each with the three styles
+        photo = images.load_rgb(s.content / name, s.max_megapixels)
+        engine.make([Job(name, st.name, s.content / name, st, image=photo) for st in styles])
+    assert len(engine._style_images) == 1 and len(engine._style_targets) == 3
+    # square is 32x32, wide 32x20 at full size: the same long side, so one pass per style.
+    assert engine.style_passes == 3
+
+
+def test_a_run_leaves_each_outputs_thumbnail_and_curve_for_the_report(fast_settings):
+    """At 200,000 pairs the report must not decode outputs or read losses.csv again: the runner writes
+    each output's thumbnail from the image in memory and stores its thinned loss curve in the ledger."""
+    from nst_batch import losslog
+    from nst_batch.files import thumb_path
+    from nst_batch.ledger import Ledger
+
+    s = fast_settings.replace(steps=3)
+    assert runner.run(s, Display(Console(quiet=True))).made == 6
+    with Ledger(s.out, readonly=True) as ledger:
+        rows = ledger.rows()
+        curves = ledger.curves([r.id for r in rows])
+    for r in rows:
+        thumb = s.out / thumb_path("o", r.output)
+        assert thumb.stat().st_mtime >= (s.out / r.output).stat().st_mtime  # newer: the report keeps it
+        with Image.open(thumb) as im, Image.open(s.out / r.output) as full:
+            assert im.size == full.size  # a 48 px output is under the thumbnail size: not enlarged
+        points = losslog.parse_curve(curves[r.id])
+        assert points and points[-1][0] == r.steps and abs(points[-1][4] - r.total_loss) <= 1e-3 * r.total_loss
