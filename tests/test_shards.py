@@ -403,3 +403,14 @@ def test_a_shard_reads_only_the_inputs_of_its_own_pairs(collection, monkeypatch)
     assert set(read) == {c for c, _ in mine} | {s for _, s in mine}
     with Ledger(shard.folder(out), readonly=True) as led:
         assert {(r.content, r.style) for r in led.rows() if r.state == "done"} == mine
+
+
+def test_ray_and_shard_together_are_refused(tmp_path):
+    # A Ray cluster spreads the whole plan itself; a shard is one SLURM/Kubernetes task's share.
+    make_image(tmp_path / "c" / "a.png", 32, 24, 1)
+    make_image(tmp_path / "s" / "s.png", 32, 32, 2)
+    r = subprocess.run([sys.executable, "-m", "nst_batch.cli", "run", "--content", str(tmp_path / "c"),
+                        "--styles", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--ray", "local",
+                        "--shard", "0/2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--ray and --shard do not go together" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
