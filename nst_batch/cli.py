@@ -7,6 +7,7 @@ or input-folder error; 3 model weights unavailable; 130 interrupted (Ctrl-C); 14
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any, Optional
 
@@ -104,6 +105,10 @@ def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None
         raise typer.Exit(e.exit_code)
     except NstError as e:
         raise _fail(e)
+    except (OSError, sqlite3.DatabaseError) as e:
+        # The output folder or its ledger as a whole (a pair's own write failure fails that pair only):
+        # one line and exit 2, not a traceback and the exit code of "some pairs failed".
+        raise _fail(NstError(f"cannot use the output folder {settings.out}: {e}"))
     _finish(result, settings.out, quiet, shards[0] if len(shards) == 1 else None)
 
 

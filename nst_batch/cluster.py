@@ -39,6 +39,7 @@ from .manifest import Settings
 from .optimize import LogRow
 from .plan import recipe_settings
 from .progress import Display
+from .shards import check_layout
 from .runner import Books, RunResult, Work, absolute_paths, job_for, plan_for, prepare, write_output
 
 INSTALL_HINT = "--ray needs Ray, an optional extra: pip install 'nst-batch[ray]'"
@@ -144,6 +145,7 @@ def run_ray(settings: Settings, display: Display, options: RayOptions, only_fail
     """`runner.run` with Ray actors computing the pairs. Raises ConfigError (exit 2) without Ray, when
     the cluster cannot be reached or has nothing to run on, or when another driver holds OUT."""
     ray = import_ray()
+    check_layout(settings.out, None)  # a sharded OUT is not a Ray driver's: refused before anything starts
     settings = absolute_paths(settings)  # actors run elsewhere: the paths they are sent must not be relative
     lock = _lock(settings.out) if settings.out.is_dir() else None  # a second driver: refused before any start
     gpus = options.gpus_per_worker if options.gpus_per_worker is not None else (0 if settings.device == "cpu" else 1)
@@ -356,6 +358,11 @@ def _drive(ray, ledger: Ledger, s: Settings, display: Display, work: Work, worke
             slot.ping_at = time.time() + _TICK_S
             return
         _check(a)  # a node without the weights, say
+        if recipe_settings(a[1]) != recipe_settings(s):
+            # Restarted on another node that resolves other settings (auto precision on another GPU):
+            # its pixels would not be what the recipes say, so it gets no pair.
+            raise ConfigError("a restarted Ray worker resolves other settings than this run's (precision: "
+                              "another kind of GPU?); set 'precision' in the manifest")
         slot.restarting = False
 
     display.start(work.already + work.todo, work.already)

@@ -3,10 +3,11 @@ the names of the files nst-batch keeps in OUT besides the images and the loss lo
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 from pathlib import Path
 from typing import BinaryIO, Callable
-import hashlib
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
 SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
@@ -33,11 +34,12 @@ def is_output_folder(folder: Path) -> bool:
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Call `write(f)` on a hidden temporary file beside `path`, fsync it, then rename it into place.
 
-    The temporary name `.NAME.PID.tmp` tells `lifecycle.remove_stale_temporaries` whose it is.
+    The temporary name `.NAME.PID-TOKEN.tmp` tells `lifecycle.remove_stale_temporaries` whose it is; the
+    random token keeps two hosts sharing OUT apart (every Kubernetes pod's process may be PID 1).
     durable=False skips the fsync, for caches (thumbnails) where thousands of fsyncs would dominate.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "wb") as f:
             write(f)

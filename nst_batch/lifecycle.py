@@ -2,13 +2,14 @@
 
 - `Signals` turns SIGINT/SIGTERM into `Interrupted`, but only while the engine computes;
 - `Heartbeat` keeps this worker's claims (and its registration) alive from a thread of its own;
-- `remove_stale_temporaries` deletes the `.NAME.PID.tmp` files of writers killed mid-write.
+- `remove_stale_temporaries` deletes the `.NAME.PID-TOKEN.tmp` files of writers killed mid-write.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -56,9 +57,14 @@ class Heartbeat:
             while not self._stop.wait(every):
                 with self._lock:
                     ids = list(self.held)
-                ledger.worker_heartbeat(worker)  # holds the folder to this worker's settings
-                for pair_id in ids:
-                    ledger.heartbeat(pair_id, worker)
+                try:
+                    ledger.worker_heartbeat(worker)  # holds the folder to this worker's settings
+                    for pair_id in ids:
+                        ledger.heartbeat(pair_id, worker)
+                except sqlite3.Error:
+                    # A busy or briefly unreachable ledger (a network filesystem): beat again next time.
+                    # A thread that died here would let every claim lapse while the pairs still compute.
+                    continue
 
     def stop(self):
         self._stop.set()
@@ -95,7 +101,7 @@ class Signals:
 
 def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float = 600.0,
                              shared: bool = False) -> int:
-    """Delete `.NAME.PID.tmp` files left by writers killed mid-write: their process is gone, or, for a
+    """Delete `.NAME.PID-TOKEN.tmp` files left by writers killed mid-write: their process is gone, or, for a
     folder shared between machines (where a PID means nothing), they are older than any write takes.
 
     Only our own: the temporaries files.write_atomic makes for a file nst-batch writes (an output of
@@ -109,7 +115,8 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
     removed = 0
     now = time.time()
     for tmp in out.rglob(".*.tmp"):
-        target, _, pid = tmp.name[1:-4].rpartition(".")
+        target, _, tag = tmp.name[1:-4].rpartition(".")
+        pid = tag.partition("-")[0]  # PID-TOKEN (files.write_atomic), or a bare PID (older versions)
         rel = tmp.parent.relative_to(out) / target
         folder = rel.parent.as_posix()
         if not (rel.as_posix() in ours or (folder in (THUMBS, SHEETS) and target.endswith(".jpg"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nst_batch.manifest import Settings
@@ -77,3 +78,16 @@ def optim_config(**kw):
     base = dict(steps=300, optimizer="lbfgs", lr=0.02, scales=(1.0,), init="content", seed=0, log_every=10,
                 stop_window=0, stop_tolerance=1e-3, autocast_dtype=None, channels_last=False)
     return OptimConfig(**{**base, **kw})
+
+
+class CountingNet(torch.nn.Module):
+    """A real VGG feature net, counting its forward passes that carry a gradient (evaluations of the
+    objective; style and content targets are computed without one)."""
+
+    def __init__(self, net, calls: list):
+        super().__init__()
+        self.net, self.calls = net, calls
+
+    def forward(self, x, wanted):
+        self.calls.append(torch.is_grad_enabled() and x.requires_grad)
+        return self.net(x, wanted)

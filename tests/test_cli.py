@@ -159,3 +159,15 @@ def test_errors_neutralise_control_characters_in_names(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "\x1b" not in r.stderr and "\x07" not in r.stderr
     assert "\\x1b[2J\\x1b]0;owned\\x07photos" in r.stderr and "key 'content'" in r.stderr
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_and_exit_2(tmp_path):
+    make_image(tmp_path / "c" / "a.png", 32, 24, 1)
+    make_image(tmp_path / "s" / "s.png", 32, 32, 2)
+    (tmp_path / "plain-file").write_text("not a folder")
+    out = tmp_path / "plain-file" / "results"  # its parent is a file: mkdir fails inside the run
+    r = cli("run", "--content", str(tmp_path / "c"), "--styles", str(tmp_path / "s"), "--out", str(out),
+            "--size", "32", "--steps", "3", "--device", "cpu", "--quiet", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert f"cannot use the output folder {out}" in r.stderr

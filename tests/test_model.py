@@ -17,7 +17,7 @@ from nst_batch.errors import WeightsError
 from nst_batch.objective import PRESETS, Objective, objective_from
 from nst_batch.optimize import OptimConfig
 from nst_batch.pyramid import stylize
-from conftest import optim_config
+from conftest import CountingNet, optim_config
 from nst_batch.progress import Display
 from nst_batch.objective import LAYERS, canonical_layer
 from nst_batch.vgg import load_vgg19
@@ -460,7 +460,7 @@ def test_noise_init_starts_from_noise_not_content(small_net):
 @pytest.mark.parametrize("opt, steps, log_every", [("lbfgs", 7, 1), ("adam", 7, 1), ("lbfgs", 6, 3), ("adam", 6, 2)])
 def test_one_step_is_one_evaluation(small_net, opt, steps, log_every):
     calls = []
-    counting = _Counting(small_net, calls)
+    counting = CountingNet(small_net, calls)
     res, rows = run_stylize(counting, optim_config(steps=steps, optimizer=opt, lr=0.5 if opt == "lbfgs" else 0.05,
                                                   log_every=log_every))
     assert res.steps == steps
@@ -468,18 +468,6 @@ def test_one_step_is_one_evaluation(small_net, opt, steps, log_every):
     # content targets once, `steps` evaluations with gradients, one final measurement of the image as written
     assert calls.count(True) == steps
     assert res.final[0].step == steps
-
-
-class _Counting(nn.Module):
-    """The real net, counting forward passes that carry a gradient (style targets are computed by the caller)."""
-
-    def __init__(self, net, calls):
-        super().__init__()
-        self.net, self.calls = net, calls
-
-    def forward(self, x, wanted):
-        self.calls.append(torch.is_grad_enabled() and x.requires_grad)
-        return self.net(x, wanted)
 
 
 def test_coarse_to_fine(small_net):

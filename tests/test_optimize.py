@@ -27,7 +27,7 @@ from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
 from nst_batch.optimize import LogRow, OptimConfig, Result, progress_error
 from nst_batch.pyramid import stylize
-from conftest import optim_config
+from conftest import CountingNet, optim_config
 from nst_batch.progress import Display
 
 from conftest import ROOT
@@ -203,21 +203,11 @@ def test_stop_rule_does_not_depend_on_log_every(small_net, opt, lr, tol):
 # -- item 3: steps is the number of evaluations, also for steps: 1 ---------------------------------------------
 
 
-class _Counting(nn.Module):
-    def __init__(self, net, calls):
-        super().__init__()
-        self.net, self.calls = net, calls
-
-    def forward(self, x, wanted):
-        self.calls.append(torch.is_grad_enabled() and x.requires_grad)
-        return self.net(x, wanted)
-
-
 @pytest.mark.parametrize("opt", ["lbfgs", "adam"])
 @pytest.mark.parametrize("scales", [(1.0,), (0.5, 1.0)])
 def test_one_step_is_one_evaluation_per_scale(small_net, opt, scales):
     calls: list[bool] = []
-    res = run_small(_Counting(small_net, calls), optim_config(steps=1, optimizer=opt, scales=scales))
+    res = run_small(CountingNet(small_net, calls), optim_config(steps=1, optimizer=opt, scales=scales))
     assert res.steps == len(scales)
     assert calls.count(True) == len(scales)
 

@@ -453,7 +453,7 @@ def test_stale_temporary_files_of_a_killed_worker_are_removed(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = [s.out / "s" / f".c0.png.{dead.pid}.tmp", s.out / f".losses.csv.{dead.pid}.tmp",
-             s.out / f".report.html.{dead.pid}.tmp", s.out / "thumbs" / f".o-0123456789abcdef.jpg.{dead.pid}.tmp"]
+             s.out / f".report.html.{dead.pid}-0a1b2c3d.tmp", s.out / "thumbs" / f".o-0123456789abcdef.jpg.{dead.pid}.tmp"]
     users = [s.out / f".notes.{dead.pid}.tmp", s.out / "s" / f".draft.png.{dead.pid}.tmp",
              s.out / "mine" / f".c0.png.{dead.pid}.tmp"]
     for p in stale + users:
