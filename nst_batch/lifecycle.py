@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import EXIT_SIGINT, EXIT_SIGTERM
-from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS
+from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path
 from .ledger import Ledger
 from .losslog import LOSS_LOG
 
@@ -110,7 +110,7 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
 
     shared=True (a shard's run: other hosts write OUT too): the report's files and thumbnails,
     which any host may be writing, are judged by age alone; `outputs` are this worker's own to judge."""
-    mine = set(outputs)
+    mine = {o for output in outputs for o in (output, thumb_path("o", output))}  # an output and its thumbnail
     ours = {*mine, LOSS_LOG, REPORT_HTML, SUMMARY_CSV, CONTACT_SHEET}
     removed = 0
     now = time.time()

@@ -221,7 +221,7 @@ def test_report_shows_every_shard(collection):
 def test_kill_and_resume_of_one_shard_redoes_only_its_inflight_pair(collection):
     content, styles, out, args = collection
     sizes = {k: sum(shard_of(*p, 4) == k for p in names(content, styles)) for k in range(4)}
-    k = min((k for k in sizes if sizes[k] >= 2), key=sizes.get)  # few pairs: a quick test
+    k = max(sizes, key=sizes.get)  # the most pairs: a pair done while others are still to come
     folder = Shard(4, k).folder(out)
     count_done_in(folder)
     slow = [*args, "--steps", "40", "--set", "stop_window=0", "--shard", f"{k}/4"]
@@ -229,12 +229,14 @@ def test_kill_and_resume_of_one_shard_redoes_only_its_inflight_pair(collection):
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 240
-        while time.time() < deadline:  # one pair done, the next one computing
+        while time.time() < deadline:  # a pair done, the next ones in flight
             with Ledger(folder, readonly=True) as led:
                 c = led.counts()
-            if c["done"] >= 1 and c["running"] == 1:
+            if c["done"] >= 1 and c["running"] >= 1 and c["pending"] >= 1:
                 break
-            time.sleep(0.05)
+            if p.poll() is not None:
+                pytest.fail(f"the shard's run ended (rc {p.returncode}) before it could be killed mid-way")
+            time.sleep(0.02)
         else:
             pytest.fail("the shard never had a pair done and one running")
     finally:
@@ -243,14 +245,16 @@ def test_kill_and_resume_of_one_shard_redoes_only_its_inflight_pair(collection):
     with Ledger(folder, readonly=True) as led:
         killed = [(r.content, r.style) for r in led.rows() if r.state == "running"]
         done_before = {(r.content, r.style) for r in led.rows() if r.state == "done"}
-    assert len(killed) == 1
+    # In flight: the pair computing, and perhaps one computed whose image was still being written (and
+    # recorded done only after that): the README says a kill loses the pairs in flight, at most two.
+    assert 1 <= len(killed) <= 2
     r = cli("run", *slow)  # same host, dead PID: the claim is taken back at once, no lease to wait out
     assert r.returncode == 0, r.stdout + r.stderr
     with Ledger(folder, readonly=True) as led:
         rows = led.rows()
     assert all(r.state == "done" for r in rows)
     attempts = {(r.content, r.style): r.attempts for r in rows}
-    assert attempts.pop(killed[0]) == 2 and set(attempts.values()) == {1}
+    assert [attempts.pop(pair) for pair in killed] == [2] * len(killed) and set(attempts.values()) == {1}
     log = done_log(folder)
     assert sorted(log) == sorted(attempts.keys() | set(killed))  # each once, the earlier ones not redone
     assert done_before <= set(log[:len(done_before)])
