@@ -328,6 +328,16 @@ def test_worker_heartbeat_keeps_a_registration_live(ledger, out):
         ledger.register(worker_id(), _settings(size=48), LEASE)
 
 
+def as_schema(out, version: int, *undo: str) -> None:
+    """Rewrite OUT's ledger as an older nst-batch left it: `undo` removes what later schemas added."""
+    db = sqlite3.connect(out / FILENAME)
+    for stmt in undo:
+        db.execute(stmt)
+    db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
+    db.commit()
+    db.close()
+
+
 def test_a_schema_1_ledger_opens_and_is_migrated(out):
     """Schema 1 is schema 2 without the workers table."""
     led = Ledger(out)
@@ -335,12 +345,7 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     finish(led, out)
     before = led.rows()
     led.close()
-    db = sqlite3.connect(out / FILENAME)
-    db.execute("DROP TABLE workers")
-    db.execute("ALTER TABLE pairs DROP COLUMN curve")
-    db.execute("UPDATE meta SET value='1' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    as_schema(out, 1, "DROP TABLE workers", "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)  # status and report read it as it is
     assert ro.rows() == before
     ro.close()
@@ -370,13 +375,7 @@ def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
     led.store_hashes({"/in/a.png": (3, 4, "h")})
     before = led.rows()
     led.close()
-    db = sqlite3.connect(out / FILENAME)
-    db.execute("DROP TABLE files")
-    db.execute("DROP INDEX pairs_state_style")
-    db.execute("ALTER TABLE pairs DROP COLUMN curve")
-    db.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    as_schema(out, 2, "DROP TABLE files", "DROP INDEX pairs_state_style", "ALTER TABLE pairs DROP COLUMN curve")
     summary = load_summary(out)
     assert summary.counts == {"pending": 2, "running": 0, "done": 0, "failed": 1} and summary.total == 3
     assert Ledger.stored_hashes(out) == {}  # no cache yet: every file is read once, as before
@@ -403,11 +402,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
     finish(led, out)
     before = led.rows()
     led.close()
-    db = sqlite3.connect(out / FILENAME)
-    db.execute("ALTER TABLE pairs DROP COLUMN curve")
-    db.execute("UPDATE meta SET value='3' WHERE key='schema_version'")
-    db.commit()
-    db.close()
+    as_schema(out, 3, "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)
     try:
         assert ro.rows() == before and ro.get(before[0].id) == before[0]
