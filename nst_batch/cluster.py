@@ -113,9 +113,13 @@ class EngineWorker:
         t0 = time.perf_counter()
         made = self.engine.make(jobs)
         took = time.perf_counter() - t0
-        return [Outcome(encode(m.image, s.format, s.quality) if m.ok else None,
-                        thumbnail_jpeg(to_pil(m.image)) if m.ok else None, m.logs, m.final, m.steps, m.note,
-                        None if m.ok else (m.error.kind, str(m.error)), took) for m in made]
+        outcomes = []
+        for m in made:
+            im = to_pil(m.image) if m.ok else None  # once, for the image and its thumbnail
+            outcomes.append(Outcome(encode(im, s.format, s.quality) if im else None, thumbnail_jpeg(im) if im else None,
+                                    m.logs, m.final, m.steps, m.note, None if m.ok else (m.error.kind, str(m.error)),
+                                    took))
+        return outcomes
 
 
 # -- the driver --------------------------------------------------------------------------------------

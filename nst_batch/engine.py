@@ -113,10 +113,11 @@ def to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
-def encode(image: torch.Tensor, fmt: str, quality: int = 95) -> bytes:
-    """A (1, 3, H, W) image as the bytes of a PNG or JPEG file: what crosses a process boundary."""
+def encode(image: torch.Tensor | Image.Image, fmt: str, quality: int = 95) -> bytes:
+    """A (1, 3, H, W) image (or its to_pil) as the bytes of a PNG or JPEG file: what crosses a process
+    boundary. A caller that also makes a thumbnail passes the PIL image, converted once."""
     buf = io.BytesIO()
-    images.encode_to(to_pil(image), buf, fmt, quality)
+    images.encode_to(image if isinstance(image, Image.Image) else to_pil(image), buf, fmt, quality)
     return buf.getvalue()
 
 

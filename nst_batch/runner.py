@@ -281,7 +281,8 @@ class _BackgroundIO:
 
     def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int, thumb: Path) -> None:
         def save() -> float:
-            return write_output(path, encode(made.image, fmt, quality), (thumb, thumbnail_jpeg(to_pil(made.image))))
+            im = to_pil(made.image)  # once, for the image and its thumbnail
+            return write_output(path, encode(im, fmt, quality), (thumb, thumbnail_jpeg(im)))
 
         self.writes.append((row, self.pool.submit(save), made))
 
