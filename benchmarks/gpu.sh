@@ -13,6 +13,9 @@
 # Images: $IMAGES, else ../shared/images, else the repository's bundled data/ (3 contents x 3 styles).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# Runs from a plain checkout too (a lent GPU machine has no `pip install -e .`).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py="${PYTHON:-python3}"
 out="${OUT:-benchmarks/gpu-results}"
 mkdir -p "$out"
 images="${IMAGES:-../shared/images}"
@@ -20,7 +23,7 @@ if [ ! -d "$images/content" ]; then
     echo "no $images/content here: using the repository's bundled data/ images"
     images=data
 fi
-if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+if ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
     echo "PyTorch sees no CUDA GPU: nothing to benchmark" >&2
     exit 2
 fi
@@ -31,7 +34,7 @@ bench() {  # bench LIMIT_S NAME ARGS...: one part, output to the terminal and to
     local limit=$1 name=$2
     shift 2
     echo "== $name (limit ${limit}s) =="
-    timeout "$limit" python benchmarks/bench_throughput.py --device cuda --images "$images" \
+    timeout "$limit" "$py" benchmarks/bench_throughput.py --device cuda --images "$images" \
         --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.txt"
     local rc=${PIPESTATUS[0]}
     [ "$rc" = 124 ] && echo "== $name: stopped at its ${limit}s limit ==" | tee -a "$out/$name.txt"
@@ -54,4 +57,25 @@ bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
+# 4. The CLI end to end on the GPU (device auto, so the defaults a user gets): 2 photos x 2 styles at 512 px,
+#    then a resume that must find nothing to do, then status. Whatever time is left of 580 s, at most 90 s.
+left=$((580 - (SECONDS - start)))
+[ "$left" -gt 90 ] && left=90
+if [ "$left" -gt 20 ]; then
+    echo "== cli (limit ${left}s) =="
+    tmp=$(mktemp -d)
+    mkdir -p "$tmp/content" "$tmp/styles"
+    ls "$images"/content/*.jpg | head -2 | xargs -I{} cp {} "$tmp/content/"
+    ls "$images"/styles/*.jpg | head -2 | xargs -I{} cp {} "$tmp/styles/"
+    t0=$SECONDS
+    { timeout "$left" "$py" -m nst_batch run --content "$tmp/content" --styles "$tmp/styles" --out "$tmp/out" \
+          --size 512 --steps 300 --quiet
+      echo "run rc=$? in $((SECONDS - t0)) s"
+      "$py" -m nst_batch run --content "$tmp/content" --styles "$tmp/styles" --out "$tmp/out" --size 512 --steps 300 --quiet
+      echo "resume rc=$?"
+      "$py" -m nst_batch status "$tmp/out"
+      head -3 "$tmp/out/losses.csv"
+    } > "$out/cli.txt" 2>&1
+    cat "$out/cli.txt"
+fi
 echo "total $((SECONDS - start)) s; results in $out"
