@@ -62,6 +62,10 @@ class ScaleResult:
     last: losses.LossTerms | None  # the terms of its last step (None: no step ran)
 
 
+# L-BFGS's first step, as the mean change of a pixel value (see optimize_scale).
+FIRST_STEP = 0.01
+
+
 class _Stop(Exception):
     """Raised inside the closure to end a scale: its step budget is spent, or the stop rule fired."""
 
@@ -81,17 +85,24 @@ def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losse
     fires. `evaluate(img)` gives the weighted loss terms; `log(terms, steps so far)` is called every
     `log_every` steps (steps counted from `steps_before`, over all scales). Returns the best image seen."""
     device = start.device
+    # L-BFGS's first step moves the image by a total (L1) of 1 over all its values: on a 1024 px image
+    # about 1e-6 a value, below what a bf16 forward can see (the image is cast to bf16 at the first
+    # conv). The loss then does not change, and L-BFGS gives up after a handful of evaluations with
+    # the photo unchanged (measured on an H200: docs/benchmarks.md, "GPU"). So L-BFGS works on
+    # v = x / k: its first step then moves each value by 1% on average, and its later steps, scaled
+    # by its own curvature estimate, do not depend on k.
+    k = FIRST_STEP * start.numel() if cfg.optimizer == "lbfgs" else 1.0
     # The optimised pixels keep the default layout: L-BFGS flattens their gradient with .view(-1),
     # which fails on a channels_last tensor. The net gets a channels_last copy instead (3 channels: cheap).
-    x = start.clone().contiguous().requires_grad_(True)
+    v = start.div(k).contiguous().requires_grad_(True)
     history: list[float] = []  # the summed total after every step of this scale: the stop rule reads it
     scale_steps = 0
     last: list[losses.LossTerms | None] = [None]
     # The best image seen so far, per image of the batch: Adam can overshoot, a line search tries points
     # worse than where it stands, and the tutorial kept whatever the last step gave. Tracked with
     # torch.where, so no host-device sync is added.
-    best_x = x.detach().clone()
-    best_loss = torch.full((x.shape[0],), float("inf"), device=device)
+    best_x = start.detach().clone()
+    best_loss = torch.full((start.shape[0],), float("inf"), device=device)
     unit: list[float | None] = [None]  # what L-BFGS sees is the loss over this, the scale's first loss
 
     def closure() -> torch.Tensor:
@@ -99,8 +110,9 @@ def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losse
         if scale_steps >= cfg.steps:
             raise _Stop  # L-BFGS asks for one evaluation more than it may have (steps: 1 made two)
         with torch.no_grad():
-            x.clamp_(0, 1)  # the tutorial's trick: keep L-BFGS inside the valid pixel range
+            v.clamp_(0, 1 / k)  # the tutorial's trick: keep L-BFGS inside the valid pixel range
         opt.zero_grad(set_to_none=True)
+        x = v * k
         terms = evaluate(x)
         loss = terms.total.sum()  # images in a batch are independent: summing keeps their gradients apart
         if unit[0] is None:
@@ -138,16 +150,16 @@ def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losse
             # The closure ends the scale when its budget is spent or the stop rule fires, so L-BFGS's own
             # limits stay above the budget, and tolerance_grad is off: on a normalised loss its absolute
             # 1e-7 could stop a large image early.
-            opt = torch.optim.LBFGS([x], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps + 1,
+            opt = torch.optim.LBFGS([v], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps + 1,
                                     tolerance_grad=0.0, history_size=100, line_search_fn="strong_wolfe")
             opt.step(closure)
         else:
-            opt = torch.optim.Adam([x], lr=cfg.lr)
+            opt = torch.optim.Adam([v], lr=cfg.lr)
             while True:
                 closure()
                 opt.step()
                 with torch.no_grad():
-                    x.clamp_(0, 1)
+                    v.clamp_(0, 1)
     except _Stop:
         pass
     return ScaleResult(best_x, scale_steps, last[0])
