@@ -29,8 +29,8 @@ GiB = 1 << 30
 # and the process's growth over a pair that does not scale with pixels. Fitted to the CPU measurements in
 # docs/benchmarks.md "Print sizes" (gatys, last layer relu5_1; the L-BFGS history of the measured runs is
 # taken out first). Objectives ending earlier need less: this bound serves them all.
-VGG_BYTES_PER_PX = 2000
-CONSTANT_BYTES = 300 * MiB
+VGG_BYTES_PER_PX = 2250
+CONSTANT_BYTES = 400 * MiB
 LBFGS_HISTORY = 100  # optimize.py's history_size: pairs of (step, gradient change) kept
 VECTOR_BYTES_PER_PX = 3 * 4  # one RGB float32 image-sized vector
 
@@ -76,7 +76,8 @@ def largest_fitting(image_w: int, image_h: int, free: int, batch: int, optimizer
 
 
 def gb(n: float) -> str:
-    return f"{n / GiB:.1f} GB" if n >= GiB else f"{n / MiB:.0f} MB"
+    """Bytes as people read a machine's memory: decimal GB (a "16 GB" machine), MB below one."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 # -- what is free --------------------------------------------------------------------------------------
