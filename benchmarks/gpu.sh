@@ -9,6 +9,8 @@
 #    peak memory at 512/1024/2048 px.
 # 2. torch.compile, 512 px, 1 content x 2 styles (one shape, so one compile, paid in the warm-up).
 # 3. 1024 px, 1 content x 2 styles: loop vs fp32, bf16 and bf16 coarse to fine.
+# 4. Print sizes: peak CUDA memory and seconds per step of one pair at 2048 and 4096 px (bf16, 3 steps,
+#    each size in a fresh process: benchmarks/bench_memory.py), to check the engine's memory model.
 # Every part has its own time limit, so a slow part cannot eat the next one's budget.
 # Images: $IMAGES, else ../shared/images, else the repository's bundled data/ (3 contents x 3 styles).
 set -uo pipefail
@@ -57,6 +59,10 @@ bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
+echo "== gpu_memory (limit 60s) =="
+timeout 60 "$py" benchmarks/bench_memory.py --device cuda --precision auto --sizes 2048,4096 --steps 3 \
+    --timeout 25 --json "$out/gpu_memory.json" 2>&1 | tee "$out/gpu_memory.txt"
+[ "${PIPESTATUS[0]}" = 124 ] && echo "== gpu_memory: stopped at its 60s limit ==" | tee -a "$out/gpu_memory.txt"
 # 4. The CLI end to end on the GPU (device auto, so the defaults a user gets): 2 photos x 2 styles at 512 px,
 #    then a resume that must find nothing to do, then status. Whatever time is left of 580 s, at most 90 s.
 left=$((580 - (SECONDS - start)))

@@ -3,7 +3,7 @@
 `resolve` decides, once, everything that depends on the device (precision, memory layout, cuDNN);
 the plan's recipe and the optimiser both read its answer. An `Engine` holds VGG19 on the device and
 a bounded cache of style targets, and `make(jobs)` returns one `Made` per job: the image, its loss
-rows, its final and starting losses, a note (an out-of-memory retry at a smaller size) or the
+rows, its final and starting losses, a note for the log, or the
 `PairError` that failed it. It writes no file, touches no ledger and handles no signal, so a
 driver on another process or machine can run it and send the results back (`encode` turns an
 image into PNG/JPEG bytes for that); `runner` is the local driver.
@@ -23,14 +23,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images, losses
+from . import images, losses, memory
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import Settings
 from .objective import objective_from
 from .optimize import LogRow, OptimConfig, Result, progress_error
 from .plan import file_hash
-from .pyramid import stylize
+from .pyramid import auto_scales, stylize
 
 # Styles whose Gram targets the engine keeps, least recently used dropped first. Plans run photo by
 # photo (each photo decoded once for all its styles), so every style of a run comes back once per photo:
@@ -65,8 +65,8 @@ def pick_device(name: str) -> torch.device:
 def optim_config(settings: Settings, channels_last: bool) -> OptimConfig:
     """The optimiser's settings, all read from resolved Settings (precision fp32 or bf16): the only place
     an OptimConfig is made from Settings, so the two can never disagree on a default."""
-    if settings.precision not in ("fp32", "bf16"):
-        raise ValueError(f"precision {settings.precision!r} is not resolved yet: use resolve()")
+    if settings.precision not in ("fp32", "bf16") or isinstance(settings.scales, str):
+        raise ValueError(f"precision {settings.precision!r} or scales {settings.scales!r} not resolved yet: use resolve()")
     return OptimConfig(
         steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
         init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
@@ -79,17 +79,19 @@ class DeviceConfig:
     """Everything decided from the device, made in one place (`resolve`), so a test can build what a
     CUDA run would use and run it on the CPU: only the device then differs."""
 
-    settings: Settings  # precision resolved to fp32 or bf16: what the plan's recipe records
+    settings: Settings  # precision resolved to fp32 or bf16, scales to a list: what the plan's recipe records
     optim: OptimConfig  # including bf16 autocast and channels_last
     cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
 
 
 def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
     """The settings for a device type ('cuda', 'cpu', 'mps'). `bf16_supported` is the CUDA card's answer
-    (torch.cuda.is_bf16_supported()); `precision: auto` means bf16 on CUDA when it says yes."""
+    (torch.cuda.is_bf16_supported()); `precision: auto` means bf16 on CUDA when it says yes. `scales: auto`
+    becomes the levels for `size` (pyramid.auto_scales), so the recipe records the levels actually run."""
     cuda = device_type == "cuda"
     bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and bf16_supported)
-    resolved = settings.replace(precision="bf16" if bf16 else "fp32")
+    scales = auto_scales(settings.size) if settings.scales == "auto" else settings.scales
+    resolved = settings.replace(precision="bf16" if bf16 else "fp32", scales=scales)
     # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
     return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda)
 
@@ -148,7 +150,7 @@ class Made:
     final: LogRow | None = None  # the losses of the image as made
     start: LogRow | None = None  # the losses of doing nothing (the no_progress check compares with it)
     steps: int = 0
-    note: str | None = None  # e.g. "ran out of memory at 512 px; made at 362 px instead"
+    note: str | None = None  # a remark the ledger and report keep beside a done pair (none is made today)
     error: PairError | None = None
 
     @property
@@ -171,8 +173,12 @@ class Engine:
     the GPU configuration on the CPU, a benchmark its own OptimConfig in a DeviceConfig.
     """
 
-    def __init__(self, settings: Settings, device: torch.device | None = None, config: DeviceConfig | None = None):
+    def __init__(self, settings: Settings, device: torch.device | None = None, config: DeviceConfig | None = None,
+                 free_memory: memory.FreeMemory | None = None):
         from .vgg import load_vgg19
+
+        # Bytes a pair may still use on the device (memory.free_bytes; a test passes its own; None: unknown)
+        self.free_memory = free_memory or memory.free_bytes
 
         self.device = device or pick_device(settings.device)
         if config is None:
@@ -315,30 +321,36 @@ class Engine:
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
                              on_note: Callable[[str], None], size: int) -> list[Made]:
-        """On out-of-memory a batch is split into single jobs, and a single job is tried once more at half the
-        pixels (same device: a GPU run stays fast); out of memory again fails it as `oom`."""
-        try:
-            return self._batch(jobs, ims, size, on_log)
-        except Exception as e:
-            if not is_oom(e):
-                raise
-        self._free_memory()
+        """Before starting, the batch's predicted peak (memory.need) is compared with the free memory: a batch
+        that would not fit is split into single jobs, and a single job that would not fit fails as `oom`
+        naming the largest size that would (on Linux a CPU run past its memory is killed, not told). A real
+        out-of-memory error does the same: a batch is split, a single job fails. Never made smaller instead:
+        an image marked done must be the size its recipe says."""
+        w, h = images.fit_long_side(*ims[0].size, size)
+        free = self.free_memory(self.device)
+        predicted = memory.need(h, w, len(jobs), self.optim.optimizer, self.optim.steps)
+        if free is None or predicted.bytes <= free:
+            try:
+                return self._batch(jobs, ims, size, on_log)
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+            self._free_memory()
+            free = self.free_memory(self.device)
+            why = f"ran out of memory at {size} px" + (f" ({memory.gb(free)} free now)" if free is not None else "")
+            # The model thought it fits: suggest at most half the pixels, less if the free memory says so.
+            below = int(size / math.sqrt(2)) + 1
+        else:
+            why = f"needs ~{memory.gb(predicted.bytes)} at {size} px ({w}x{h}), {memory.gb(free)} free"
+            below = size
         if len(jobs) > 1:
-            on_note(f"a batch of {len(jobs)} ran out of memory; making them one at a time")
+            on_note(f"a batch of {len(jobs)} {'ran out of memory' if below < size else 'would not fit in memory'}; "
+                    "making them one at a time")
             return [m for job, im in zip(jobs, ims) for m in self._make_with_oom_retry([job], [im], on_log, on_note, size)]
-        smaller = max(MIN_SIDE, int(size / math.sqrt(2)))
-        note = f"ran out of memory at {size} px; made at {smaller} px instead"
-        on_note(f"{jobs[0].style} × {jobs[0].content}: {note}")
-        try:
-            made = self._batch(jobs, ims, smaller, on_log)
-        except Exception as e:
-            if is_oom(e):
-                self._free_memory()
-                raise PairError("oom", f"out of memory at {size} px and again at {smaller} px; lower 'size'") from None
-            raise
-        for m in made:
-            m.note = note
-        return made
+        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, self.optim.optimizer,
+                                                                 self.optim.steps, below)
+        advice = f"{fits} px would fit" if fits else "no smaller size would fit"
+        raise PairError("oom", f"{why}; {advice}; lower 'size'")
 
     def _free_memory(self) -> None:
         if self.device.type == "cuda":

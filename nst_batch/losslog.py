@@ -89,8 +89,8 @@ def read_curves(path: Path, rows: list[Row]) -> dict[tuple[str, str], list[Point
     """Per (content, style): the loss-log rows of the ledger's current attempt, in step order.
 
     Rows of earlier, abandoned attempts are skipped, and so are those of a pending pair (its last
-    attempt was interrupted or is to be redone). Within one attempt an out-of-memory retry
-    starts again from step 1 at a smaller size: only that last start is kept. The final row
+    attempt was interrupted or is to be redone). Within one attempt a batch that ran out of
+    memory is made again one pair at a time, from step 1: only that last start is kept. The final row
     repeats the last step with the losses of the image as written: it replaces that step.
     """
     want = {(r.content, r.style): r.attempts for r in rows if r.attempts and r.state != "pending"}

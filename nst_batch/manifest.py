@@ -45,7 +45,7 @@ class Settings:
     format: str = "png"
     quality: int = 95
     log_every: int = 10
-    scales: tuple[float, ...] = (0.5, 1.0)
+    scales: tuple[float, ...] | str = "auto"  # "auto": from `size` (pyramid.auto_scales), resolved by engine.resolve
     stop_window: int = 20
     stop_tolerance: float = 0.01
     precision: str = "auto"
@@ -66,7 +66,7 @@ class Settings:
         d = dataclasses.asdict(self)
         for k in ("content", "styles", "out"):
             d[k] = str(d[k])
-        d["scales"] = list(self.scales)
+        d["scales"] = self.scales if isinstance(self.scales, str) else list(self.scales)
         d["layers"] = self.layers.to_manifest()
         return d
 
@@ -165,10 +165,12 @@ def _check(key: str, v: Any, source: str) -> Any:
     if key == "log_every":
         return _int(key, v, source, lo=1)
     if key == "scales":
+        if v == "auto":
+            return v
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = [v]
         if not isinstance(v, (list, tuple)) or not v:
-            raise _fail(key, f"must be a list of fractions of size ending with 1.0, e.g. [0.5, 1.0], got {v!r}", source)
+            raise _fail(key, f"must be auto or a list of fractions of size ending with 1.0, e.g. [0.5, 1.0], got {v!r}", source)
         vals = tuple(_float(key, x, source, lo=0, strict=True) for x in v)
         if vals[-1] != 1.0 or any(x > 1.0 for x in vals) or list(vals) != sorted(vals):
             raise _fail(key, f"must rise to 1.0, e.g. [0.5, 1.0], got {list(vals)}", source)

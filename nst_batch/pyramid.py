@@ -24,6 +24,25 @@ from .optimize import LogRow, OptimConfig, Result, optimize_scale
 from .vgg import VGGFeatures, resize
 
 
+# The long side of the coarsest level that `scales: auto` aims for. VGG19's deepest style layer
+# (relu5_1) sees 156 px of the image (relu4_2, the content layer, 84 px): at 256-512 px a style's
+# strokes are laid out across the whole picture; at 2048 px without coarser levels they would be
+# placed 1/8 as far apart, as small repeated texture. Each level then doubles to full size, as
+# jcjohnson/neural-style's multires recipe does by hand (256 -> 512 -> 1024 -> 2048 -> 3620).
+COARSEST = 256
+
+
+def auto_scales(size: int) -> tuple[float, ...]:
+    """What `scales: auto` means for an output of long side `size`: halvings of `size` down to the last
+    one of at least COARSEST px (so the coarsest level is 256-511 px), and always one halving below 512 px
+    (what the defaults were measured with: 192 and 512 px give [0.5, 1.0], as before `auto`).
+    1024 -> [0.25, 0.5, 1.0]; 2048 -> [0.125, 0.25, 0.5, 1.0]; 3072 -> [0.125, 0.25, 0.5, 1.0] (384 px first)."""
+    k = 1
+    while size >> (k + 1) >= COARSEST:
+        k += 1
+    return tuple(2.0 ** -i for i in range(k, 0, -1)) + (1.0,)
+
+
 def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tuple[int, int]]:
     """Working (H, W) per scale, dropping coarse scales too small for VGG19."""
     shapes = []

@@ -24,6 +24,7 @@ LAYERS = [
     {"ledger"},
     {"optimize"},
     {"pyramid"},
+    {"memory"},
     {"engine"},
     {"losslog"},
     {"lifecycle"},

@@ -10,11 +10,15 @@ import torch
 from PIL import Image
 from torch import nn
 
-from nst_batch import images
+import pytest
+
+from nst_batch import images, manifest, memory
 from nst_batch.engine import Engine, Job, Made, encode, optim_config, resolve, to_tensor
 from nst_batch.manifest import Settings
+from nst_batch.plan import recipe_settings
+from nst_batch.pyramid import auto_scales
 
-from conftest import make_image
+from conftest import CountingNet, make_image
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
@@ -98,31 +102,85 @@ class _Tight(Engine):
         self.net = _PixelBudget(self.net, budget)
 
 
-def test_out_of_memory_splits_a_batch_then_shrinks_then_fails_as_oom(tmp_path):
+def _two_photos(tmp_path, size=32, batch=2, style_size=None):
     content, styles = tmp_path / "c", tmp_path / "s"
     for i in range(2):
-        make_image(content / f"p{i}.png", 32, 32, 30 + i)
+        make_image(content / f"p{i}.png", 48, 32, 30 + i)  # 3:2, like a print
     make_image(styles / "s.png", 32, 32, 40)
-    s = Settings(content=content, styles=styles, out=tmp_path / "out", size=32, steps=4, log_every=2,
-                 scales=(1.0,), device="cpu", layers=LAYERS, batch=2)
-    jobs = [Job(f"p{i}.png", "s.png", content / f"p{i}.png", styles / "s.png") for i in range(2)]
+    s = Settings(content=content, styles=styles, out=tmp_path / "out", size=size, steps=4, log_every=2,
+                 scales=(1.0,), device="cpu", layers=LAYERS, batch=batch, style_size=style_size)
+    return s, [Job(f"p{i}.png", "s.png", content / f"p{i}.png", styles / "s.png") for i in range(2)]
+
+
+PLENTY = lambda device: 1 << 40  # noqa: E731  (free memory a test says there is)
+
+
+def test_out_of_memory_splits_a_batch_then_fails_the_pair_as_oom_naming_a_size_that_fits(tmp_path):
+    s, jobs = _two_photos(tmp_path, size=48, style_size=16)  # the style's 256 px always fit
     notes: list[str] = []
 
-    # A batch of two 32 px images (2048 px) is over the budget, one (1024) is not: split, then made as asked.
-    made = _Tight(s, budget=1500).make(jobs, on_note=notes.append)
-    assert all(m.ok and m.note is None and max(m.image.shape[-2:]) == 32 for m in made), made
+    # A batch of two 48x32 images (3072 px) is over the budget, one (1536) is not: split, then made as asked.
+    made = _Tight(s, budget=2000).make(jobs, on_note=notes.append)
+    assert all(m.ok and m.note is None and m.image.shape[-2:] == (32, 48) for m in made), made
     assert notes == ["a batch of 2 ran out of memory; making them one at a time"]
 
-    # One 32 px image is over it too: each is made at 32/sqrt(2) = 22 px, and says so.
-    notes.clear()
-    made = _Tight(s, budget=600).make(jobs, on_note=notes.append)
-    assert all(m.ok and max(m.image.shape[-2:]) == 22 for m in made), made
-    assert all(m.note == "ran out of memory at 32 px; made at 22 px instead" for m in made)
-
-    # Not even that fits: each fails as oom, with no image.
-    made = _Tight(s, budget=300).make(jobs[:1])
+    # One image is over it too: the pair fails as oom, with no image: never made smaller than its recipe
+    # says (it was once made at 34 px, noted, and marked done). The size named has at most half the pixels.
+    made = _Tight(s, budget=1000).make(jobs[:1])
     assert isinstance(made[0], Made) and made[0].error.kind == "oom" and made[0].image is None
-    assert "lower 'size'" in str(made[0].error)
+    msg = str(made[0].error)
+    assert msg.startswith("ran out of memory at 48 px (") and msg.endswith("; 32 px would fit; lower 'size'"), msg
+
+
+class _Tight(Engine):
+    def __init__(self, settings, budget, free_memory=PLENTY):
+        super().__init__(settings, free_memory=free_memory)
+        self.net = _PixelBudget(self.net, budget)
+
+
+def test_a_pair_predicted_not_to_fit_fails_as_oom_before_it_starts(tmp_path):
+    s, jobs = _two_photos(tmp_path, size=64, batch=1)
+    free = memory.need(27, 40, 1, "lbfgs", s.steps).bytes  # room for the photo at 40 px, not at 64
+    engine = Engine(s, free_memory=lambda device: free)
+    calls: list[bool] = []
+    engine.net = CountingNet(engine.net, calls)
+    (m,) = engine.make(jobs[:1])
+    assert m.error is not None and m.error.kind == "oom" and m.image is None and m.logs == []
+    assert calls == [] and engine.style_passes == 0  # refused before any work
+    msg = str(m.error)
+    assert msg.startswith("needs ~") and " at 64 px (64x43), " in msg and msg.endswith(" free; 32 px would fit; lower 'size'")
+    fits = int(msg.split("; ")[1].split()[0])
+    assert memory.need(21, 32, 1, "lbfgs", s.steps).bytes <= free < memory.need(32, 48, 1, "lbfgs", s.steps).bytes
+    assert fits == memory.largest_fitting(48, 32, free, 1, "lbfgs", s.steps, 64) == 32
+    # Made at the size that message names, it runs.
+    (ok,) = Engine(s.replace(size=fits), free_memory=lambda device: free).make(jobs[:1])
+    assert ok.ok and max(ok.image.shape[-2:]) == 32
+
+
+def test_a_batch_predicted_not_to_fit_is_made_one_at_a_time(tmp_path):
+    s, jobs = _two_photos(tmp_path)
+    free = memory.need(21, 32, 1, "lbfgs", s.steps).bytes  # one 32 px image, not two
+    notes: list[str] = []
+    made = Engine(s, free_memory=lambda device: free).make(jobs, on_note=notes.append)
+    assert all(m.ok and m.image.shape[-2:] == (21, 32) for m in made)
+    assert notes == ["a batch of 2 would not fit in memory; making them one at a time"]
+
+
+def test_scales_auto_is_resolved_once_from_the_size(folders):
+    assert [auto_scales(n) for n in (64, 192, 512, 1023)] == [(0.5, 1.0)] * 4  # as the old default
+    assert auto_scales(1024) == auto_scales(1536) == (0.25, 0.5, 1.0)
+    assert auto_scales(2048) == auto_scales(3072) == (0.125, 0.25, 0.5, 1.0)  # coarsest 256 and 384 px
+    assert auto_scales(4096) == (0.0625, 0.125, 0.25, 0.5, 1.0)
+    for n in (512, 1024, 1536, 2048, 3072, 4096, 16384):  # the coarsest level is where VGG's field suits
+        assert 256 <= n * auto_scales(n)[0] < 512
+    s = _settings(folders, scales="auto", size=2048)
+    r = resolve(s, "cpu")
+    assert r.settings.scales == r.optim.scales == (0.125, 0.25, 0.5, 1.0)
+    assert recipe_settings(r.settings)["scales"] == [0.125, 0.25, 0.5, 1.0]  # the recipe records the levels
+    assert resolve(s.replace(scales=(0.5, 1.0)), "cpu").settings.scales == (0.5, 1.0)  # an explicit list stays
+    with pytest.raises(ValueError, match="not resolved"):
+        optim_config(s.replace(precision="fp32"), channels_last=False)
+    assert Settings().scales == "auto" and manifest.apply(Settings(), {"scales": [1.0]}, "m").scales == (1.0,)
 
 
 def test_the_engine_writes_nothing_it_is_given_no_folder_for(folders, tmp_path, monkeypatch):

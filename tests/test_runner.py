@@ -141,3 +141,19 @@ def test_a_run_leaves_each_outputs_thumbnail_and_curve_for_the_report(fast_setti
             assert im.size == full.size  # a 48 px output is under the thumbnail size: not enlarged
         points = losslog.parse_curve(curves[r.id])
         assert points and points[-1][0] == r.steps and abs(points[-1][4] - r.total_loss) <= 1e-3 * r.total_loss
+
+
+def test_a_pair_that_would_not_fit_in_memory_fails_as_oom_and_writes_nothing(fast_settings, monkeypatch):
+    """Print sizes (issue 12): the memory check fails each pair before it starts, naming a size that fits
+    (with this little free, 32 px), and no image, thumbnail or temporary is written for it."""
+    from nst_batch import memory
+
+    free = memory.need(32, 32, 1, "lbfgs", fast_settings.steps).bytes  # a 32 px square fits, 48 px does not
+    monkeypatch.setattr(memory, "free_bytes", lambda device: free)
+    s = fast_settings
+    result = runner.run(s, Display(Console(quiet=True)))
+    assert result.made == 0 and result.failed == 6
+    assert {kind for _, kind, _ in result.failures} == {"oom"}
+    assert all(msg.endswith("32 px would fit; lower 'size'") for _, _, msg in result.failures), result.failures
+    written = [p.relative_to(s.out).as_posix() for p in s.out.rglob("*") if p.is_file()]
+    assert not [p for p in written if p.endswith((".png", ".jpg", ".tmp"))], written
