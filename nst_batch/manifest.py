@@ -44,6 +44,8 @@ class Settings:
     seed: int = 0
     format: str = "png"
     quality: int = 95
+    bit_depth: int = 8
+    keep_gps: bool = False
     log_every: int = 10
     scales: tuple[float, ...] = (0.5, 1.0)
     stop_window: int = 20
@@ -162,6 +164,14 @@ def _check(key: str, v: Any, source: str) -> Any:
         return _choice(key, v, source, ("png", "jpg"))
     if key == "quality":
         return _int(key, v, source, lo=1, hi=100)
+    if key == "bit_depth":
+        if v not in (8, 16) or isinstance(v, bool):
+            raise _fail(key, f"must be 8 or 16, got {v!r}", source)
+        return v
+    if key == "keep_gps":
+        if not isinstance(v, bool):
+            raise _fail(key, f"must be true or false, got {v!r}", source)
+        return v
     if key == "log_every":
         return _int(key, v, source, lo=1)
     if key == "scales":
@@ -211,7 +221,10 @@ def apply(settings: Settings, changes: dict[str, Any], source: str, base_dir: Pa
             p = Path(v).expanduser()  # a state-dict path: relative to the manifest, like the folders
             v = str(p if p.is_absolute() else base_dir / p)
         checked[key] = v
-    return settings.replace(**checked)
+    result = settings.replace(**checked)
+    if result.bit_depth == 16 and result.format != "png":  # what the two keys say together
+        raise _fail("bit_depth", f"16 needs format png (JPEG has 8 bits a channel), got format {result.format}", source)
+    return result
 
 
 def load(path: Path) -> Settings:

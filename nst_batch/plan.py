@@ -125,7 +125,8 @@ def _unique(names: dict[Path, str]) -> dict[Path, str]:
 
 
 # Bump when a code change alters the pixels the same settings produce, so finished folders are redone.
-ENGINE_VERSION = 2  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump
+ENGINE_VERSION = 3  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump;
+# 3: inputs with an ICC profile converted to sRGB, outputs carry the sRGB profile and the photo's EXIF
 
 
 def recipe_settings(settings: Settings) -> dict:
