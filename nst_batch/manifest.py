@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ class Settings:
     quality: int = 95
     bit_depth: int = 8
     keep_gps: bool = False
+    name: str = "{style}/{content}"
     log_every: int = 10
     scales: tuple[float, ...] = (0.5, 1.0)
     stop_window: int = 20
@@ -172,6 +174,8 @@ def _check(key: str, v: Any, source: str) -> Any:
         if not isinstance(v, bool):
             raise _fail(key, f"must be true or false, got {v!r}", source)
         return v
+    if key == "name":
+        return _check_name(v, source)
     if key == "log_every":
         return _int(key, v, source, lo=1)
     if key == "scales":
@@ -200,6 +204,37 @@ def _check(key: str, v: Any, source: str) -> Any:
     if key == "max_megapixels":
         return _float(key, v, source, lo=0, strict=True)
     raise AssertionError(key)  # every Settings field is handled above
+
+
+NAME_FIELDS = ("style", "content", "photo", "folder")
+
+
+def _check_name(v: Any, source: str) -> str:
+    """An output name template: literal text and {style} {content} {photo} {folder}, '/' between folders.
+    Refused: anything that could lead out of the output folder (an absolute path, a '..' part) or hide
+    an output (a part starting with '.'), '\\' (a folder on one system, a name on another), and what
+    str.format would do more with (conversions, format specs, other fields). Collisions between pairs
+    are found by the plan, which knows the names."""
+    if isinstance(v, dict):  # name: {style}/x unquoted is a YAML mapping
+        raise _fail("name", 'must be a quoted text such as "{style}/{content}" (unquoted, YAML reads {...} '
+                    "as a mapping)", source)
+    if not isinstance(v, str) or not v.strip():
+        raise _fail("name", f'must be a text such as "{{style}}/{{content}}", got {v!r}', source)
+    try:
+        parts = list(string.Formatter().parse(v))
+    except ValueError as e:
+        raise _fail("name", f"is not a valid template ({e}; a literal brace is written {{{{ or }}}}): {v!r}",
+                    source) from None
+    for _, field, spec, conv in parts:
+        if field is not None and (field not in NAME_FIELDS or spec or conv):
+            raise _fail("name", f"may use {', '.join('{' + f + '}' for f in NAME_FIELDS)} only, got "
+                        f"{{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} in {v!r}", source)
+    if v.startswith(("/", "~")) or "\\" in v or "\x00" in v or re.match(r"[A-Za-z]:", v):
+        raise _fail("name", f"must be a path relative to the output folder, with '/' between folders, got {v!r}",
+                    source)
+    if any(seg.startswith(".") for seg in v.split("/")):  # '..' would leave the folder; '.x' hides the output
+        raise _fail("name", f"must stay inside the output folder: no part may start with '.', got {v!r}", source)
+    return v
 
 
 def _unknown(key: str, source: str) -> ConfigError:

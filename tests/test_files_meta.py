@@ -234,6 +234,79 @@ def test_bit_depth_16_needs_png_and_the_new_keys_are_checked():
     s = Settings()
     base = recipe_hash(s, "a", "b")
     assert recipe_hash(s.replace(bit_depth=16), "a", "b") != base != recipe_hash(s.replace(keep_gps=True), "a", "b")
+    assert recipe_hash(s.replace(name="{content}/{style}"), "a", "b") == base
+
+
+# -- names and layout -------------------------------------------------------------------------------
+
+def _tree(tmp_path: Path, photos: list[str], styles=("oils.png", "ink.png")) -> tuple[Path, Path]:
+    content, style_dir = tmp_path / "c", tmp_path / "s"
+    for i, p in enumerate(photos):
+        make_image(content / p, 20, 20, i)
+    for i, s in enumerate(styles):
+        make_image(style_dir / s, 20, 20, 50 + i)
+    return content, style_dir
+
+
+def _outputs(tmp_path, photos, styles=("oils.png", "ink.png"), **kw) -> list[str]:
+    content, style_dir = _tree(tmp_path, photos, styles)
+    return [p.output for p in make_plan(Settings(content=content, styles=style_dir, out=tmp_path / "out", **kw))]
+
+
+def test_name_templates_lay_out_the_outputs(tmp_path):
+    photos = ["a.jpg", "trip/day1/b.png"]
+    assert _outputs(tmp_path, photos) == ["ink/a.png", "oils/a.png", "ink/trip/day1/b.png", "oils/trip/day1/b.png"]
+    for template, want in [
+        ("{content}/{style}", ["a/ink.png", "a/oils.png", "trip/day1/b/ink.png", "trip/day1/b/oils.png"]),
+        ("{style}__{content}", ["ink__a.png", "oils__a.png", "ink__trip/day1/b.png", "oils__trip/day1/b.png"]),
+        ("{folder}/{style}-{photo}", ["ink-a.png", "oils-a.png", "trip/day1/ink-b.png", "trip/day1/oils-b.png"]),
+    ]:
+        assert _outputs(tmp_path, photos, name=template) == want, template
+
+
+@pytest.mark.parametrize("template, photos, both", [
+    ("{style}/{photo}", ["x/a.jpg", "y/a.png"], "x/a.jpg and oils.png × y/a.png"),
+    ("{style}/{photo}", ["x/A.jpg", "y/a.png"], "x/A.jpg and oils.png × y/a.png"),  # one file on macOS
+    ("{content}", ["a.jpg"], "ink.png × a.jpg and oils.png × a.jpg"),  # no {style}, two styles
+    ("{style}/{content}", ["a.png/b.jpg", "a.jpg"], "a.png/b.jpg"),  # a file where a folder must be
+])
+def test_colliding_outputs_are_refused_at_plan_time_naming_both_pairs(tmp_path, template, photos, both):
+    with pytest.raises(ConfigError) as e:
+        _outputs(tmp_path, photos, styles=("oils.png", "ink.png") if "{style}" not in template else ("oils.png",),
+                 name=template)
+    msg = str(e.value)
+    assert "\n" not in msg and "key 'name'" in msg and both in msg, msg
+
+
+def test_an_output_inside_the_reports_own_folders_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"contact_sheets/a\.jpg is among the output folder's own files.*key 'name'"):
+        _outputs(tmp_path, ["a.png"], styles=("contact_sheets.png",), format="jpg")
+
+
+@pytest.mark.parametrize("template, why", [
+    ("../{style}/{content}", "no part may start with '.'"),
+    ("{style}/../../{content}", "no part may start with '.'"),
+    ("/tmp/{style}/{content}", "relative to the output folder"),
+    ("{style}\\{content}", "relative to the output folder"),
+    ("{style}/{name}", "may use {style}, {content}, {photo}, {folder} only"),
+    ("{content!r}", "may use"),
+    ("{content:>20}", "may use"),
+    ("{style", "not a valid template"),
+    ("", "must be a text"),
+])
+def test_templates_that_could_leave_the_output_folder_are_refused(template, why):
+    with pytest.raises(ConfigError, match="key 'name'") as e:
+        apply(Settings(), {"name": template}, "m.yaml")
+    assert why in str(e.value)
+
+
+def test_an_unquoted_template_in_the_manifest_says_to_quote_it(tmp_path):
+    (tmp_path / "pipeline.yaml").write_text("name: {style}\n")
+    with pytest.raises(ConfigError, match="key 'name' must be a quoted text"):
+        load(tmp_path / "pipeline.yaml")
+    (tmp_path / "pipeline.yaml").write_text('name: "{content}/{style}"\nkeep_gps: true\nbit_depth: 16\n')
+    s = load(tmp_path / "pipeline.yaml")
+    assert (s.name, s.keep_gps, s.bit_depth) == ("{content}/{style}", True, 16)
 
 
 # -- end to end: a run keeps the tree, the colours and the metadata; a second moves and redoes --------
@@ -265,3 +338,15 @@ def test_a_run_mirrors_the_tree_under_each_style_with_colour_and_metadata(fast_s
     with Ledger(s.out) as led:
         notes = {r.output: r.note for r in led.rows()}
     assert "photo: its ICC profile is unreadable" in notes["s1/top.png"] and notes["s1/trip/day1/p3.png"] is None
+
+    # Another layout and 16-bit files with GPS: every pair is redone (the files differ), at its new place.
+    s2 = s.replace(name="{content}/{style}", keep_gps=True, bit_depth=16)
+    assert runner.run(s2, quiet).made == 4
+    data = (s.out / "trip" / "day1" / "p3" / "s2.png").read_bytes()
+    b16, chunks = read_png(data)
+    assert chunks["IHDR"][8] == 16 and b16.shape == (32, 19, 3) and not np.all(b16 % 257 == 0)
+    with Image.open(io.BytesIO(data)) as out:
+        assert out.getexif().get_ifd(ExifTags.IFD.GPSInfo)[1] == "N"
+    with Ledger(s.out) as led:
+        assert sorted(r.output for r in led.rows() if r.state == "done") == [
+            "top/s1.png", "top/s2.png", "trip/day1/p3/s1.png", "trip/day1/p3/s2.png"]
