@@ -292,6 +292,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = value
+        if key.strip() == "name" and not isinstance(out["name"], str):
+            out["name"] = value  # --set name={photo}: a template, which YAML would read as a mapping
     return out
 
 

@@ -217,13 +217,18 @@ def check_outputs(pairs: list[Pair]) -> None:
     folders = {k.rpartition("/")[0] for k in keys}
     folders |= {f.rsplit("/", n)[0] for f in list(folders) for n in range(1, f.count("/") + 1)}
     reserved = {k for k in folders if k.partition("/")[0] in RESERVED} or (files & {CONTACT_SHEET})
-    bad = {f for f in folders if ".." in f.split("/") or "" in f.split("/")} - {""}
+    # An empty part, or one starting with '.' ('..'; '.png' from "{folder}" at the top level), leaves OUT or
+    # hides the file.
+    bad = {k for k in files if "/." in "/" + k or "//" in "/" + k}
     if len(files) == len(keys) and not (files & folders) and not reserved and not bad:
         return
     first: dict[str, Pair] = {}
     for p, key in zip(pairs, keys):
         parts = key.split("/")
-        if (len(parts) > 1 and parts[0] in RESERVED) or key == CONTACT_SHEET or not all(parts) or ".." in parts:
+        if not all(parts) or any(part.startswith(".") for part in parts):
+            raise ConfigError(f"{printable(p.style)} × {printable(p.content)}: output {printable(p.output)} would "
+                              "be hidden or outside the output folder (key 'name')")
+        if (len(parts) > 1 and parts[0] in RESERVED) or key == CONTACT_SHEET:
             raise ConfigError(f"{printable(p.style)} × {printable(p.content)}: output {printable(p.output)} "
                               f"is among the output folder's own files (key 'name'; {', '.join(sorted(RESERVED))}/ "
                               f"and {CONTACT_SHEET} are nst-batch's)")

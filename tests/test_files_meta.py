@@ -28,7 +28,7 @@ from nst_batch.manifest import Settings, apply, load
 from nst_batch.plan import make_plan, recipe_hash
 from nst_batch.progress import Display
 
-from conftest import make_image
+from conftest import cli, make_image
 
 B = ExifTags.Base
 
@@ -278,9 +278,11 @@ def test_colliding_outputs_are_refused_at_plan_time_naming_both_pairs(tmp_path, 
     assert "\n" not in msg and "key 'name'" in msg and both in msg, msg
 
 
-def test_an_output_inside_the_reports_own_folders_is_refused(tmp_path):
+def test_an_output_inside_the_reports_own_folders_or_hidden_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"contact_sheets/a\.jpg is among the output folder's own files.*key 'name'"):
         _outputs(tmp_path, ["a.png"], styles=("contact_sheets.png",), format="jpg")
+    with pytest.raises(ConfigError, match=r"output \.png would be hidden or outside the output folder \(key 'name'\)"):
+        _outputs(tmp_path, ["a.png"], styles=("oils.png",), name="{folder}")  # nothing left of it at the top
 
 
 @pytest.mark.parametrize("template, why", [
@@ -298,6 +300,15 @@ def test_templates_that_could_leave_the_output_folder_are_refused(template, why)
     with pytest.raises(ConfigError, match="key 'name'") as e:
         apply(Settings(), {"name": template}, "m.yaml")
     assert why in str(e.value)
+
+
+def test_a_collision_stops_the_run_with_one_line_and_exit_2(folders):
+    content, styles, out = folders
+    r = cli("run", "--content", str(content), "--styles", str(styles), "--out", str(out), "--device", "cpu",
+            "--set", "name={photo}", "--quiet")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and "would both be written to square.png (key 'name'" in r.stderr, r.stderr
+    assert not out.exists()  # refused before anything is created
 
 
 def test_an_unquoted_template_in_the_manifest_says_to_quote_it(tmp_path):
