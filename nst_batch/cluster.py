@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .engine import Engine, Job, encode, to_pil
+from .engine import Engine, Job, encode
 from .errors import ConfigError, NstError, PairError, WeightsError
 from .files import thumb_path
-from .images import thumbnail_jpeg
 from .ledger import Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals
 from .losslog import LossLog, curve_record
@@ -115,8 +114,8 @@ class EngineWorker:
         took = time.perf_counter() - t0
         outcomes = []
         for m in made:
-            im = to_pil(m.image) if m.ok else None  # once, for the image and its thumbnail
-            outcomes.append(Outcome(encode(im, s.format, s.quality) if im else None, thumbnail_jpeg(im) if im else None,
+            enc = encode(m, s) if m.ok else None  # the file carries the photo's metadata, read where it was decoded
+            outcomes.append(Outcome(enc.data if enc else None, enc.thumb if enc else None,
                                     m.logs, m.final, m.steps, m.note, None if m.ok else (m.error.kind, str(m.error)),
                                     took))
         return outcomes

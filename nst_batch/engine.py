@@ -5,8 +5,9 @@ the plan's recipe and the optimiser both read its answer. An `Engine` holds VGG1
 a bounded cache of style targets, and `make(jobs)` returns one `Made` per job: the image, its loss
 rows, its final and starting losses, a note for the log, or the
 `PairError` that failed it. It writes no file, touches no ledger and handles no signal, so a
-driver on another process or machine can run it and send the results back (`encode` turns an
-image into PNG/JPEG bytes for that); `runner` is the local driver.
+driver on another process or machine can run it and send the results back (`encode` turns a result
+into the bytes of its file, with the sRGB profile and the photo's metadata, and of its thumbnail);
+`runner` is the local driver.
 """
 
 from __future__ import annotations
@@ -115,12 +116,32 @@ def to_pil(t: torch.Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
-def encode(image: torch.Tensor | Image.Image, fmt: str, quality: int = 95) -> bytes:
-    """A (1, 3, H, W) image (or its to_pil) as the bytes of a PNG or JPEG file: what crosses a process
-    boundary. A caller that also makes a thumbnail passes the PIL image, converted once."""
-    buf = io.BytesIO()
-    images.encode_to(image if isinstance(image, Image.Image) else to_pil(image), buf, fmt, quality)
-    return buf.getvalue()
+def to_uint16(t: torch.Tensor) -> np.ndarray:
+    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint16, straight from the optimiser's floats (never through 8 bits)."""
+    a = t.detach().squeeze(0).double().clamp(0, 1).mul(65535).round().to(torch.int32).permute(1, 2, 0)
+    return a.cpu().numpy().astype(np.uint16)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    data: bytes  # the output file: PNG (8 or 16 bits) or JPEG, with the sRGB profile and the photo's EXIF
+    thumb: bytes  # its thumbnail for the report (JPEG, images.thumbnail_jpeg)
+
+
+def encode(made: "Made", settings: Settings) -> Encoded:
+    """A made image as the bytes of its output file and of its thumbnail: what both drivers write (the Ray
+    actor sends these across). The image is converted to 8 bits once, for the thumbnail and an 8-bit file;
+    a 16-bit PNG is made from the floats themselves."""
+    assert made.image is not None
+    im = to_pil(made.image)
+    exif = images.output_exif(made.meta, im.size, settings.keep_gps)
+    if settings.bit_depth == 16:
+        data = images.png16(to_uint16(made.image), exif)
+    else:
+        buf = io.BytesIO()
+        images.encode_to(im, buf, settings.format, settings.quality, exif)
+        data = buf.getvalue()
+    return Encoded(data, images.thumbnail_jpeg(im))
 
 
 # -- pairs in, results out -------------------------------------------------------------------------
@@ -129,7 +150,8 @@ def encode(image: torch.Tensor | Image.Image, fmt: str, quality: int = 95) -> by
 class Job:
     """One pair to make. `content`/`style` name it (loss rows, notes); `style_hash` keys the style cache
     by content (the plan's hash; None: hashed here, once per path); `image` is the photo already decoded
-    (a driver that decodes on a thread of its own), else the engine decodes it."""
+    (a driver that decodes on a thread of its own; images.load_rgb's, carrying its PhotoMeta), else the engine
+    decodes it."""
 
     content: str
     style: str
@@ -152,6 +174,7 @@ class Made:
     steps: int = 0
     note: str | None = None  # a remark the ledger and report keep beside a done pair (none is made today)
     error: PairError | None = None
+    meta: images.PhotoMeta | None = None  # what the output keeps of its photo (date, camera, GPS)
 
     @property
     def ok(self) -> bool:
@@ -201,6 +224,7 @@ class Engine:
         self._style_images: OrderedDict[str, object] = OrderedDict()
         self._style_targets: OrderedDict[str, dict[tuple, losses.Targets]] = OrderedDict()
         self._style_hash: dict[Path, str] = {}
+        self._style_meta: dict[str, images.PhotoMeta] = {}  # style hash -> its notes (a broken ICC profile)
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
 
     # -- style targets
@@ -213,6 +237,7 @@ class Engine:
                 self._style_images.popitem(last=False)
             try:
                 self._style_images[key] = images.load_rgb(path, self.settings.max_megapixels)
+                self._style_meta[key] = images.photo_meta(self._style_images[key])
             except PairError as e:
                 self._style_images[key] = PairError(e.kind, f"style {e}")
         im = self._style_images[key]
@@ -265,6 +290,7 @@ class Engine:
         as it is made (the rows are in Made.logs too); `on_note` hears what the out-of-memory policy did."""
         made: list[Made | None] = [None] * len(jobs)
         groups: dict[tuple, list[tuple[int, Image.Image]]] = {}
+        metas: list[images.PhotoMeta | None] = [None] * len(jobs)
         for i, job in enumerate(jobs):
             try:
                 im = job.image if job.image is not None else images.load_rgb(Path(job.content_path),
@@ -272,6 +298,7 @@ class Engine:
             except PairError as e:
                 made[i] = Made(job, error=e)
                 continue
+            metas[i] = images.photo_meta(im)
             key = (str(job.style_path), images.fit_long_side(*im.size, self.settings.size))
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
@@ -285,9 +312,18 @@ class Engine:
                     err = e if isinstance(e, PairError) else PairError("internal", f"{type(e).__name__}: {e}")
                     results = [Made(jobs[i], error=err) for i, _ in part]
                 for (i, _), m in zip(part, results):
+                    m.meta, m.note = metas[i], self._noted(m, metas[i])
                     made[i] = m
         assert all(m is not None for m in made)
         return made  # type: ignore[return-value]
+
+    def _noted(self, m: Made, photo: images.PhotoMeta | None) -> str | None:
+        """The Made's note, plus what colour management could not do (an unusable ICC profile): the photo
+        or style is still used, as sRGB, and the pair says so."""
+        style = self._style_meta.get(self._hash_of(m.job))
+        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in (("photo", photo), ("style", style))
+                            if meta is not None and meta.note]
+        return "; ".join(n for n in notes if n) or None
 
     def _batch(self, jobs: list[Job], ims: list, size: int, on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,9 @@ class Settings:
     seed: int = 0
     format: str = "png"
     quality: int = 95
+    bit_depth: int = 8
+    keep_gps: bool = False
+    name: str = "{style}/{content}"
     log_every: int = 10
     scales: tuple[float, ...] | str = "auto"  # "auto": from `size` (pyramid.auto_scales), resolved by engine.resolve
     stop_window: int = 20
@@ -162,6 +166,16 @@ def _check(key: str, v: Any, source: str) -> Any:
         return _choice(key, v, source, ("png", "jpg"))
     if key == "quality":
         return _int(key, v, source, lo=1, hi=100)
+    if key == "bit_depth":
+        if v not in (8, 16) or isinstance(v, bool):
+            raise _fail(key, f"must be 8 or 16, got {v!r}", source)
+        return v
+    if key == "keep_gps":
+        if not isinstance(v, bool):
+            raise _fail(key, f"must be true or false, got {v!r}", source)
+        return v
+    if key == "name":
+        return _check_name(v, source)
     if key == "log_every":
         return _int(key, v, source, lo=1)
     if key == "scales":
@@ -194,6 +208,37 @@ def _check(key: str, v: Any, source: str) -> Any:
     raise AssertionError(key)  # every Settings field is handled above
 
 
+NAME_FIELDS = ("style", "content", "photo", "folder")
+
+
+def _check_name(v: Any, source: str) -> str:
+    """An output name template: literal text and {style} {content} {photo} {folder}, '/' between folders.
+    Refused: anything that could lead out of the output folder (an absolute path, a '..' part) or hide
+    an output (a part starting with '.'), '\\' (a folder on one system, a name on another), and what
+    str.format would do more with (conversions, format specs, other fields). Collisions between pairs
+    are found by the plan, which knows the names."""
+    if isinstance(v, dict):  # name: {style}/x unquoted is a YAML mapping
+        raise _fail("name", 'must be a quoted text such as "{style}/{content}" (unquoted, YAML reads {...} '
+                    "as a mapping)", source)
+    if not isinstance(v, str) or not v.strip():
+        raise _fail("name", f'must be a text such as "{{style}}/{{content}}", got {v!r}', source)
+    try:
+        parts = list(string.Formatter().parse(v))
+    except ValueError as e:
+        raise _fail("name", f"is not a valid template ({e}; a literal brace is written {{{{ or }}}}): {v!r}",
+                    source) from None
+    for _, field, spec, conv in parts:
+        if field is not None and (field not in NAME_FIELDS or spec or conv):
+            raise _fail("name", f"may use {', '.join('{' + f + '}' for f in NAME_FIELDS)} only, got "
+                        f"{{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} in {v!r}", source)
+    if v.startswith(("/", "~")) or "\\" in v or "\x00" in v or re.match(r"[A-Za-z]:", v):
+        raise _fail("name", f"must be a path relative to the output folder, with '/' between folders, got {v!r}",
+                    source)
+    if any(seg.startswith(".") for seg in v.split("/")):  # '..' would leave the folder; '.x' hides the output
+        raise _fail("name", f"must stay inside the output folder: no part may start with '.', got {v!r}", source)
+    return v
+
+
 def _unknown(key: str, source: str) -> ConfigError:
     near = difflib.get_close_matches(key, KEYS, n=1)
     hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -213,7 +258,10 @@ def apply(settings: Settings, changes: dict[str, Any], source: str, base_dir: Pa
             p = Path(v).expanduser()  # a state-dict path: relative to the manifest, like the folders
             v = str(p if p.is_absolute() else base_dir / p)
         checked[key] = v
-    return settings.replace(**checked)
+    result = settings.replace(**checked)
+    if result.bit_depth == 16 and result.format != "png":  # what the two keys say together
+        raise _fail("bit_depth", f"16 needs format png (JPEG has 8 bits a channel), got format {result.format}", source)
+    return result
 
 
 def load(path: Path) -> Settings:
@@ -246,6 +294,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             out[key.strip()] = yaml.safe_load(value) if value.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = value
+        if key.strip() == "name" and not isinstance(out["name"], str):
+            out["name"] = value  # --set name={photo}: a template, which YAML would read as a mapping
     return out
 
 

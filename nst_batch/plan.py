@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 from .errors import ConfigError
+from .files import CONTACT_SHEET, SHARDS, SHEETS, STYLES, THUMBS
 from .images import scan
 from .manifest import Settings, check_folders
-from .names import Skipped, skipped_line
+from .names import Skipped, printable, skipped_line
 
-# Keys that do not change the pixels of an output: changing them redoes nothing.
-NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels"}
+# Keys that do not change the pixels of an output: changing them redoes nothing. (`name` moves an
+# output: the ledger sees the new path and makes it there.)
+NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels", "name"}
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ def _unique(names: dict[Path, str]) -> dict[Path, str]:
 
 # Bump when a code change alters the pixels the same settings produce, so finished folders are redone.
 ENGINE_VERSION = 3  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump;
-# 3: L-BFGS's first step moves pixels by 1% (it was invisible to a bf16 forward)
+# 3: L-BFGS's first step moves pixels by 1% (it was invisible to a bf16 forward); inputs with an ICC
+#    profile converted to sRGB, outputs carry the sRGB profile and the photo's EXIF
 
 
 def recipe_settings(settings: Settings) -> dict:
@@ -171,11 +174,76 @@ def make_plan(settings: Settings, hashes: Callable[[Path], str] = file_hash) -> 
     hashed = {p: hashes(p) for p in contents + styles}
     recipe = recipe_hasher(settings)
     # Per file once, not per pair: 10,000 photos x 20 styles is 200,000 pairs.
-    cnames = [(c, c.relative_to(croot).as_posix(), f"{cstem[c]}.{settings.format}", hashed[c]) for c in contents]
+    cnames = [(c, c.relative_to(croot).as_posix(), cstem[c], hashed[c]) for c in contents]
     snames = [(s, s.relative_to(sroot).as_posix(), sstem[s], hashed[s]) for s in styles]
+    namer = output_namer(settings.name, settings.format)
     pairs = []
-    for c, cname, cfile, ch in cnames:
+    for c, cname, stem, ch in cnames:
+        name = namer(stem)
         for s, sname, sdir, sh in snames:
             pairs.append(Pair(content=cname, style=sname, content_path=c, style_path=s,
-                              output=f"{sdir}/{cfile}", recipe=recipe(ch, sh), style_hash=sh))
+                              output=name(sdir), recipe=recipe(ch, sh), style_hash=sh))
+    check_outputs(pairs)
     return Plan(pairs, skipped)
+
+
+# -- output names ----------------------------------------------------------------------------------
+
+# OUT's own folders (the report's thumbnails, pages and sheets; shards' ledgers): an output inside one
+# could be taken for, or deleted as, one of their files (the report removes sheets it did not write).
+RESERVED = {THUMBS, STYLES, SHEETS, SHARDS}
+
+
+def output_namer(template: str, fmt: str) -> Callable[[str, str], Callable[[str], str]]:
+    """content stem -> (style name -> output path relative to OUT), from the `name` template (checked by
+    the manifest). {content} is the photo's relative path without suffix (made distinct by _stems),
+    {photo} its last part, {folder} the rest ('' at the top: empty parts are dropped), {style} the
+    style's folder name. The format's suffix is added. Rendered once per photo: per pair it is a join."""
+    def for_photo(content: str) -> Callable[[str], str]:
+        folder, _, photo = content.rpartition("/")
+        # NUL stands for the style: no file name holds one, and the manifest refuses one in a template.
+        path = template.format(style="\x00", content=content, photo=photo, folder=folder)
+        pieces = ("/".join(part for part in path.split("/") if part) + f".{fmt}").split("\x00")
+        return lambda style: style.join(pieces)
+
+    return for_photo
+
+
+def check_outputs(pairs: list[Pair]) -> None:
+    """Refuse, at plan time, two pairs with one output (compared ignoring case: one file on macOS and
+    Windows), an output that is another's folder, and an output among OUT's own files. Set operations
+    first: 200,000 pairs are checked in a fraction of a second, and only a refusal looks for its pairs."""
+    keys = [p.output.casefold() for p in pairs]
+    files = set(keys)
+    folders = {k.rpartition("/")[0] for k in keys}
+    folders |= {f.rsplit("/", n)[0] for f in list(folders) for n in range(1, f.count("/") + 1)}
+    reserved = {k for k in folders if k.partition("/")[0] in RESERVED} or (files & {CONTACT_SHEET})
+    # An empty part, or one starting with '.' ('..'; '.png' from "{folder}" at the top level), leaves OUT or
+    # hides the file.
+    bad = {k for k in files if "/." in "/" + k or "//" in "/" + k}
+    if len(files) == len(keys) and not (files & folders) and not reserved and not bad:
+        return
+    first: dict[str, Pair] = {}
+    for p, key in zip(pairs, keys):
+        parts = key.split("/")
+        if not all(parts) or any(part.startswith(".") for part in parts):
+            raise ConfigError(f"{printable(p.style)} × {printable(p.content)}: output {printable(p.output)} would "
+                              "be hidden or outside the output folder (key 'name')")
+        if (len(parts) > 1 and parts[0] in RESERVED) or key == CONTACT_SHEET:
+            raise ConfigError(f"{printable(p.style)} × {printable(p.content)}: output {printable(p.output)} "
+                              f"is among the output folder's own files (key 'name'; {', '.join(sorted(RESERVED))}/ "
+                              f"and {CONTACT_SHEET} are nst-batch's)")
+        if key in first:
+            raise _clash(first[key], p, f"would both be written to {printable(p.output)}")
+        first[key] = p
+    for p, key in zip(pairs, keys):
+        for i in range(1, key.count("/") + 1):
+            if (folder := key.rsplit("/", i)[0]) in first:
+                raise _clash(first[folder], p, f"collide: {printable(first[folder].output)} would be a file and "
+                             "a folder")
+
+
+def _clash(a: Pair, b: Pair, what: str) -> ConfigError:
+    return ConfigError(f"{printable(a.style)} × {printable(a.content)} and {printable(b.style)} × "
+                       f"{printable(b.content)} {what} (key 'name': a template needs {{style}} and {{content}}, "
+                       "or {photo} with {folder}, to keep pairs apart)")

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import images
-from .images import thumbnail_jpeg
-from .engine import Engine, Job, Made, encode, to_pil
+from .engine import Engine, Job, Made, encode
 from .errors import ConfigError, PairError
 from .files import thumb_path, write_atomic
 from .ledger import Ledger, Row, worker_id
@@ -279,10 +278,10 @@ class _BackgroundIO:
         self.last = (path, im)
         return im
 
-    def write(self, row: Row, made: Made, path: Path, fmt: str, quality: int, thumb: Path) -> None:
+    def write(self, row: Row, made: Made, path: Path, settings: Settings, thumb: Path) -> None:
         def save() -> float:
-            im = to_pil(made.image)  # once, for the image and its thumbnail
-            return write_output(path, encode(im, fmt, quality), (thumb, thumbnail_jpeg(im)))
+            enc = encode(made, settings)
+            return write_output(path, enc.data, (thumb, enc.thumb))
 
         self.writes.append((row, self.pool.submit(save), made))
 
@@ -368,7 +367,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     if m.error is not None:  # this pair failed; the others of its batch go on
                         record_failure(r, m.error)
                         continue
-                    io.write(r, m, out / r.output, s.format, s.quality, out / thumb_path("o", r.output))
+                    io.write(r, m, out / r.output, s, out / thumb_path("o", r.output))
                     writing.add(r.id)
                 signals.check()
                 settle()

@@ -64,11 +64,12 @@ def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch)
 
 def test_encode_gives_the_bytes_of_the_file_the_runner_would_write(folders):
     t = torch.rand(1, 3, 20, 24)
+    made = Made(Job("c", "s", Path("c"), Path("s")), image=t)
     for fmt, pil in (("png", "PNG"), ("jpg", "JPEG")):
-        data = encode(t, fmt, 90)
-        with Image.open(io.BytesIO(data)) as im:
-            assert im.format == pil and im.size == (24, 20)
-    back = to_tensor(Image.open(io.BytesIO(encode(t, "png"))).convert("RGB"), 24)
+        enc = encode(made, Settings(format=fmt, quality=90))
+        with Image.open(io.BytesIO(enc.data)) as im, Image.open(io.BytesIO(enc.thumb)) as thumb:
+            assert im.format == pil and im.size == (24, 20) and thumb.format == "JPEG"
+    back = to_tensor(Image.open(io.BytesIO(encode(made, Settings()).data)).convert("RGB"), 24)
     assert (back - t).abs().max() <= 0.5 / 255 + 1e-6  # PNG is lossless: only the rounding to 8 bits
 
 
