@@ -75,7 +75,7 @@ def _only_for(settings: Settings, shards: Sequence[Shard | None], hashes: HashCa
         return hashes
     names = make_plan(settings, lambda path: "")
     needed = {str(x) for p in names if any(s.owns(p.content, p.style) for s in shards)
-              for x in (p.content_path, p.style_path)}
+              for x in (p.content_path, p.style_path, *(m.path for m in p.members))}
     return lambda path: hashes(path) if str(path) in needed else "not-this-shard"
 
 
@@ -182,10 +182,13 @@ def write_output(path: Path, data: bytes, thumb: tuple[Path, bytes] | None = Non
 
 
 def job_for(row: Row, pairs: dict[tuple[str, str], Pair], image=None) -> Job:
-    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache."""
+    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache, and the
+    plan's pair says what a blend is made of and the style's per_style overrides."""
     pair = pairs.get((row.content, row.style))
-    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path),
-               style_hash=pair.style_hash if pair is not None else None, image=image)
+    if pair is None:
+        return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), image=image)
+    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), style_hash=pair.style_hash,
+               image=image, members=pair.members, overrides=pair.overrides)
 
 
 class Books:
