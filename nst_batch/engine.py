@@ -7,6 +7,11 @@ rows, its final and starting losses, a note (an out-of-memory retry at a smaller
 `PairError` that failed it. It writes no file, touches no ledger and handles no signal, so a
 driver on another process or machine can run it and send the results back (`encode` turns an
 image into PNG/JPEG bytes for that); `runner` is the local driver.
+
+A Job may carry its style's per_style overrides and, for a blend, its member images: `setup` gives the
+settings, objective and optimiser of each distinct overrides (made once), and the style cache holds
+targets by style hash (a blend's covers its members and weights) and long side (which `style_size`
+sets), so every job is made with its own style's settings.
 """
 
 from __future__ import annotations

@@ -315,7 +315,6 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
     beat = Heartbeat(folder, worker, every=max(1.0, s.lease_s / 4))
     books = Books(ledger, worker, display, beat, result)
     record_failure = books.failed
-    steps_per_pair = s.steps * len(s.scales)
     writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
 
     def settle(wait: bool = False) -> None:
@@ -359,6 +358,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     if j is jobs[0]:
                         display.step(lr.step, lr.total)
 
+                steps_per_pair = engine.setup(jobs[0].overrides).optim.steps * len(s.scales)  # its style's steps
                 display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
                 signals.computing = True
                 try:

@@ -101,8 +101,8 @@ def test_output_names_never_collide(tmp_path, names):
 def test_style_names_never_collide(tmp_path):
     content, styles = tmp_path / "c", tmp_path / "s"
     make_image(content / "a.png", 20, 20, 1)
-    make_image(styles / "x" / "y.png", 20, 20, 2)  # flattened to x__y
-    make_image(styles / "x__y.png", 20, 20, 3)
+    make_image(styles / "x" / "y.png", 20, 20, 2)  # the folder blend "x"
+    make_image(styles / "x.png", 20, 20, 3)  # the style file "x.png", whose folder would be "x" too
     pairs = make_plan(settings(content, styles, tmp_path / "out"))
     assert len({p.output for p in pairs}) == 2, [p.output for p in pairs]
 
