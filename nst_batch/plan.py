@@ -258,6 +258,11 @@ def _styles(settings: Settings, root: Path, files: list[Path], hashed: Mapping[P
     return _with_overrides(settings, out)
 
 
+def _matches(name: str, pattern: str) -> bool:
+    """A style's own name always matches itself, even one with glob characters ("[1].jpg")."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
 def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
     """Each style takes the overrides of the first per_style pattern (fnmatch, case-sensitive) matching its
     name. A pattern that takes no style, matching none or only styles an earlier one took, is an error:
@@ -267,7 +272,7 @@ def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
     taken = {p: [] for p, _ in settings.per_style}
     out = []
     for st in styles:
-        hit = next(((p, ch) for p, ch in settings.per_style if fnmatch.fnmatchcase(st.name, p)), None)
+        hit = next(((p, ch) for p, ch in settings.per_style if _matches(st.name, p)), None)
         if hit is None:
             out.append(st)
             continue
@@ -276,7 +281,7 @@ def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
     for pattern, names in taken.items():
         if not names:
             earlier = [p for p, _ in settings.per_style if p != pattern]
-            shadowed = [st.name for st in styles if fnmatch.fnmatchcase(st.name, pattern)]
+            shadowed = [st.name for st in styles if _matches(st.name, pattern)]
             why = (f"matches only styles an earlier pattern already sets ({', '.join(shadowed[:3])}): "
                    "put it before the more general one" if shadowed and earlier else
                    f"matches no style; the styles are: {', '.join(st.name for st in styles[:10])}"

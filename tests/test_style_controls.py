@@ -50,6 +50,8 @@ def test_per_style_first_match_wins_and_only_that_styles_recipe_moves(tmp_path):
     # Changing one style's override redoes that style only.
     t = _plan(tmp_path, per_style={"a.png": {"style_weight": 11.0}, "*": {"steps": 7}})
     assert t["a.png"].recipe != s["a.png"].recipe and all(t[k].recipe == s[k].recipe for k in ("b.png", "oils"))
+    make_image(tmp_path / "s" / "[1].png", 32, 32, 14)  # a name is its own pattern, glob characters or not
+    assert _plan(tmp_path, per_style={"[1].png": {"steps": 5}})["[1].png"].overrides == (("steps", 5),)
     # Without per_style and blends, recipes are what they were before the keys existed.
     assert "per_style" not in recipe_settings(Settings()) and "blends" not in recipe_settings(Settings())
     # Workers sharing an OUT compare the run's whole recipe: per_style included.
