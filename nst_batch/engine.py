@@ -8,10 +8,16 @@ rows, its final and starting losses, a note for the log, or the
 driver on another process or machine can run it and send the results back (`encode` turns a result
 into the bytes of its file, with the sRGB profile and the photo's metadata, and of its thumbnail);
 `runner` is the local driver.
+
+A Job may carry its style's per_style overrides and, for a blend, its member images: `setup` gives the
+settings, objective and optimiser of each distinct overrides (made once), and the style cache holds
+targets by style hash (a blend's covers its members and weights) and long side (which `style_size`
+sets), so every job is made with its own style's settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections import OrderedDict
@@ -27,10 +33,10 @@ from PIL import Image
 from . import images, losses, memory
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
-from .manifest import Settings
-from .objective import objective_from
+from .manifest import PER_STYLE_KEYS, Settings
+from .objective import Objective, objective_from
 from .optimize import LogRow, OptimConfig, Result, progress_error
-from .plan import file_hash
+from .plan import Member, Overrides, file_hash
 from .pyramid import auto_scales, stylize
 
 # Styles whose Gram targets the engine keeps, least recently used dropped first. Plans run photo by
@@ -151,7 +157,8 @@ class Job:
     """One pair to make. `content`/`style` name it (loss rows, notes); `style_hash` keys the style cache
     by content (the plan's hash; None: hashed here, once per path); `image` is the photo already decoded
     (a driver that decodes on a thread of its own; images.load_rgb's, carrying its PhotoMeta), else the engine
-    decodes it."""
+    decodes it. `members`: a blend's images and weights (empty: the style is `style_path` alone); `overrides`:
+    the style's per_style settings, applied on the engine's own (only manifest.PER_STYLE_KEYS)."""
 
     content: str
     style: str
@@ -159,6 +166,18 @@ class Job:
     style_path: Path
     style_hash: str | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
+    members: tuple[Member, ...] = ()
+    overrides: Overrides = ()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What a group of jobs is made with: the engine's settings with their style's overrides applied,
+    the objective of their weights, and the optimiser with their steps."""
+
+    settings: Settings
+    objective: Objective
+    optim: OptimConfig
 
 
 @dataclass
@@ -226,6 +245,22 @@ class Engine:
         self._style_hash: dict[Path, str] = {}
         self._style_meta: dict[str, images.PhotoMeta] = {}  # style hash -> its notes (a broken ICC profile)
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
+        self._setups: dict[Overrides, Setup] = {(): Setup(s, self.objective, self.optim)}
+        self._objectives: dict[Objective, Objective] = {self.objective: self.objective}  # one per distinct weights
+
+    def setup(self, overrides: Overrides) -> Setup:
+        """The settings, objective and optimiser of a style with these per_style overrides (made once each).
+        Only per-style keys differ from the engine's own, so the network and device config still fit."""
+        if overrides not in self._setups:
+            bad = [k for k, _ in overrides if k not in PER_STYLE_KEYS]
+            if bad:
+                raise ValueError(f"not a per-style key: {', '.join(bad)}")
+            s = self.settings.replace(**dict(overrides))
+            obj = objective_from(s.layers, s.content_weight, s.style_weight, s.tv_weight)
+            obj = self._objectives.setdefault(obj, obj)
+            # The engine's OptimConfig (a benchmark may have passed its own) with this style's steps.
+            self._setups[overrides] = Setup(s, obj, dataclasses.replace(self.optim, steps=s.steps))
+        return self._setups[overrides]
 
     # -- style targets
 
@@ -269,16 +304,35 @@ class Engine:
                 feats = self.net(t, frozenset(self.objective.style_layers))
                 held[side] = losses.style_targets(self.objective, feats)
             self.style_passes += 1
-        held[long_side] = held[side]  # asked for by the requested size next time (objective and weights are the engine's own)
+        held[long_side] = held[side]  # asked for by the requested size next time (Gram targets have no weights)
         return held[side]
 
-    def _hash_of(self, job: Job) -> str:
-        if job.style_hash is not None:
-            return job.style_hash
-        path = Path(job.style_path)
+    def blend_targets(self, members: tuple[Member, ...], blend_hash: str, long_side: int) -> losses.Targets:
+        """A blend's targets: the weighted sum of its members' Gram targets, each member at the same
+        working long side (the style cache keeps the members' and the blend's)."""
+        held = self._style_targets.get(blend_hash)
+        if held is not None and long_side in held:
+            self._style_targets.move_to_end(blend_hash)
+            return held[long_side]
+        parts = [self.style_targets(m.path, self._file_hash(m.path, m.hash), long_side) for m in members]
+        targets = losses.blend(parts, [m.weight for m in members])
+        if blend_hash not in self._style_targets:
+            while len(self._style_targets) >= STYLE_CACHE:
+                self._style_targets.popitem(last=False)
+            self._style_targets[blend_hash] = {}
+        self._style_targets[blend_hash][long_side] = targets
+        return targets
+
+    def _file_hash(self, path: Path, given: str | None) -> str:
+        if given is not None:
+            return given
+        path = Path(path)
         if path not in self._style_hash:  # the cache is keyed by content, not name: hash once per process
             self._style_hash[path] = file_hash(path)
         return self._style_hash[path]
+
+    def _hash_of(self, job: Job) -> str:
+        return self._file_hash(job.style_path, job.style_hash)
 
     # -- making
 
@@ -299,7 +353,9 @@ class Engine:
                 made[i] = Made(job, error=e)
                 continue
             metas[i] = images.photo_meta(im)
-            key = (str(job.style_path), images.fit_long_side(*im.size, self.settings.size))
+            # One batch shares a style (its targets) and its settings (objective, steps, style size).
+            key = (str(job.style_path), job.style_hash, job.members, job.overrides,
+                   images.fit_long_side(*im.size, self.settings.size))
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
         for group in groups.values():
@@ -328,13 +384,18 @@ class Engine:
     def _batch(self, jobs: list[Job], ims: list, size: int, on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""
         content = torch.cat([to_tensor(im, size) for im in ims]).to(self.device)
-        style_path, style_hash = Path(jobs[0].style_path), self._hash_of(jobs[0])
-        style_full = self.settings.style_size or size
+        job = jobs[0]
+        style_path, style_hash = Path(job.style_path), self._hash_of(job)
+        setup = self.setup(job.overrides)
         full_long = max(content.shape[-2:])
+        style_full = setup.settings.style_px(full_long)  # a fraction follows the size actually made
         logs: list[list[LogRow]] = [[] for _ in jobs]
 
         def style_for(h: int, w: int) -> losses.Targets:
-            return self.style_targets(style_path, style_hash, max(MIN_SIDE, round(style_full * max(h, w) / full_long)))
+            long_side = max(MIN_SIDE, round(style_full * max(h, w) / full_long))
+            if job.members:
+                return self.blend_targets(job.members, style_hash, long_side)
+            return self.style_targets(style_path, style_hash, long_side)
 
         def logged(rows: list[LogRow]) -> None:
             for job, log, row in zip(jobs, logs, rows):
@@ -342,7 +403,7 @@ class Engine:
                 if on_log:
                     on_log(job, row)
 
-        res = stylize(self.net, self.objective, content, style_for, self.optim, logged)
+        res = stylize(self.net, setup.objective, content, style_for, setup.optim, logged)
         made = []
         for i, job in enumerate(jobs):
             if not logs[i] or logs[i][-1].step != res.final[i].step:  # the final row, unless already logged
@@ -352,7 +413,7 @@ class Engine:
                     on_log(job, logged_final)
             one = Result(res.images[i:i + 1], [res.final[i]], res.steps, [res.start[i]])
             made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], res.steps,
-                             error=progress_error(one, self.optim)))
+                             error=progress_error(one, setup.optim)))
         return made
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,

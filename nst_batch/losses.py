@@ -51,10 +51,19 @@ class Targets:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _targets(feats: dict[str, torch.Tensor], layers, fn) -> Targets:
-    tensors = {n: fn(feats[n]).detach() for n in layers}
+def _with_norms(tensors: dict[str, torch.Tensor]) -> Targets:
     norms = {n: t.float().pow(2).sum(dim=tuple(range(1, t.dim()))).clamp_min(1e-12) for n, t in tensors.items()}
     return Targets(tensors, norms)
+
+
+def _targets(feats: dict[str, torch.Tensor], layers, fn) -> Targets:
+    return _with_norms({n: fn(feats[n]).detach() for n in layers})
+
+
+def blend(parts: list[Targets], weights: list[float]) -> Targets:
+    """Style targets of a blend: per layer, the weighted sum of its members' Gram matrices (weights
+    summing to 1), with the norms of the blend itself."""
+    return _with_norms({n: sum(w * t.tensors[n] for t, w in zip(parts, weights)) for n in parts[0].tensors})
 
 
 def style_targets(obj: Objective, feats: dict[str, torch.Tensor]) -> Targets:

@@ -30,7 +30,7 @@ class Settings:
     styles: Path = Path("data/styles")
     out: Path = Path("results")
     size: int = 512
-    style_size: int | None = None
+    style_size: int | float | None = None  # int: pixels; float: a fraction of `size` (style_px)
     steps: int = 300
     optimizer: str = "lbfgs"
     lr: float = 0.02
@@ -57,10 +57,29 @@ class Settings:
     batch: int = 1
     lease_s: float = 120.0
     max_megapixels: float = 100.0
+    # (pattern, ((key, value), ...)) in manifest order: the first pattern matching a style's name sets
+    # its overrides (plan.style_settings). Tuples, not dicts: Settings stays hashable.
+    per_style: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    # (name, ((member file relative to `styles`, weight), ...)): weights as written; the plan normalises.
+    blends: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         # Code may hand `layers` over as the manifest writes it (a preset name or a mapping): one type here.
         object.__setattr__(self, "layers", Layers.parse(self.layers))
+        # Likewise per_style and blends as mappings (a test, a stored settings dict): nested tuples here.
+        for key in ("per_style", "blends"):
+            v = getattr(self, key)
+            if isinstance(v, dict):
+                object.__setattr__(self, key, tuple((k, tuple(dict(inner).items())) for k, inner in v.items()))
+
+    def style_px(self, size: int) -> int:
+        """The style's long side for an output whose long side is `size`: `style_size` pixels (an int),
+        that fraction of `size` (a float), or `size` itself (None)."""
+        if self.style_size is None:
+            return size
+        if isinstance(self.style_size, float):
+            return max(MIN_SIDE, round(self.style_size * size))
+        return self.style_size
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -72,11 +91,19 @@ class Settings:
             d[k] = str(d[k])
         d["scales"] = self.scales if isinstance(self.scales, str) else list(self.scales)
         d["layers"] = self.layers.to_manifest()
+        d["per_style"] = {pattern: dict(changes) for pattern, changes in self.per_style}
+        d["blends"] = {name: dict(members) for name, members in self.blends}
         return d
 
 
 KEYS = tuple(f.name for f in dataclasses.fields(Settings))
 _PATH_KEYS = ("content", "styles", "out")
+# What `per_style` may set: what changes a style's objective, targets or effort, and nothing the model
+# (layers, pooling, weights) or a batch's shape (size) depends on, which one engine shares by all styles.
+# `colors` joins the list as soon as Settings has it.
+PER_STYLE_KEYS = tuple(k for k in ("style_weight", "content_weight", "tv_weight", "style_size", "steps", "colors")
+                       if k in KEYS)
+STYLE_FRACTION_MAX = 4.0  # style_size as a fraction of size: (0, 4]
 
 
 def _fail(key: str, msg: str, source: str) -> ConfigError:
@@ -129,82 +156,88 @@ def _check_device(v, source):
     return v
 
 
-def _check(key: str, v: Any, source: str) -> Any:
-    """Return the value of `key` converted to its Settings type, or raise ConfigError."""
+def _check(key: str, v: Any, source: str, name: str | None = None) -> Any:
+    """Return the value of `key` converted to its Settings type, or raise ConfigError naming `name`
+    (default: the key; `per_style.<pattern>.<key>` for an override)."""
+    n = name or key
     if key in _PATH_KEYS:
         if not isinstance(v, (str, Path)) or not str(v):
-            raise _fail(key, f"must be a folder path, got {v!r}", source)
+            raise _fail(n, f"must be a folder path, got {v!r}", source)
         return Path(v).expanduser()  # 'content: ~/Pictures' in a manifest: no shell expands it there
     if key == "size":
-        return _int(key, v, source, lo=MIN_SIDE, hi=16384)
+        return _int(n, v, source, lo=MIN_SIDE, hi=16384)
     if key == "style_size":
-        return None if v is None else _int(key, v, source, lo=MIN_SIDE, hi=16384)
+        return _style_size(n, v, source)
     if key in ("steps",):
-        return _int(key, v, source, lo=1)
+        return _int(n, v, source, lo=1)
     if key == "optimizer":
-        return _choice(key, v, source, ("lbfgs", "adam"))
+        return _choice(n, v, source, ("lbfgs", "adam"))
     if key == "lr":
-        return _float(key, v, source, lo=0, strict=True)
+        return _float(n, v, source, lo=0, strict=True)
     if key == "layers":
         return _check_layers(v, source)
     if key in ("content_weight", "style_weight", "tv_weight"):
-        return _float(key, v, source, lo=0, allow_none=True)
+        return _float(n, v, source, lo=0, allow_none=True)
     if key == "pooling":
-        return _choice(key, v, source, ("max", "avg"))
+        return _choice(n, v, source, ("max", "avg"))
     if key == "init":
-        return _choice(key, v, source, ("content", "noise"))
+        return _choice(n, v, source, ("content", "noise"))
     if key == "weights":
         if not isinstance(v, str) or not v:
-            raise _fail(key, f"must be vgg19-caffe, torchvision or a path to a state dict, got {v!r}", source)
+            raise _fail(n, f"must be vgg19-caffe, torchvision or a path to a state dict, got {v!r}", source)
         return v
     if key == "device":
         return _check_device(v, source)
     if key == "seed":
-        return _int(key, v, source, lo=0)
+        return _int(n, v, source, lo=0)
     if key == "format":
         v = {"jpeg": "jpg"}.get(v, v)
-        return _choice(key, v, source, ("png", "jpg"))
+        return _choice(n, v, source, ("png", "jpg"))
     if key == "quality":
-        return _int(key, v, source, lo=1, hi=100)
+        return _int(n, v, source, lo=1, hi=100)
     if key == "bit_depth":
         if v not in (8, 16) or isinstance(v, bool):
-            raise _fail(key, f"must be 8 or 16, got {v!r}", source)
+            raise _fail(n, f"must be 8 or 16, got {v!r}", source)
         return v
     if key == "keep_gps":
         if not isinstance(v, bool):
-            raise _fail(key, f"must be true or false, got {v!r}", source)
+            raise _fail(n, f"must be true or false, got {v!r}", source)
         return v
     if key == "name":
         return _check_name(v, source)
     if key == "log_every":
-        return _int(key, v, source, lo=1)
+        return _int(n, v, source, lo=1)
     if key == "scales":
         if v == "auto":
             return v
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             v = [v]
         if not isinstance(v, (list, tuple)) or not v:
-            raise _fail(key, f"must be auto or a list of fractions of size ending with 1.0, e.g. [0.5, 1.0], got {v!r}", source)
-        vals = tuple(_float(key, x, source, lo=0, strict=True) for x in v)
+            raise _fail(n, f"must be auto or a list of fractions of size ending with 1.0, e.g. [0.5, 1.0], got {v!r}", source)
+        vals = tuple(_float(n, x, source, lo=0, strict=True) for x in v)
         if vals[-1] != 1.0 or any(x > 1.0 for x in vals) or list(vals) != sorted(vals):
-            raise _fail(key, f"must rise to 1.0, e.g. [0.5, 1.0], got {list(vals)}", source)
+            raise _fail(n, f"must rise to 1.0, e.g. [0.5, 1.0], got {list(vals)}", source)
         return vals
     if key == "batch":
-        return _int(key, v, source, lo=1, hi=256)
+        return _int(n, v, source, lo=1, hi=256)
     if key == "stop_window":
-        return _int(key, v, source, lo=0)
+        return _int(n, v, source, lo=0)
     if key == "stop_tolerance":
-        return _float(key, v, source, lo=0)
+        return _float(n, v, source, lo=0)
     if key == "precision":
-        return _choice(key, v, source, ("auto", "fp32", "bf16"))
+        return _choice(n, v, source, ("auto", "fp32", "bf16"))
     if key == "compile":
         if not isinstance(v, bool):
-            raise _fail(key, f"must be true or false, got {v!r}", source)
+            raise _fail(n, f"must be true or false, got {v!r}", source)
         return v
     if key == "lease_s":
-        return _float(key, v, source, lo=1)
+        return _float(n, v, source, lo=1)
     if key == "max_megapixels":
-        return _float(key, v, source, lo=0, strict=True)
+        return _float(n, v, source, lo=0, strict=True)
+    if key == "per_style":
+        return _per_style(v, source)
+    if key == "blends":
+        return _blends(v, source)
     raise AssertionError(key)  # every Settings field is handled above
 
 
@@ -237,6 +270,76 @@ def _check_name(v: Any, source: str) -> str:
     if any(seg.startswith(".") for seg in v.split("/")):  # '..' would leave the folder; '.x' hides the output
         raise _fail("name", f"must stay inside the output folder: no part may start with '.', got {v!r}", source)
     return v
+
+
+def _style_size(n: str, v: Any, source: str) -> int | float | None:
+    """An int is pixels (>= MIN_SIDE), a float a fraction of `size` in (0, 4]: the YAML type decides, so
+    `0.5` and `256` cannot be confused; `256.0` is refused rather than guessed."""
+    if v is None:
+        return None
+    if isinstance(v, float):
+        if not 0 < v <= STYLE_FRACTION_MAX:
+            hint = f"; for pixels write an integer ({int(v)})" if v.is_integer() and v >= MIN_SIDE else ""
+            raise _fail(n, f"as a fraction of size must be in (0, {STYLE_FRACTION_MAX:g}], got {v:g}{hint}", source)
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and 0 < v < MIN_SIDE:
+        raise _fail(n, f"is pixels when an integer (>= {MIN_SIDE}), got {v}; for a fraction of size write "
+                       f"{float(v)}", source)
+    return _int(n, v, source, lo=MIN_SIDE, hi=16384)
+
+
+def _mapping(n: str, v: Any, source: str, example: str) -> dict:
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise _fail(n, f"must be a mapping, e.g. {example}, got {v!r}", source)
+    for k in v:
+        if not isinstance(k, str) or not k:
+            raise _fail(n, f"keys must be non-empty text, got {k!r}", source)
+    return v
+
+
+def _per_style(v: Any, source: str) -> tuple:
+    """{pattern: {key: value}} -> ((pattern, ((key, checked value), ...)), ...), each value checked as the
+    top-level key is, an error naming per_style.<pattern>.<key>."""
+    out = []
+    for pattern, changes in _mapping("per_style", v, source, "{'starry*': {style_weight: 10}}").items():
+        where = f"per_style.{pattern}"
+        changes = _mapping(where, changes, source, "{style_weight: 10, style_size: 0.5}")
+        if not changes:
+            raise _fail(where, "sets nothing; give it keys to override, e.g. {style_weight: 10}", source)
+        checked = []
+        for key, value in changes.items():
+            if key not in PER_STYLE_KEYS:
+                raise _fail(f"{where}.{key}", f"cannot be set per style (these can: {', '.join(PER_STYLE_KEYS)})",
+                            source)
+            checked.append((key, _check(key, value, source, name=f"{where}.{key}")))
+        out.append((pattern, tuple(checked)))
+    return tuple(out)
+
+
+_BAD_NAME = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def _blends(v: Any, source: str) -> tuple:
+    """{name: {style file: weight}} -> ((name, ((file, weight), ...)), ...); weights > 0, files relative
+    to the styles folder (that they exist is the plan's check)."""
+    out = []
+    for name, members in _mapping("blends", v, source, "{dusk: {starry_night.jpg: 2, the_great_wave.jpg: 1}}").items():
+        where = f"blends.{name}"
+        if _BAD_NAME.search(name) or name in (".", "..") or name.startswith("."):
+            raise _fail(where, "must be a plain folder name (no '/', no leading '.'): it names the output folder",
+                        source)
+        members = _mapping(where, members, source, "{starry_night.jpg: 2, the_great_wave.jpg: 1}")
+        if not members:
+            raise _fail(where, "has no members; list style files with weights, e.g. {a.jpg: 1, b.jpg: 1}", source)
+        checked = []
+        for file, weight in members.items():
+            if Path(file).is_absolute() or ".." in Path(file).parts:
+                raise _fail(f"{where}.{file}", "must be a path relative to the styles folder", source)
+            checked.append((file, _float(f"{where}.{file}", weight, source, lo=0, strict=True)))
+        out.append((name, tuple(checked)))
+    return tuple(out)
 
 
 def _unknown(key: str, source: str) -> ConfigError:

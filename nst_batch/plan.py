@@ -8,13 +8,14 @@ can tell a finished pair from one whose inputs or settings have since changed.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
 from .files import CONTACT_SHEET, SHARDS, SHEETS, STYLES, THUMBS
@@ -25,17 +26,31 @@ from .names import Skipped, printable, skipped_line
 # Keys that do not change the pixels of an output: changing them redoes nothing. (`name` moves an
 # output: the ledger sees the new path and makes it there.)
 NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels", "name"}
+# The run's per-style keys: a pair's recipe holds what they resolve to for its style, not the tables.
+PER_RUN = ("per_style", "blends")
+
+Overrides = tuple[tuple[str, Any], ...]  # (key, value) of manifest.PER_STYLE_KEYS, from `per_style`
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of a style: a style file is one member of weight 1; a blend has several."""
+    path: Path
+    weight: float  # normalised: a style's members' weights sum to 1
+    hash: str | None = None  # the file's hash (None: the engine hashes it once)
 
 
 @dataclass(frozen=True)
 class Pair:
     content: str  # path relative to the content folder: the pair's name in logs and reports
-    style: str
+    style: str  # a style file's path relative to the styles folder, a sub-folder's name, or a blend's name
     content_path: Path
-    style_path: Path
+    style_path: Path  # the style's (first) image: what the report shows for it
     output: str  # path relative to the output folder
     recipe: str
-    style_hash: str
+    style_hash: str  # a blend's: of its members' hashes and weights
+    members: tuple[Member, ...] = ()  # a blend's members; () for a style file (style_path alone)
+    overrides: Overrides = ()  # this style's per_style overrides
 
 
 class Plan(list[Pair]):
@@ -109,7 +124,7 @@ def _stems(root: Path, files: list[Path]) -> dict[Path, str]:
                     for p, s in bare.items()})
 
 
-def _unique(names: dict[Path, str]) -> dict[Path, str]:
+def _unique(names: dict[Any, str]) -> dict[Any, str]:
     """Names made distinct, ignoring case (one file on macOS/Windows), by adding _2, _3, ... in file order.
 
     A suffixed or flattened name can equal another file's own name (a.jpg -> a_jpg and a_jpg.png).
@@ -134,12 +149,29 @@ ENGINE_VERSION = 3  # 2: stop rule on every step, steps: 1 is one evaluation, L-
 
 def recipe_settings(settings: Settings) -> dict:
     """The settings that change an output's pixels, and the engine version: a recipe hashes these and
-    the two input files; workers sharing an output folder must agree on them."""
+    the two input files; workers sharing an output folder must agree on them (per_style and blends
+    included: the run's whole recipe)."""
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
     if settings.format != "jpg":
         d.pop("quality")  # PNG ignores it: changing it must not redo PNGs
+    for k in PER_RUN:
+        if not d[k]:
+            d.pop(k)  # absent when unused: recipes made before these keys existed stay the same
     d["engine"] = ENGINE_VERSION
     return d
+
+
+def style_settings(settings: Settings, overrides: Overrides) -> Settings:
+    """One style's settings: the run's, with its per_style overrides applied and the per-style tables
+    themselves dropped (resolved into it). Its pairs' recipes hash these, so changing one style's
+    override redoes that style's pairs only."""
+    return settings.replace(per_style=(), blends=(), **dict(overrides))
+
+
+def blend_hash(members: tuple[Member, ...]) -> str:
+    """A blend's identity: every member's file hash and normalised weight, in order."""
+    text = "\0".join(f"{m.hash}:{m.weight!r}" for m in members)
+    return "blend:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 def recipe_hasher(settings: Settings) -> Callable[[str, str], str]:
@@ -168,23 +200,101 @@ def make_plan(settings: Settings, hashes: Callable[[Path], str] = file_hash) -> 
             raise ConfigError(f"no images found in {key} folder {root} (key '{key}')" + (f"; {why}" if why else ""))
         found[key] = (root.resolve(), result.files)
     (croot, contents), (sroot, styles) = found["content"], found["styles"]
-    # One folder per style, flat, so a style in a subfolder cannot collide with a content path.
     cstem = _stems(croot, contents)
-    sstem = _unique({p: s.replace('/', '__') for p, s in _stems(sroot, styles).items()})
     hashed = {p: hashes(p) for p in contents + styles}
-    recipe = recipe_hasher(settings)
+    recipes: dict[Overrides, Callable[[str, str], str]] = {}  # one settings encoding per distinct overrides
     # Per file once, not per pair: 10,000 photos x 20 styles is 200,000 pairs.
     cnames = [(c, c.relative_to(croot).as_posix(), cstem[c], hashed[c]) for c in contents]
-    snames = [(s, s.relative_to(sroot).as_posix(), sstem[s], hashed[s]) for s in styles]
+    snames = []
+    for st in _styles(settings, sroot, styles, hashed):
+        if st.overrides not in recipes:
+            recipes[st.overrides] = recipe_hasher(style_settings(settings, st.overrides))
+        snames.append((st, recipes[st.overrides]))
     namer = output_namer(settings.name, settings.format)
     pairs = []
     for c, cname, stem, ch in cnames:
         name = namer(stem)
-        for s, sname, sdir, sh in snames:
-            pairs.append(Pair(content=cname, style=sname, content_path=c, style_path=s,
-                              output=name(sdir), recipe=recipe(ch, sh), style_hash=sh))
+        for st, recipe in snames:
+            pairs.append(Pair(content=cname, style=st.name, content_path=c, style_path=st.members[0].path,
+                              output=name(st.folder), recipe=recipe(ch, st.hash), style_hash=st.hash,
+                              members=st.members if st.blend else (), overrides=st.overrides))
     check_outputs(pairs)
     return Plan(pairs, skipped)
+
+
+@dataclass(frozen=True)
+class _Style:
+    name: str  # Pair.style
+    folder: str  # output folder
+    members: tuple[Member, ...]
+    hash: str
+    blend: bool
+    overrides: Overrides = ()
+
+
+def _styles(settings: Settings, root: Path, files: list[Path], hashed: Mapping[Path, str]) -> list[_Style]:
+    """The plan's styles, in order: each file at the top of the styles folder; each sub-folder, as ONE
+    blend of every image under it, equally weighted; then each `blends` entry. Each with its per_style
+    overrides (the first pattern matching its name)."""
+    top: dict[str, list[Path]] = {}  # a top-level file's or sub-folder's name -> its images
+    for p in files:
+        top.setdefault(p.relative_to(root).parts[0], []).append(p)
+    singles = {name: ps[0] for name, ps in top.items() if ps[0].parent == root}
+    stems = _stems(root, list(singles.values()))
+    folders = _unique({name: stems[singles[name]] if name in singles else name for name in top})
+    out = []
+    for name, ps in top.items():
+        blend = name not in singles
+        members = tuple(Member(p, 1 / len(ps), hashed[p]) for p in ps)
+        out.append(_Style(name, folders[name], members, blend_hash(members) if blend else hashed[ps[0]], blend))
+    by_rel = {p.relative_to(root).as_posix(): p for p in files}
+    taken = {k.casefold() for st in out for k in (st.name, st.folder)}
+    for name, weighted in settings.blends:
+        if name.casefold() in taken:
+            raise ConfigError(f"blends.{name}: a style is already named {name!r} in {root}; "
+                              "give the blend another name (it names the output folder) (key 'blends')")
+        taken.add(name.casefold())
+        total = sum(w for _, w in weighted)
+        members = []
+        for rel, w in weighted:
+            p = by_rel.get(Path(rel).as_posix())
+            if p is None:
+                raise ConfigError(f"blends.{name}: {rel!r} is not a style image in {root} (key 'blends.{name}.{rel}')")
+            members.append(Member(p, w / total, hashed[p]))
+        out.append(_Style(name, name, tuple(members), blend_hash(tuple(members)), True))
+    return _with_overrides(settings, out)
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A style's own name always matches itself, even one with glob characters ("[1].jpg")."""
+    return name == pattern or fnmatch.fnmatchcase(name, pattern)
+
+
+def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
+    """Each style takes the overrides of the first per_style pattern (fnmatch, case-sensitive) matching its
+    name. A pattern that takes no style, matching none or only styles an earlier one took, is an error:
+    a typo must not silently do nothing."""
+    if not settings.per_style:
+        return styles
+    taken = {p: [] for p, _ in settings.per_style}
+    out = []
+    for st in styles:
+        hit = next(((p, ch) for p, ch in settings.per_style if _matches(st.name, p)), None)
+        if hit is None:
+            out.append(st)
+            continue
+        taken[hit[0]].append(st.name)
+        out.append(_Style(st.name, st.folder, st.members, st.hash, st.blend, hit[1]))
+    for pattern, names in taken.items():
+        if not names:
+            earlier = [p for p, _ in settings.per_style if p != pattern]
+            shadowed = [st.name for st in styles if _matches(st.name, pattern)]
+            why = (f"matches only styles an earlier pattern already sets ({', '.join(shadowed[:3])}): "
+                   "put it before the more general one" if shadowed and earlier else
+                   f"matches no style; the styles are: {', '.join(st.name for st in styles[:10])}"
+                   + (", ..." if len(styles) > 10 else ""))
+            raise ConfigError(f"per_style.{pattern}: {why} (key 'per_style.{pattern}')")
+    return out
 
 
 # -- output names ----------------------------------------------------------------------------------

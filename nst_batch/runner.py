@@ -74,7 +74,7 @@ def _only_for(settings: Settings, shards: Sequence[Shard | None], hashes: HashCa
         return hashes
     names = make_plan(settings, lambda path: "")
     needed = {str(x) for p in names if any(s.owns(p.content, p.style) for s in shards)
-              for x in (p.content_path, p.style_path)}
+              for x in (p.content_path, p.style_path, *(m.path for m in p.members))}
     return lambda path: hashes(path) if str(path) in needed else "not-this-shard"
 
 
@@ -181,10 +181,13 @@ def write_output(path: Path, data: bytes, thumb: tuple[Path, bytes] | None = Non
 
 
 def job_for(row: Row, pairs: dict[tuple[str, str], Pair], image=None) -> Job:
-    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache."""
+    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache, and the
+    plan's pair says what a blend is made of and the style's per_style overrides."""
     pair = pairs.get((row.content, row.style))
-    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path),
-               style_hash=pair.style_hash if pair is not None else None, image=image)
+    if pair is None:
+        return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), image=image)
+    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), style_hash=pair.style_hash,
+               image=image, members=pair.members, overrides=pair.overrides)
 
 
 class Books:
@@ -311,7 +314,6 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
     beat = Heartbeat(folder, worker, every=max(1.0, s.lease_s / 4))
     books = Books(ledger, worker, display, beat, result)
     record_failure = books.failed
-    steps_per_pair = s.steps * len(s.scales)
     writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
 
     def settle(wait: bool = False) -> None:
@@ -355,6 +357,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     if j is jobs[0]:
                         display.step(lr.step, lr.total)
 
+                steps_per_pair = engine.setup(jobs[0].overrides).optim.steps * len(s.scales)  # its style's steps
                 display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
                 signals.computing = True
                 try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -82,9 +84,21 @@ def test_bad_value(tmp_path, text, key, words):
     ({"content": None}, "content"),
     ({"style_weight": -1}, "style_weight"),
     ({"max_megapixels": 0}, "max_megapixels"),
+    ({"style_size": 256.0}, "style_size"),  # a float is a fraction of size: (0, 4]
+    ({"style_size": 0.0}, "style_size"),
+    ({"style_size": 2}, "style_size"),  # an int is pixels, >= MIN_SIDE
+    ({"per_style": ["a.jpg"]}, "per_style"),
+    ({"per_style": {"a*.jpg": {"style_weight": -1}}}, "per_style.a*.jpg.style_weight"),  # checked as top-level
+    ({"per_style": {"a.jpg": {"style_size": 9.0}}}, "per_style.a.jpg.style_size"),
+    ({"per_style": {"a.jpg": {"size": 64}}}, "per_style.a.jpg.size"),  # not a per-style key
+    ({"per_style": {"a.jpg": {}}}, "per_style.a.jpg"),
+    ({"blends": {"dusk": {"a.jpg": 0}}}, "blends.dusk.a.jpg"),  # weights > 0
+    ({"blends": {"dusk": {"/abs/a.jpg": 1}}}, "blends.dusk./abs/a.jpg"),
+    ({"blends": {"x/y": {"a.jpg": 1}}}, "blends.x/y"),  # it names a folder
+    ({"blends": {"dusk": {}}}, "blends.dusk"),
 ])
 def test_bad_values_name_their_key(changes, key):
-    with pytest.raises(ConfigError, match=f"key '{key}'"):
+    with pytest.raises(ConfigError, match=re.escape(f"key '{key}'")):
         manifest.apply(Settings(), changes, "src")
 
 
@@ -246,5 +260,12 @@ def test_options_are_checked_too(tmp_path):
 
 def test_settings_round_trip_through_to_dict():
     s = manifest.apply(Settings(), {"scales": [0.5, 1.0], "layers": {"content": ["relu4_2"], "style": ["relu1_1"]},
-                                    "content": "/x/c"}, "t")
-    assert manifest.apply(Settings(), s.to_dict(), "ledger") == s
+                                    "content": "/x/c", "style_size": 0.5,
+                                    "per_style": {"b*": {"steps": 9, "style_size": 64}, "*": {"style_weight": "1e2"}},
+                                    "blends": {"dusk": {"a.jpg": 2, "sub/b.jpg": 1}}}, "t")
+    assert s.style_size == 0.5 and s.per_style == (("b*", (("steps", 9), ("style_size", 64))),
+                                                   ("*", (("style_weight", 100.0),)))
+    # `retry` rebuilds the settings from the ledger's JSON: the same, the per_style order included.
+    assert manifest.apply(Settings(), json.loads(json.dumps(s.to_dict())), "ledger") == s
+    assert manifest.apply(Settings(), {"style_size": 256}, "t").style_px(512) == 256
+    assert s.style_px(512) == 256 and s.style_px(100) == 50

@@ -101,8 +101,8 @@ def test_output_names_never_collide(tmp_path, names):
 def test_style_names_never_collide(tmp_path):
     content, styles = tmp_path / "c", tmp_path / "s"
     make_image(content / "a.png", 20, 20, 1)
-    make_image(styles / "x" / "y.png", 20, 20, 2)  # flattened to x__y
-    make_image(styles / "x__y.png", 20, 20, 3)
+    make_image(styles / "x" / "y.png", 20, 20, 2)  # the folder blend "x"
+    make_image(styles / "x.png", 20, 20, 3)  # the style file "x.png", whose folder would be "x" too
     pairs = make_plan(settings(content, styles, tmp_path / "out"))
     assert len({p.output for p in pairs}) == 2, [p.output for p in pairs]
 
@@ -112,12 +112,16 @@ def test_subfolders(tmp_path):
     make_image(content / "trip" / "day1" / "a.png", 20, 20, 1)
     make_image(content / "a.png", 20, 20, 2)
     make_image(styles / "oils" / "v.png", 20, 20, 3)
+    make_image(styles / "oils" / "dutch" / "w.png", 20, 20, 4)
     pairs = make_plan(settings(content, styles, tmp_path / "out", format="jpg"))
+    # A styles sub-folder is one style, a blend of every image under it (equal weights), named after it.
     assert [(p.content, p.style, p.output) for p in pairs] == [
-        ("a.png", "oils/v.png", "oils__v/a.jpg"),
-        ("trip/day1/a.png", "oils/v.png", "oils__v/trip/day1/a.jpg"),
+        ("a.png", "oils", "oils/a.jpg"),
+        ("trip/day1/a.png", "oils", "oils/trip/day1/a.jpg"),
     ]
     assert pairs[1].content_path == (content / "trip" / "day1" / "a.png").resolve()
+    assert [(m.path.relative_to(styles.resolve()).as_posix(), m.weight) for m in pairs[0].members] == [
+        ("oils/dutch/w.png", 0.5), ("oils/v.png", 0.5)]
 
 
 def test_empty_folder_is_a_config_error(tmp_path):
