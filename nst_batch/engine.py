@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images, losses
+from . import colors, images, losses
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import Settings
@@ -214,6 +214,23 @@ class Engine:
             raise im
         return im
 
+    def _style_side(self, im: Image.Image, long_side: int) -> int:
+        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
+        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
+        return max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
+
+    def _targets_of(self, t: torch.Tensor) -> losses.Targets:
+        """Gram targets of style image(s) (N, 3, h, w) on the device: one forward pass, no gradient."""
+        if self.optim.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
+               if self.optim.autocast_dtype else nullcontext())
+        with torch.no_grad(), amp:
+            feats = self.net(t, frozenset(self.objective.style_layers))
+            targets = losses.style_targets(self.objective, feats)
+        self.style_passes += 1
+        return targets
+
     def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
         held = self._style_targets.get(style_hash)
         if held is not None:
@@ -221,25 +238,25 @@ class Engine:
             if long_side in held:
                 return held[long_side]
         im = self._style_image(path, style_hash)
-        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
-        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
-        side = max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
+        side = self._style_side(im, long_side)
         if held is None:
             while len(self._style_targets) >= STYLE_CACHE:
                 self._style_targets.popitem(last=False)
             held = self._style_targets[style_hash] = {}
         if side not in held:
-            t = to_tensor(im, side).to(self.device)
-            if self.optim.channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
-                   if self.optim.autocast_dtype else nullcontext())
-            with torch.no_grad(), amp:
-                feats = self.net(t, frozenset(self.objective.style_layers))
-                held[side] = losses.style_targets(self.objective, feats)
-            self.style_passes += 1
+            held[side] = self._targets_of(to_tensor(im, side).to(self.device))
         held[long_side] = held[side]  # asked for by the requested size next time (objective and weights are the engine's own)
         return held[side]
+
+    def photo_style_targets(self, path: Path, style_hash: str, long_side: int, photo: torch.Tensor,
+                            mode: str) -> losses.Targets:
+        """Targets of the style made to suit each photo of `photo` (B, 3, H, W) for `colors: preserve`
+        or `match` (colors.for_style): batch B, one per photo. Not cached: they depend on the photo, and
+        a run makes each (photo, style) pair once, so a cache keyed by both would never be hit again;
+        they cost one forward pass per scale, next to the hundreds of steps of the pair itself."""
+        im = self._style_image(path, style_hash)  # the decoded image is cached, as for `style`
+        style = to_tensor(im, self._style_side(im, long_side)).to(self.device)
+        return self._targets_of(colors.for_style(style, photo, mode))
 
     def _hash_of(self, job: Job) -> str:
         if job.style_hash is not None:
@@ -291,8 +308,13 @@ class Engine:
         full_long = max(content.shape[-2:])
         logs: list[list[LogRow]] = [[] for _ in jobs]
 
+        mode = self.settings.colors
+
         def style_for(h: int, w: int) -> losses.Targets:
-            return self.style_targets(style_path, style_hash, max(MIN_SIDE, round(style_full * max(h, w) / full_long)))
+            side = max(MIN_SIDE, round(style_full * max(h, w) / full_long))
+            if mode == "style":
+                return self.style_targets(style_path, style_hash, side)
+            return self.photo_style_targets(style_path, style_hash, side, content, mode)
 
         def logged(rows: list[LogRow]) -> None:
             for job, log, row in zip(jobs, logs, rows):
@@ -300,7 +322,11 @@ class Engine:
                 if on_log:
                     on_log(job, row)
 
-        res = stylize(self.net, self.objective, content, style_for, self.optim, logged)
+        # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
+        # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
+        # back at the end, at full size. pyramid.stylize itself never knows about colours.
+        res = stylize(self.net, self.objective, colors.for_content(content, mode), style_for, self.optim, logged)
+        res.images = colors.finish(res.images, content.float().cpu(), mode)
         made = []
         for i, job in enumerate(jobs):
             if not logs[i] or logs[i][-1].step != res.final[i].step:  # the final row, unless already logged

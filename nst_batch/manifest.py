@@ -30,6 +30,7 @@ class Settings:
     out: Path = Path("results")
     size: int = 512
     style_size: int | None = None
+    colors: str = "style"  # style | preserve | match: what the output's colours come from (colors.py)
     steps: int = 300
     optimizer: str = "lbfgs"
     lr: float = 0.02
@@ -135,6 +136,8 @@ def _check(key: str, v: Any, source: str) -> Any:
         return _int(key, v, source, lo=MIN_SIDE, hi=16384)
     if key == "style_size":
         return None if v is None else _int(key, v, source, lo=MIN_SIDE, hi=16384)
+    if key == "colors":
+        return _choice(key, v, source, ("style", "preserve", "match"))  # colors.COLORS; that module is torch
     if key in ("steps",):
         return _int(key, v, source, lo=1)
     if key == "optimizer":

@@ -134,6 +134,8 @@ def recipe_settings(settings: Settings) -> dict:
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
     if settings.format != "jpg":
         d.pop("quality")  # PNG ignores it: changing it must not redo PNGs
+    if settings.colors == "style":
+        d.pop("colors")  # what every version before the key made: a ledger from then keeps its pairs done
     d["engine"] = ENGINE_VERSION
     return d
 

@@ -82,6 +82,7 @@ def test_bad_value(tmp_path, text, key, words):
     ({"content": None}, "content"),
     ({"style_weight": -1}, "style_weight"),
     ({"max_megapixels": 0}, "max_megapixels"),
+    ({"colors": "original"}, "colors"),
 ])
 def test_bad_values_name_their_key(changes, key):
     with pytest.raises(ConfigError, match=f"key '{key}'"):
