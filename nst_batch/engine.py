@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images, losses, memory
+from . import colors, images, losses, memory
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import PER_STYLE_KEYS, Settings
@@ -280,6 +280,23 @@ class Engine:
             raise im
         return im
 
+    def _style_side(self, im: Image.Image, long_side: int) -> int:
+        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
+        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
+        return max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
+
+    def _targets_of(self, t: torch.Tensor) -> losses.Targets:
+        """Gram targets of style image(s) (N, 3, h, w) on the device: one forward pass, no gradient."""
+        if self.optim.channels_last:
+            t = t.contiguous(memory_format=torch.channels_last)
+        amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
+               if self.optim.autocast_dtype else nullcontext())
+        with torch.no_grad(), amp:
+            feats = self.net(t, frozenset(self.objective.style_layers))
+            targets = losses.style_targets(self.objective, feats)
+        self.style_passes += 1
+        return targets
+
     def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
         held = self._style_targets.get(style_hash)
         if held is not None:
@@ -287,24 +304,14 @@ class Engine:
             if long_side in held:
                 return held[long_side]
         im = self._style_image(path, style_hash)
-        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
-        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
-        side = max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
+        side = self._style_side(im, long_side)
         if held is None:
             while len(self._style_targets) >= STYLE_CACHE:
                 self._style_targets.popitem(last=False)
             held = self._style_targets[style_hash] = {}
         if side not in held:
-            t = to_tensor(im, side).to(self.device)
-            if self.optim.channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            amp = (torch.autocast(self.device.type, dtype=self.optim.autocast_dtype)
-                   if self.optim.autocast_dtype else nullcontext())
-            with torch.no_grad(), amp:
-                feats = self.net(t, frozenset(self.objective.style_layers))
-                held[side] = losses.style_targets(self.objective, feats)
-            self.style_passes += 1
-        held[long_side] = held[side]  # asked for by the requested size next time (Gram targets have no weights)
+            held[side] = self._targets_of(to_tensor(im, side).to(self.device))
+        held[long_side] = held[side]  # asked for by the requested size next time (objective and weights are the engine's own)
         return held[side]
 
     def blend_targets(self, members: tuple[Member, ...], blend_hash: str, long_side: int) -> losses.Targets:
@@ -322,6 +329,16 @@ class Engine:
             self._style_targets[blend_hash] = {}
         self._style_targets[blend_hash][long_side] = targets
         return targets
+
+    def photo_style_targets(self, path: Path, style_hash: str, long_side: int, photo: torch.Tensor,
+                            mode: str) -> losses.Targets:
+        """Targets of the style made to suit each photo of `photo` (B, 3, H, W) for `colors: preserve`
+        or `match` (colors.for_style): batch B, one per photo. Not cached: they depend on the photo, and
+        a run makes each (photo, style) pair once, so a cache keyed by both would never be hit again;
+        they cost one forward pass per scale, next to the hundreds of steps of the pair itself."""
+        im = self._style_image(path, style_hash)  # the decoded image is cached, as for `style`
+        style = to_tensor(im, self._style_side(im, long_side)).to(self.device)
+        return self._targets_of(colors.for_style(style, photo, mode))
 
     def _file_hash(self, path: Path, given: str | None) -> str:
         if given is not None:
@@ -391,11 +408,18 @@ class Engine:
         style_full = setup.settings.style_px(full_long)  # a fraction follows the size actually made
         logs: list[list[LogRow]] = [[] for _ in jobs]
 
+        mode = setup.settings.colors  # per_style can set it
+
         def style_for(h: int, w: int) -> losses.Targets:
             long_side = max(MIN_SIDE, round(style_full * max(h, w) / full_long))
-            if job.members:
-                return self.blend_targets(job.members, style_hash, long_side)
-            return self.style_targets(style_path, style_hash, long_side)
+            if mode == "style":
+                if job.members:
+                    return self.blend_targets(job.members, style_hash, long_side)
+                return self.style_targets(style_path, style_hash, long_side)
+            # preserve / match: the style (each member of a blend) made to suit the photo, then blended.
+            members = job.members or (Member(style_path, 1.0, style_hash),)
+            return losses.blend([self.photo_style_targets(m.path, self._file_hash(m.path, m.hash), long_side, content, mode)
+                                 for m in members], [m.weight for m in members])
 
         def logged(rows: list[LogRow]) -> None:
             for job, log, row in zip(jobs, logs, rows):
@@ -403,7 +427,11 @@ class Engine:
                 if on_log:
                     on_log(job, row)
 
-        res = stylize(self.net, setup.objective, content, style_for, setup.optim, logged)
+        # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
+        # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
+        # back at the end, at full size. pyramid.stylize itself never knows about colours.
+        res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged)
+        res.images = colors.finish(res.images, content.float().cpu(), mode)
         made = []
         for i, job in enumerate(jobs):
             if not logs[i] or logs[i][-1].step != res.final[i].step:  # the final row, unless already logged

@@ -31,6 +31,7 @@ class Settings:
     out: Path = Path("results")
     size: int = 512
     style_size: int | float | None = None  # int: pixels; float: a fraction of `size` (style_px)
+    colors: str = "style"  # style | preserve | match: what the output's colours come from (colors.py)
     steps: int = 300
     optimizer: str = "lbfgs"
     lr: float = 0.02
@@ -168,6 +169,8 @@ def _check(key: str, v: Any, source: str, name: str | None = None) -> Any:
         return _int(n, v, source, lo=MIN_SIDE, hi=16384)
     if key == "style_size":
         return _style_size(n, v, source)
+    if key == "colors":
+        return _choice(n, v, source, ("style", "preserve", "match"))  # colors.COLORS; that module is torch
     if key in ("steps",):
         return _int(n, v, source, lo=1)
     if key == "optimizer":

@@ -157,6 +157,8 @@ def recipe_settings(settings: Settings) -> dict:
     for k in PER_RUN:
         if not d[k]:
             d.pop(k)  # absent when unused: recipes made before these keys existed stay the same
+    if settings.colors == "style":
+        d.pop("colors")  # what every version before the key made: a ledger from then keeps its pairs done
     d["engine"] = ENGINE_VERSION
     return d
 

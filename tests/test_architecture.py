@@ -17,7 +17,7 @@ LAYERS = [
     {"images"},
     {"objective"},
     {"vgg"},
-    {"losses"},
+    {"losses", "colors"},
     {"manifest"},
     {"plan"},
     {"shards"},

@@ -96,6 +96,7 @@ def test_bad_value(tmp_path, text, key, words):
     ({"blends": {"dusk": {"/abs/a.jpg": 1}}}, "blends.dusk./abs/a.jpg"),
     ({"blends": {"x/y": {"a.jpg": 1}}}, "blends.x/y"),  # it names a folder
     ({"blends": {"dusk": {}}}, "blends.dusk"),
+    ({"colors": "original"}, "colors"),
 ])
 def test_bad_values_name_their_key(changes, key):
     with pytest.raises(ConfigError, match=re.escape(f"key '{key}'")):

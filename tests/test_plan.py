@@ -16,7 +16,7 @@ from nst_batch.images import discover
 from nst_batch.ledger import Ledger
 from nst_batch.manifest import Settings
 from nst_batch.names import Skipped, skipped_line
-from nst_batch.plan import HashCache, file_hash, make_plan, recipe_hash, recipe_hasher
+from nst_batch.plan import HashCache, file_hash, make_plan, recipe_hash, recipe_hasher, recipe_settings
 
 
 def settings(content: Path, styles: Path, out: Path, **kw) -> Settings:
@@ -417,10 +417,13 @@ def test_recipe_hasher_changes_with_every_pixel_setting_and_input_and_nothing_el
     assert recipe_hasher(s)("a" * 63 + "c", "b" * 64) != base != recipe_hasher(s)("a" * 64, "b" * 63 + "c")
     assert recipe_hasher(s)("b" * 64, "a" * 64) != base  # the two inputs are not interchangeable
     for change in (dict(size=256), dict(style_weight=3.5), dict(scales=(0.25, 0.5, 1.0)), dict(seed=7),
-                   dict(format="jpg"), dict(precision="bf16"), dict(steps=299)):
+                   dict(format="jpg"), dict(precision="bf16"), dict(steps=299), dict(colors="preserve"),
+                   dict(colors="match")):
         assert recipe_hasher(s.replace(**change))("a" * 64, "b" * 64) != base, change
     for change in (dict(log_every=1), dict(lease_s=5.0), dict(device="cuda"), dict(quality=80),
                    dict(out=Path("elsewhere")), dict(max_megapixels=3.0)):
         assert recipe_hasher(s.replace(**change))("a" * 64, "b" * 64) == base, change
     jpg = s.replace(format="jpg")
     assert recipe_hasher(jpg.replace(quality=80))("a", "b") != recipe_hasher(jpg)("a", "b")  # JPEG only
+    # `colors: style` is what was made before the key existed: its recipes (and finished pairs) stay.
+    assert "colors" not in recipe_settings(s) and recipe_settings(s.replace(colors="match"))["colors"] == "match"
