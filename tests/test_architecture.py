@@ -24,6 +24,7 @@ LAYERS = [
     {"ledger"},
     {"optimize"},
     {"pyramid"},
+    {"network"},
     {"engine"},
     {"losslog"},
     {"lifecycle"},
