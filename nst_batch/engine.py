@@ -11,6 +11,7 @@ image into PNG/JPEG bytes for that); `runner` is the local driver.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections import OrderedDict
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import images, losses
+from . import images, losses, network
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import Settings
@@ -135,6 +136,7 @@ class Job:
     style_path: Path
     style_hash: str | None = None
     image: Image.Image | None = field(default=None, compare=False, repr=False)
+    method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
 
 
 @dataclass
@@ -195,6 +197,7 @@ class Engine:
         self._style_images: OrderedDict[str, object] = OrderedDict()
         self._style_targets: OrderedDict[str, dict[tuple, losses.Targets]] = OrderedDict()
         self._style_hash: dict[Path, str] = {}
+        self._models: dict[str, network.TransformerNet] = {}  # style hash -> trained network
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
 
     # -- style targets
@@ -266,7 +269,7 @@ class Engine:
             except PairError as e:
                 made[i] = Made(job, error=e)
                 continue
-            key = (str(job.style_path), images.fit_long_side(*im.size, self.settings.size))
+            key = (str(job.style_path), images.fit_long_side(*im.size, self.settings.size), job.method)
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
         for group in groups.values():
@@ -300,7 +303,11 @@ class Engine:
                 if on_log:
                     on_log(job, row)
 
-        res = stylize(self.net, self.objective, content, style_for, self.optim, logged)
+        if jobs[0].method == "network":  # one forward pass, then refine_steps at full size from it
+            res = stylize(self.net, self.objective, content, style_for, self.refine_config(), logged,
+                          init=network.apply(self.model(style_hash), content))
+        else:
+            res = stylize(self.net, self.objective, content, style_for, self.optim, logged)
         made = []
         for i, job in enumerate(jobs):
             if not logs[i] or logs[i][-1].step != res.final[i].step:  # the final row, unless already logged
@@ -312,6 +319,37 @@ class Engine:
             made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], res.steps,
                              error=progress_error(one, self.optim)))
         return made
+
+    # -- learned per-style networks (issue 13): states in and out, the runner keeps the files
+
+    def refine_config(self) -> OptimConfig:
+        return dataclasses.replace(self.optim, steps=self.settings.refine_steps, scales=(1.0,))
+
+    def train(self, job: Job, photos: list[Image.Image], state: dict | None, until: int,
+              on_loss: Callable[[int, losses.LossTerms], None] | None = None,
+              should_pause: Callable[[int], bool] | None = None) -> dict:
+        """Train the network of `job`'s style up to step `until` on `photos` (the collection's, decoded),
+        from `state` (network.state_dict; None: afresh, seeded by `seed`), and return the new state.
+        `should_pause(step)` lets the driver stop early to save a checkpoint; it calls again to go on."""
+        s = self.settings
+        tensors = [to_tensor(im, s.size) for im in photos]  # on the CPU; each step's crops move to the device
+        targets = self.style_targets(Path(job.style_path), self._hash_of(job), s.style_size or s.size)
+        st = network.new_state(s.seed, self.device) if state is None else network.from_state_dict(state, self.device)
+        network.train_steps(st, self.net, self.objective, tensors, targets, until, self.optim.autocast_dtype,
+                            on_loss, (lambda t: should_pause(t.step)) if should_pause else None)
+        return network.state_dict(st)
+
+    def load_model(self, job: Job, state: dict) -> None:
+        """Use this trained state for `job`'s style (Job.method network)."""
+        self._models[self._hash_of(job)] = network.from_state_dict(state, self.device).net.eval()
+
+    def has_model(self, job: Job) -> bool:
+        return self._hash_of(job) in self._models
+
+    def model(self, style_hash: str) -> network.TransformerNet:
+        if style_hash not in self._models:
+            raise PairError("internal", "no trained network for this style was loaded")
+        return self._models[style_hash]
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
                              on_note: Callable[[str], None], size: int) -> list[Made]:

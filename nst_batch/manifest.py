@@ -53,6 +53,9 @@ class Settings:
     batch: int = 1
     lease_s: float = 120.0
     max_megapixels: float = 100.0
+    method: str = "auto"  # optimize | network | auto (issue 13: a learned per-style network)
+    network_steps: int = 600  # training steps of a style's network
+    refine_steps: int = 50  # L-BFGS steps at full size from the network's output
 
     def __post_init__(self) -> None:
         # Code may hand `layers` over as the manifest writes it (a preset name or a mapping): one type here.
@@ -189,6 +192,12 @@ def _check(key: str, v: Any, source: str) -> Any:
         return _float(key, v, source, lo=1)
     if key == "max_megapixels":
         return _float(key, v, source, lo=0, strict=True)
+    if key == "method":
+        return _choice(key, v, source, ("optimize", "network", "auto"))
+    if key == "network_steps":
+        return _int(key, v, source, lo=1)
+    if key == "refine_steps":
+        return _int(key, v, source, lo=0)
     raise AssertionError(key)  # every Settings field is handled above
 
 

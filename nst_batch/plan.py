@@ -23,6 +23,10 @@ from .names import Skipped, skipped_line
 
 # Keys that do not change the pixels of an output: changing them redoes nothing.
 NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels"}
+# How a pair is made (issue 13): a pair made by a network gets a recipe of its own (training.network_recipe,
+# over its model's recipe and refine_steps); one made by optimisation keeps the plain recipe, so folders
+# made before these keys existed are not redone.
+NOT_IN_RECIPE |= {"method", "network_steps", "refine_steps"}
 
 
 @dataclass(frozen=True)
