@@ -28,6 +28,7 @@ LAYERS = [
     {"engine"},
     {"losslog"},
     {"lifecycle"},
+    {"training"},
     {"runner"},
     {"cluster"},
     {"status"},
