@@ -30,6 +30,10 @@ TRAIN_BATCH = 4  # crops a training step
 CROP_MAX = 256  # the crop's side at most: a 128 px run trains on crops of its whole short side
 TRAIN_PHOTOS = 64  # photos a style's model trains on at most (an even sample of the collection)
 LR = 1e-3  # Adam's, Johnson et al.'s
+# Adam's first steps move every weight by about lr whatever its gradient: the small last layer would jump
+# to a far worse image than the photo. The rate rises linearly over these steps (read from the step, so a
+# resumed run does the same).
+WARMUP = 50
 _EPS = 1e-3  # the photo is kept off 0 and 1 before its logit
 
 
@@ -163,6 +167,8 @@ def train_steps(state: TrainState, vgg: VGGFeatures, obj: Objective, photos: lis
             raise FloatingPointError(f"the training loss became {float(loss)} at step {state.step + 1}")
         state.opt.zero_grad(set_to_none=True)
         loss.backward()
+        for g in state.opt.param_groups:
+            g["lr"] = LR * min(1.0, (state.step + 1) / WARMUP)
         state.opt.step()
         state.step += 1
         if on_loss:

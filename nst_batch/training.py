@@ -57,7 +57,7 @@ def model_recipe(settings: Settings, pair_recipes: list[str]) -> str:
     """The recipe of a style's network: the plain recipes of the pairs it trains on (each covers the style,
     the photo's hash and the pixel settings), network_steps and the architecture version."""
     head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps,
-                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR]}, sort_keys=True)
+                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]}, sort_keys=True)
     return hashlib.sha256("\0".join([head, *sorted(pair_recipes)]).encode()).hexdigest()[:16]
 
 
@@ -127,9 +127,10 @@ class Trainer:
 
     def __init__(self, folder: Path, ledger: Ledger, engine: Engine, styles: dict[str, StyleMethod],
                  methods: dict[tuple[str, str], str], loss_log: LossLog, note: Callable[[str], None],
-                 checkpoint_s: float = CHECKPOINT_S):
+                 checkpoint_s: float | None = None):
         self.folder, self.ledger, self.engine, self.styles = folder, ledger, engine, styles
-        self.loss_log, self.note, self.checkpoint_s = loss_log, note, checkpoint_s
+        self.loss_log, self.note = loss_log, note
+        self.checkpoint_s = CHECKPOINT_S if checkpoint_s is None else checkpoint_s
         self.methods = methods
         self.failed: dict[str, PairError] = {}
 
