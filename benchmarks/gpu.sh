@@ -59,6 +59,9 @@ bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
+echo "== network (limit 60s) =="  # issue 13: a training step and a forward pass at 512 and 1024 px
+timeout 60 "$py" benchmarks/bench_network.py --device cuda --gpu-only --json "$out/network.json" 2>&1 \
+    | tee "$out/network.txt"
 echo "== gpu_memory (limit 60s) =="
 timeout 60 "$py" benchmarks/bench_memory.py --device cuda --precision auto --sizes 2048,4096 --steps 3 \
     --timeout 25 --json "$out/gpu_memory.json" 2>&1 | tee "$out/gpu_memory.txt"

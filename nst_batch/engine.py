@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import colors, images, losses, memory
+from . import colors, images, losses, memory, network
 from .errors import ConfigError, PairError
 from .images import MIN_SIDE
 from .manifest import PER_STYLE_KEYS, Settings
@@ -168,6 +168,7 @@ class Job:
     image: Image.Image | None = field(default=None, compare=False, repr=False)
     members: tuple[Member, ...] = ()
     overrides: Overrides = ()
+    method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ class Engine:
         self._style_targets: OrderedDict[str, dict[tuple, losses.Targets]] = OrderedDict()
         self._style_hash: dict[Path, str] = {}
         self._style_meta: dict[str, images.PhotoMeta] = {}  # style hash -> its notes (a broken ICC profile)
+        self._models: dict[str, network.TransformerNet] = {}  # style hash -> trained network
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
         self._setups: dict[Overrides, Setup] = {(): Setup(s, self.objective, self.optim)}
         self._objectives: dict[Objective, Objective] = {self.objective: self.objective}  # one per distinct weights
@@ -372,7 +374,7 @@ class Engine:
             metas[i] = images.photo_meta(im)
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
             key = (str(job.style_path), job.style_hash, job.members, job.overrides,
-                   images.fit_long_side(*im.size, self.settings.size))
+                   images.fit_long_side(*im.size, self.settings.size), job.method)
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
         for group in groups.values():
@@ -427,11 +429,15 @@ class Engine:
                 if on_log:
                     on_log(job, row)
 
-        # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
-        # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
-        # back at the end, at full size. pyramid.stylize itself never knows about colours.
-        res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged)
-        res.images = colors.finish(res.images, content.float().cpu(), mode)
+        if job.method == "network":  # one forward pass, then refine_steps at full size from it
+            res = stylize(self.net, setup.objective, content, style_for, self.refine_config(setup), logged,
+                          init=network.apply(self.model(style_hash), content))
+        else:
+            # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
+            # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
+            # back at the end, at full size. pyramid.stylize itself never knows about colours.
+            res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged)
+            res.images = colors.finish(res.images, content.float().cpu(), mode)
         made = []
         for i, job in enumerate(jobs):
             if not logs[i] or logs[i][-1].step != res.final[i].step:  # the final row, unless already logged
@@ -443,6 +449,42 @@ class Engine:
             made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], res.steps,
                              error=progress_error(one, setup.optim)))
         return made
+
+    # -- learned per-style networks (issue 13): states in and out, the runner keeps the files
+
+    def refine_config(self, setup: Setup) -> OptimConfig:
+        return dataclasses.replace(setup.optim, steps=self.settings.refine_steps, scales=(1.0,))
+
+    def train(self, job: Job, photos: list[Image.Image], state: dict | None, until: int,
+              on_loss: Callable[[int, losses.LossTerms], None] | None = None,
+              should_pause: Callable[[int], bool] | None = None) -> dict:
+        """Train the network of `job`'s style up to step `until` on `photos` (the collection's, decoded),
+        from `state` (network.state_dict; None: afresh, seeded by `seed`), and return the new state.
+        `should_pause(step)` lets the driver stop early to save a checkpoint; it calls again to go on."""
+        setup = self.setup(job.overrides)  # the style's own weights and style size (per_style)
+        s = setup.settings
+        if s.colors != "style":  # the plan refuses it (training.assign): a network learns one set of targets
+            raise ValueError(f"method network with colors {s.colors!r}")
+        tensors = [to_tensor(im, s.size) for im in photos]  # on the CPU; each step's crops move to the device
+        long_side = s.style_px(s.size)
+        targets = (self.blend_targets(job.members, self._hash_of(job), long_side) if job.members
+                   else self.style_targets(Path(job.style_path), self._hash_of(job), long_side))
+        st = network.new_state(s.seed, self.device) if state is None else network.from_state_dict(state, self.device)
+        network.train_steps(st, self.net, setup.objective, tensors, targets, until, self.optim.autocast_dtype,
+                            on_loss, (lambda t: should_pause(t.step)) if should_pause else None)
+        return network.state_dict(st)
+
+    def load_model(self, job: Job, state: dict) -> None:
+        """Use this trained state for `job`'s style (Job.method network)."""
+        self._models[self._hash_of(job)] = network.from_state_dict(state, self.device).net.eval()
+
+    def has_model(self, job: Job) -> bool:
+        return self._hash_of(job) in self._models
+
+    def model(self, style_hash: str) -> network.TransformerNet:
+        if style_hash not in self._models:
+            raise PairError("internal", "no trained network for this style was loaded")
+        return self._models[style_hash]
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
                              on_note: Callable[[str], None], size: int) -> list[Made]:

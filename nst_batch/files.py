@@ -11,6 +11,7 @@ from typing import BinaryIO, Callable
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
 SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
+MODELS = "models"  # OUT/models/<style>.pt: the learned per-style networks (training.py)
 REPORT_HTML = "report.html"
 SUMMARY_CSV = "summary.csv"
 CONTACT_SHEET = "contact_sheet.jpg"

@@ -34,7 +34,7 @@ from .errors import ConfigError
 from .files import LEDGER, SHARDS
 from .shards import Shard, found
 
-SCHEMA_VERSION = 4  # 2: the workers table; 3: the files table and the (state, style) index; 4: pairs.curve
+SCHEMA_VERSION = 5  # 2: workers table; 3: files table, (state, style) index; 4: pairs.curve; 5: models, pairs.method
 FILENAME = LEDGER
 STATES = ("pending", "running", "done", "failed")
 
@@ -94,6 +94,21 @@ CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style);
 # Schema 4. A done pair's loss curve, thinned (losslog.curve_record): the report draws it without
 # reading losses.csv. Not a Row field: 200,000 of them are read a page at a time (Ledger.curves).
 _CURVE = "ALTER TABLE pairs ADD COLUMN curve TEXT"
+
+# Schema 5 (issue 13). The method that made a done pair (optimize or network; NULL: made before, by
+# optimisation), and each style's learned network: its recipe (training.model_recipe), how far its
+# training got (the checkpoint OUT/models/<style>.pt holds that step) and its training curve.
+_MODELS = """
+ALTER TABLE pairs ADD COLUMN method TEXT;
+CREATE TABLE IF NOT EXISTS models (
+    style      TEXT PRIMARY KEY,          -- relative to the style folder, as pairs.style
+    recipe     TEXT NOT NULL,
+    step       INTEGER NOT NULL,          -- training steps in the checkpoint
+    steps      INTEGER NOT NULL,          -- network_steps: trained when step reaches it
+    updated_at REAL NOT NULL,
+    curve      TEXT                       -- losslog.curve_record of the training losses
+)
+"""
 
 COLUMNS = ("id", "content", "style", "content_path", "style_path", "output", "recipe", "state", "attempts",
            "error_kind", "error_message", "note", "worker", "heartbeat", "started_at", "finished_at", "seconds",
@@ -192,7 +207,7 @@ def output_exists(out: Path) -> Callable[[str], bool]:
 _STEP = 16
 _CLAIMED = ("state='running', worker=?, heartbeat=?, started_at=?, attempts=attempts+1, error_kind=NULL, "
             "error_message=NULL, note=NULL, steps=NULL, seconds=NULL, content_loss=NULL, style_loss=NULL, "
-            "tv_loss=NULL, total_loss=NULL, curve=NULL")
+            "tv_loss=NULL, total_loss=NULL, curve=NULL, method=NULL")
 
 
 class Ledger:
@@ -262,6 +277,10 @@ class Ledger:
                         self.db.execute(stmt)
             if version is None or version < 4:  # 3 -> 4: a new nullable column, NULL for pairs made before
                 self.db.execute(_CURVE)
+            if version is None or version < 5:  # 4 -> 5: a nullable column (NULL: optimised) and a new table
+                for stmt in _MODELS.strip().split(";"):
+                    if stmt.strip():
+                        self.db.execute(stmt)
             if version != SCHEMA_VERSION:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             self.db.execute("COMMIT")
@@ -552,13 +571,53 @@ class Ledger:
 
     def done(self, pair_id: int, worker: str, steps: int, content: float, style: float, tv: float,
              total: float, note: str | None = None, finished_at: float | None = None,
-             recipe: str | None = None, curve: str | None = None, seconds: float | None = None) -> bool:
+             recipe: str | None = None, curve: str | None = None, seconds: float | None = None,
+             method: str = "optimize") -> bool:
         """Mark done a pair this worker made with `recipe` (the recipe it claimed the pair under).
         False when the claim is no longer this worker's or the pair's recipe has changed since.
-        `curve`: its loss curve as losslog.curve_record makes it (a small JSON list), or None."""
+        `curve`: its loss curve as losslog.curve_record makes it (a small JSON list), or None;
+        `method`: what made it (optimize, network)."""
         return self._finish(pair_id, worker,
                             "state='done', steps=?, content_loss=?, style_loss=?, tv_loss=?, total_loss=?, note=?, "
-                            "curve=?", (steps, content, style, tv, total, note, curve), finished_at, recipe, seconds)
+                            "curve=?, method=?", (steps, content, style, tv, total, note, curve, method),
+                            finished_at, recipe, seconds)
+
+    def done_recipes(self) -> dict[tuple[str, str], str]:
+        """(content, style) -> recipe of every done pair: what `auto` counts pending photos against."""
+        return {(r[0], r[1]): r[2] for r in self.db.execute("SELECT content, style, recipe FROM pairs WHERE state='done'")}
+
+    def methods(self) -> dict[tuple[str, str], str]:
+        """(content, style) -> the method that made each done pair ('optimize' for pairs made before the
+        column existed; an older ledger opened read-only has no column: all 'optimize')."""
+        try:
+            rows = self.db.execute("SELECT content, style, COALESCE(method, 'optimize') FROM pairs WHERE state='done'")
+            return {(r[0], r[1]): r[2] for r in rows}
+        except sqlite3.OperationalError:
+            return {(r[0], r[1]): "optimize" for r in self.db.execute("SELECT content, style FROM pairs WHERE state='done'")}
+
+    def method_counts(self) -> dict[str, int]:
+        """Done pairs per method, for status."""
+        try:
+            rows = self.db.execute("SELECT COALESCE(method, 'optimize'), COUNT(*) FROM pairs WHERE state='done' GROUP BY 1")
+            return {r[0]: r[1] for r in rows}
+        except sqlite3.OperationalError:
+            n = self.db.execute("SELECT COUNT(*) FROM pairs WHERE state='done'").fetchone()[0]
+            return {"optimize": n} if n else {}
+
+    def set_model(self, style: str, recipe: str, step: int, steps: int, curve: str | None = None) -> None:
+        """Record a style's network after its checkpoint is on disk (training.Trainer)."""
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, COALESCE(?, "
+                            "(SELECT curve FROM models WHERE style=? AND recipe=?)))",
+                            (style, recipe, step, steps, time.time(), curve, style, recipe))
+
+    def models(self) -> dict[str, dict]:
+        """style -> {recipe, step, steps, updated_at, curve} ({} for a ledger older than schema 5)."""
+        try:
+            rows = self.db.execute("SELECT style, recipe, step, steps, updated_at, curve FROM models").fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        return {r[0]: {"recipe": r[1], "step": r[2], "steps": r[3], "updated_at": r[4], "curve": r[5]} for r in rows}
 
     def fail(self, pair_id: int, worker: str, kind: str, message: str, note: str | None = None) -> None:
         self._finish(pair_id, worker, "state='failed', error_kind=?, error_message=?, note=?",
@@ -699,6 +758,23 @@ class LedgerSet:
 
     def stored_settings(self) -> dict[str, Any]:
         return next((d for _, led in self.parts if (d := led.stored_settings())), {})
+
+    def methods(self) -> dict[tuple[str, str], str]:
+        return {k: v for _, led in self.parts for k, v in led.methods().items()}
+
+    def method_counts(self) -> dict[str, int]:
+        c: dict[str, int] = {}
+        for _, led in self.parts:
+            for k, v in led.method_counts().items():
+                c[k] = c.get(k, 0) + v
+        return c
+
+    def models(self) -> dict[str, dict]:
+        """Ledger.models; a style trained by several shards shows the first shard's."""
+        got: dict[str, dict] = {}
+        for _, led in self.parts:
+            got = led.models() | got
+        return got
 
     def curves(self, ids: Iterable[int]) -> dict[int, str]:
         """Ledger.curves by union id (local id x N + K for a shard)."""

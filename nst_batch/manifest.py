@@ -63,6 +63,9 @@ class Settings:
     per_style: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     # (name, ((member file relative to `styles`, weight), ...)): weights as written; the plan normalises.
     blends: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+    method: str = "auto"  # optimize | network | auto (issue 13: a learned per-style network)
+    network_steps: int = 600  # training steps of a style's network
+    refine_steps: int = 50  # L-BFGS steps at full size from the network's output
 
     def __post_init__(self) -> None:
         # Code may hand `layers` over as the manifest writes it (a preset name or a mapping): one type here.
@@ -241,6 +244,12 @@ def _check(key: str, v: Any, source: str, name: str | None = None) -> Any:
         return _per_style(v, source)
     if key == "blends":
         return _blends(v, source)
+    if key == "method":
+        return _choice(n, v, source, ("optimize", "network", "auto"))
+    if key == "network_steps":
+        return _int(n, v, source, lo=1)
+    if key == "refine_steps":
+        return _int(n, v, source, lo=0)
     raise AssertionError(key)  # every Settings field is handled above
 
 

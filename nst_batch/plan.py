@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError
-from .files import CONTACT_SHEET, SHARDS, SHEETS, STYLES, THUMBS
+from .files import CONTACT_SHEET, MODELS, SHARDS, SHEETS, STYLES, THUMBS
 from .images import scan
 from .manifest import Settings, check_folders
 from .names import Skipped, printable, skipped_line
@@ -26,6 +26,10 @@ from .names import Skipped, printable, skipped_line
 # Keys that do not change the pixels of an output: changing them redoes nothing. (`name` moves an
 # output: the ledger sees the new path and makes it there.)
 NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels", "name"}
+# How a pair is made (issue 13): a pair made by a network gets a recipe of its own (training.network_recipe,
+# over its model's recipe and refine_steps); one made by optimisation keeps the plain recipe, so folders
+# made before these keys existed are not redone.
+NOT_IN_RECIPE |= {"method", "network_steps", "refine_steps"}
 # The run's per-style keys: a pair's recipe holds what they resolve to for its style, not the tables.
 PER_RUN = ("per_style", "blends")
 
@@ -301,9 +305,9 @@ def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
 
 # -- output names ----------------------------------------------------------------------------------
 
-# OUT's own folders (the report's thumbnails, pages and sheets; shards' ledgers): an output inside one
+# OUT's own folders (the report's thumbnails, pages and sheets; shards' ledgers; learned networks): an output inside one
 # could be taken for, or deleted as, one of their files (the report removes sheets it did not write).
-RESERVED = {THUMBS, STYLES, SHEETS, SHARDS}
+RESERVED = {THUMBS, STYLES, SHEETS, SHARDS, MODELS}
 
 
 def output_namer(template: str, fmt: str) -> Callable[[str, str], Callable[[str], str]]:

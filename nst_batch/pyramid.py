@@ -55,7 +55,7 @@ def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tup
 
 def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             style_for: Callable[[int, int], Targets], cfg: OptimConfig,
-            on_log: Callable[[list[LogRow]], None] | None = None) -> Result:
+            on_log: Callable[[list[LogRow]], None] | None = None, init: torch.Tensor | None = None) -> Result:
     """Optimise a batch of B output images, each starting from its content image.
 
     `content` is (B, 3, H, W) in [0, 1] on the net's device; all B share one size.
@@ -63,6 +63,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     `on_log` gets one LogRow per image every `log_every` steps and at the end of each coarse scale;
     the final losses come back in Result.final, and the losses of doing nothing (the starting image,
     measured at full size) in Result.start.
+    `init` (B, 3, H, W): start from this image at full size instead (a network's output to refine): the
+    coarser scales are skipped; doing nothing is still measured on the photo itself.
     """
     t0 = time.perf_counter()
     device = content.device
@@ -81,6 +83,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
         return [LogRow(step, px, *map(float, v), el) for v in vals]
 
     shapes = scale_shapes(H, W, cfg.scales)
+    if init is not None:
+        shapes = shapes[-1:]
     for h, w in shapes:
         px = max(h, w)
         c_img = resize(content, h, w).contiguous(memory_format=fmt)
@@ -93,7 +97,10 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
                 feats = net(img.contiguous(memory_format=fmt), obj.layers)
             return losses.compute(obj, feats, img, c_tgt, s_tgt)
 
-        if x is None:
+        if init is not None:
+            start = init.to(c_img.dtype).clamp(0, 1)
+            first = c_img
+        elif x is None:
             start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
             first = start
         else:
@@ -111,7 +118,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             # recorded as a stylization. One forward pass, without gradients.
             assert first is not None
             with torch.no_grad():
-                start_rows = rows_of(evaluate(c_img if cfg.init == "content" else resize(first, h, w)), px, steps_done)
+                start_rows = rows_of(evaluate(c_img if cfg.init == "content" or init is not None
+                                              else resize(first, h, w)), px, steps_done)
 
         def log(terms: losses.LossTerms, step: int, px: int = px) -> None:
             if on_log:

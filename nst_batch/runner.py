@@ -11,6 +11,7 @@ too, and `cluster`'s Ray driver calls the same functions.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import images
+from . import images, training
 from .engine import Engine, Job, Made, encode
 from .errors import ConfigError, PairError
 from .files import thumb_path, write_atomic
@@ -90,11 +91,16 @@ def _run_ledger(settings: Settings, engine: Engine, plan: Plan, hashes: HashCach
         if shard is not None:
             _one_host(ledger, display, shard)
         try:
+            # Issue 13: which pairs a style's network makes (their recipes include its model's).
+            plan, styles, methods = training.assign(plan, engine.settings, ledger.done_recipes(), engine.device.type)
             work = prepare(ledger, settings, engine.settings, plan, hashes, worker, display, only_failed_kinds,
                            retry, str(engine.device), shard)
             if work is None:
                 return RunResult()
-            return _work(ledger, engine, display, work, worker, folder)
+            for sm in styles.values():
+                if sm.pending or sm.method == "network" and settings.method != "auto":
+                    display.note(training.choice_line(sm, engine.settings, engine.device.type))
+            return _work(ledger, engine, display, work, worker, folder, (styles, methods))
         finally:
             ledger.unregister(worker)
 
@@ -207,12 +213,12 @@ class Books:
         self.display.pair_end(name, False, time.time() - (row.started_at or time.time()), f"{kind}: {msg}")
 
     def done(self, row: Row, steps: int, final: LogRow, note: str | None, finished_at: float,
-             seconds: float | None = None, curve: str | None = None) -> bool:
+             seconds: float | None = None, curve: str | None = None, method: str = "optimize") -> bool:
         """Record a pair whose image is on disk; False (and a note) when the claim had lapsed meanwhile.
         `seconds`: the compute time when it is not the time since the claim (a pair queued on a Ray actor);
         `curve`: losslog.curve_record of its loss rows, which the report draws."""
         recorded = self.ledger.done(row.id, self.worker, steps, final.content, final.style, final.tv, final.total,
-                                    note, finished_at, recipe=row.recipe, seconds=seconds, curve=curve)
+                                    note, finished_at, recipe=row.recipe, seconds=seconds, curve=curve, method=method)
         self.beat.drop(row.id)
         if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
             self.display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "
@@ -303,13 +309,15 @@ class _BackgroundIO:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: str, folder: Path) -> RunResult:
+def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: str, folder: Path,
+          networks: tuple[dict, dict] = ({}, {})) -> RunResult:
     """`folder`: where the ledger and the loss log are (OUT, or a shard's folder); images go to OUT."""
     s = engine.settings
     out = s.out
     pairs, recipes, only = work.pairs, work.recipes, work.only
     result = RunResult()
     loss_log = LossLog(folder)
+    trainer = training.Trainer(folder, ledger, engine, *networks, loss_log, display.note)
     io = _BackgroundIO(s.max_megapixels)
     beat = Heartbeat(folder, worker, every=max(1.0, s.lease_s / 4))
     books = Books(ledger, worker, display, beat, result)
@@ -322,7 +330,8 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
             if error is not None:
                 record_failure(row, error)
             else:
-                books.done(row, made.steps, made.final, made.note, finished_at, curve=curve_record(made.logs))
+                books.done(row, made.steps, made.final, made.note, finished_at, curve=curve_record(made.logs),
+                           method=made.job.method)
 
     def claim(style: str | None = None) -> Row | None:
         row = ledger.claim(worker, s.lease_s, only, style=style, recipes=recipes)
@@ -341,7 +350,15 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                 rows, jobs = [], []
                 for r in claimed:  # photos decoded here (on the I/O thread when prefetched); a bad one fails now
                     try:
-                        jobs.append(job_for(r, pairs, io.content(r.content_path)))
+                        job = dataclasses.replace(job_for(r, pairs, io.content(r.content_path)),
+                                                  method=trainer.method_of(r))
+                        if job.method == "network":  # trained (with checkpoints) or loaded, once per style
+                            signals.computing = True  # Ctrl-C stops training at once: the checkpoint stays
+                            try:
+                                trainer.ensure(job)
+                            finally:
+                                signals.computing = False
+                        jobs.append(job)
                         rows.append(r)
                     except Exception as e:
                         record_failure(r, e)

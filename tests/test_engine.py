@@ -97,12 +97,6 @@ class _PixelBudget(nn.Module):
         return self.net(x, layers)
 
 
-class _Tight(Engine):
-    def __init__(self, settings, budget):
-        super().__init__(settings)
-        self.net = _PixelBudget(self.net, budget)
-
-
 def _two_photos(tmp_path, size=32, batch=2, style_size=None):
     content, styles = tmp_path / "c", tmp_path / "s"
     for i in range(2):

@@ -345,13 +345,13 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     finish(led, out)
     before = led.rows()
     led.close()
-    as_schema(out, 1, "DROP TABLE workers", "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 1, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE workers", "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)  # status and report read it as it is
     assert ro.rows() == before
     ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 4
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
         assert led.rows() == before
         assert {"workers", "files", "pairs_state_style"} <= _names(led)
         led.register(worker_id(), _settings(), LEASE)
@@ -375,7 +375,7 @@ def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
     led.store_hashes({"/in/a.png": (3, 4, "h")})
     before = led.rows()
     led.close()
-    as_schema(out, 2, "DROP TABLE files", "DROP INDEX pairs_state_style", "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 2, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE files", "DROP INDEX pairs_state_style", "ALTER TABLE pairs DROP COLUMN curve")
     summary = load_summary(out)
     assert summary.counts == {"pending": 2, "running": 0, "done": 0, "failed": 1} and summary.total == 3
     assert Ledger.stored_hashes(out) == {}  # no cache yet: every file is read once, as before
@@ -402,7 +402,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
     finish(led, out)
     before = led.rows()
     led.close()
-    as_schema(out, 3, "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 3, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)
     try:
         assert ro.rows() == before and ro.get(before[0].id) == before[0]
@@ -412,7 +412,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 4
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
         assert led.rows() == before and led.curves(r.id for r in before) == {}
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
@@ -728,3 +728,32 @@ def test_a_long_retry_does_not_reread_the_ids_it_took(ledger, out):
     while (r := ledger.claim("w:1", LEASE, only=only)) is not None:
         got.append(r.id)
     assert got[-1] == first.id and len(got) == 200 - 151 + 1 and set(got) <= only
+
+
+def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_writers(out):
+    """Schema 4 is schema 5 without pairs.method and the models table (issue 13): readers count its done
+    pairs as optimised and see no models; a worker adds both, and a pair records what made it."""
+    led = Ledger(out)
+    led.sync([pair("a.png"), pair("b.png")], out, LEASE)
+    finish(led, out)
+    led.close()
+    as_schema(out, 4, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method")
+    ro = Ledger(out, readonly=True)
+    try:
+        assert ro.method_counts() == {"optimize": 2} and ro.models() == {}
+        assert ro.get_meta("schema_version") == 4
+    finally:
+        ro.close()
+    led = Ledger(out)
+    try:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
+        led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
+        r = led.claim("w:1", LEASE)
+        assert led.done(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, method="network")
+        assert led.method_counts() == {"optimize": 2, "network": 1}
+        assert led.methods()[(r.content, r.style)] == "network"
+        led.set_model("s.png", "m1", 5, 10, curve="[[5,32,1,2,3]]")
+        led.set_model("s.png", "m1", 10, 10)  # a later checkpoint keeps the curve stored before
+        assert led.models()["s.png"]["step"] == 10 and led.models()["s.png"]["curve"] == "[[5,32,1,2,3]]"
+    finally:
+        led.close()

@@ -1,0 +1,234 @@
+"""The driver's side of learned per-style networks (issue 13): which method makes each pair, the model
+and pair recipes, and the checkpoints under <ledger folder>/models/ (OUT/models/ for an unsharded run).
+
+The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
+atomically, every CHECKPOINT_S seconds of training and at its end, and records each model's recipe in
+the ledger (table models). A model's recipe covers the plain recipes of the pairs it trains on (so the
+style, the photos' hashes and every pixel setting), network_steps and network.ARCH_VERSION; a pair made by
+a network has a recipe over its model's and refine_steps. A changed objective or photo set therefore
+changes the model's recipe, and every pair it made goes back to pending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import images, network
+from .engine import Engine, Job
+from .errors import ConfigError, PairError
+from .files import MODELS, write_atomic
+from .ledger import Ledger, Row
+from .losslog import LossLog, curve_record, parse_curve
+from .manifest import Settings
+from .optimize import LogRow
+from .plan import Plan, style_settings
+
+# `auto` trains a style's network when at least this many of its photos are pending, per device type.
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"); CUDA projected from
+# the per-step figures there. An unknown device type (mps) is taken as the CPU.
+BREAK_EVEN = {"cpu": 32, "cuda": 32}
+CHECKPOINT_S = 300.0  # seconds of training between checkpoints
+TRAINING = "(training)"  # the content column of a training curve's rows in losses.csv
+
+
+@dataclass(frozen=True)
+class StyleMethod:
+    """How a style's pending pairs are made, decided once per run (`assign`)."""
+
+    style: str
+    method: str  # optimize or network
+    model_recipe: str
+    photos: tuple[Path, ...]  # what its network trains on: an even sample of the style's photos
+    model_file: str  # relative to the ledger's folder: models/<style's output folder>.pt
+    pending: int  # pairs done under neither method's recipe when the run started
+
+
+def model_recipe(settings: Settings, pair_recipes: list[str]) -> str:
+    """The recipe of a style's network: the plain recipes of the pairs it trains on (each covers the style,
+    the photo's hash and the pixel settings), network_steps and the architecture version."""
+    head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps,
+                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]}, sort_keys=True)
+    return hashlib.sha256("\0".join([head, *sorted(pair_recipes)]).encode()).hexdigest()[:16]
+
+
+def network_recipe(pair_recipe: str, model: str, refine_steps: int) -> str:
+    return hashlib.sha256(f"network\0{pair_recipe}\0{model}\0{refine_steps}".encode()).hexdigest()[:16]
+
+
+def even_sample(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def choose(method: str, pending: int, device_type: str) -> str:
+    if method != "auto":
+        return method
+    return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
+
+
+def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
+           device_type: str) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
+    """The plan with each pair's recipe for the method that makes it, each style's choice, and each pair's
+    method ((content, style) -> optimize or network). `done`:
+    the ledger's done pairs and their recipes. `method: optimize` keeps the plain recipes; `network`
+    gives every pair of the style the network recipe; `auto` keeps a done pair as it was made (either
+    way) and gives the pending ones the method its count of pending photos chooses."""
+    by_style: dict[str, list] = {}
+    for p in plan:
+        by_style.setdefault(p.style, []).append(p)
+    styles: dict[str, StyleMethod] = {}
+    recipes: dict[tuple[str, str], str] = {}
+    methods: dict[tuple[str, str], str] = {}
+    for style, pairs in by_style.items():
+        sample = even_sample(sorted(pairs, key=lambda p: p.content), network.TRAIN_PHOTOS)
+        model = model_recipe(settings, [p.recipe for p in sample])
+        net = {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs}
+        pending = sum(done.get((p.content, style)) not in (p.recipe, net[(p.content, style)]) for p in pairs)
+        method = choose(settings.method, pending, device_type)
+        colors = style_settings(settings, pairs[0].overrides).colors
+        if colors != "style" and method == "network":
+            # A network learns one set of style targets for every photo; `preserve` and `match` make
+            # targets per photo. auto optimises such a style; asked for explicitly, it is refused.
+            if settings.method == "network":
+                raise ConfigError(f"{style}: method network works with colors: style only, this style has "
+                                  f"colors: {colors} (keys 'method', 'colors')")
+            method = "optimize"
+        for p in pairs:
+            key = (p.content, style)
+            if settings.method == "auto" and done.get(key) in (p.recipe, net[key]):
+                recipes[key] = done[key]  # made already, one way or the other: kept
+            else:
+                recipes[key] = net[key] if method == "network" else p.recipe
+            methods[key] = "network" if recipes[key] == net[key] else "optimize"
+        styles[style] = StyleMethod(style, method, model, tuple(p.content_path for p in sample),
+                                    f"{MODELS}/{style}.pt", pending)
+    return Plan([dataclasses.replace(p, recipe=recipes[(p.content, p.style)]) for p in plan], plan.skipped), styles, methods
+
+
+def choice_line(sm: StyleMethod, settings: Settings, device_type: str) -> str:
+    if settings.method != "auto":
+        return f"{sm.style}: method {sm.method} (key 'method')"
+    n = BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"])
+    return (f"{sm.style}: method {sm.method} ({sm.pending} photo(s) pending; auto trains a network from "
+            f"{n} on {device_type})")
+
+
+@dataclass(frozen=True)
+class _Named:
+    content: str
+    style: str
+
+
+class Trainer:
+    """Trains (or loads) a style's network when its first network pair comes up, with checkpoints."""
+
+    def __init__(self, folder: Path, ledger: Ledger, engine: Engine, styles: dict[str, StyleMethod],
+                 methods: dict[tuple[str, str], str], loss_log: LossLog, note: Callable[[str], None],
+                 checkpoint_s: float | None = None):
+        self.folder, self.ledger, self.engine, self.styles = folder, ledger, engine, styles
+        self.loss_log, self.note = loss_log, note
+        self.checkpoint_s = CHECKPOINT_S if checkpoint_s is None else checkpoint_s
+        self.methods = methods
+        self.failed: dict[str, PairError] = {}
+
+    def method_of(self, row: Row) -> str:
+        return self.methods.get((row.content, row.style), "optimize")
+
+    def ensure(self, job: Job) -> None:
+        """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained
+        afresh. PairError('training') if it cannot be (the style's network pairs fail with it)."""
+        if self.engine.has_model(job):
+            return
+        if job.style in self.failed:
+            raise self.failed[job.style]
+        try:
+            self._ensure(job)
+        except PairError as e:
+            self.failed[job.style] = e
+            raise
+        except (FloatingPointError, ValueError, RuntimeError) as e:
+            self.failed[job.style] = PairError("training", f"training the network of {job.style} failed: {e}")
+            raise self.failed[job.style] from None
+
+    def _ensure(self, job: Job) -> None:
+        sm = self.styles[job.style]
+        s = self.engine.settings
+        path = self.folder / sm.model_file
+        state = self._load(path, sm.model_recipe)
+        if state is None or state["step"] < s.network_steps:
+            state = self._train(job, sm, path, state)
+        self.engine.load_model(job, state)
+
+    def _load(self, path: Path, recipe: str) -> dict | None:
+        stored = self.ledger.models().get(self._style_of(path))
+        if not path.is_file() or stored is None or stored["recipe"] != recipe:
+            return None  # none yet, or one of another recipe: trained afresh (and replaced)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file: trained afresh
+            return None
+        if d.get("recipe") != recipe or d.get("state", {}).get("arch") != network.ARCH_VERSION:
+            return None
+        return d["state"]
+
+    def _style_of(self, path: Path) -> str:
+        return next(st for st, sm in self.styles.items() if self.folder / sm.model_file == path)
+
+    def _train(self, job: Job, sm: StyleMethod, path: Path, state: dict | None) -> dict:
+        s = self.engine.settings
+        photos = []
+        for p in sm.photos:
+            try:
+                photos.append(images.load_rgb(p, s.max_megapixels))
+            except PairError:
+                continue  # an unreadable photo fails its own pairs; the network trains on the others
+        if not photos:
+            raise PairError("training", f"no photo of {job.style} could be decoded to train its network on")
+        start = 0 if state is None else int(state["step"])
+        stored = self.ledger.models().get(job.style) if state is not None else None
+        kept = [p for p in parse_curve(stored and stored["curve"]) if p[0] <= start]
+        rows: list[LogRow] = []
+        t0 = time.perf_counter()
+        named = _Named(TRAINING, job.style)
+        px = min(network.CROP_MAX, s.size)
+        self.note(f"{job.style}: training its network on {len(photos)} photo(s), step {start} of {s.network_steps}"
+                  f"{' (resumed from its checkpoint)' if start else ''}")
+
+        def on_loss(step: int, terms) -> None:
+            if step % s.log_every and step != s.network_steps:
+                return
+            c, st, tv = (float(t.mean()) for t in (terms.content, terms.style, terms.tv))
+            row = LogRow(step, px, c, st, tv, c + st + tv, time.perf_counter() - t0)
+            rows.append(row)
+            self.loss_log.write(named, 0, [row])
+
+        while True:
+            since = time.monotonic()
+            state = self.engine.train(job, photos, state, s.network_steps, on_loss,
+                                      lambda step: time.monotonic() - since >= self.checkpoint_s)
+            self._save(path, sm, state, kept, rows)
+            if state["step"] >= s.network_steps:
+                break
+            self.note(f"{job.style}: network checkpoint at step {state['step']} of {s.network_steps}")
+        self.note(f"{job.style}: network trained ({s.network_steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return state
+
+    def _save(self, path: Path, sm: StyleMethod, state: dict, kept: list, rows: list[LogRow]) -> None:
+        buf = io.BytesIO()
+        torch.save({"recipe": sm.model_recipe, "state": state}, buf)
+        write_atomic(path, lambda f: f.write(buf.getvalue()))
+        pts = kept + (json.loads(curve_record(rows) or "[]"))
+        self.ledger.set_model(sm.style, sm.model_recipe, int(state["step"]), self.engine.settings.network_steps,
+                              json.dumps(pts) if pts else None)
+
+

@@ -1,0 +1,170 @@
+"""Learned per-style networks (issue 13): the transformer, its training, resuming it, and the methods in a run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nst_batch import images, network
+from nst_batch.engine import Engine, to_tensor
+from nst_batch.manifest import Settings
+
+LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
+
+
+def _settings(folders, **kw) -> Settings:
+    content, styles, out = folders
+    base = dict(content=content, styles=styles, out=out, size=32, steps=4, log_every=2, scales=(1.0,),
+                device="cpu", layers=LAYERS)
+    return Settings(**{**base, **kw})
+
+
+def _setup(folders):
+    s = _settings(folders)
+    engine = Engine(s)
+    photos = [to_tensor(images.load_rgb(p), s.size) for p in sorted(s.content.iterdir())]
+    style = engine.style_targets(s.styles / "s1.png", "s1", s.size)
+    return s, engine, photos, style
+
+
+def test_resumed_training_equals_an_uninterrupted_run(folders):
+    s, engine, photos, style = _setup(folders)
+    # One square photo: every step's crop is the whole of it (flipped or not), so the losses compare.
+    square = [p for p in photos if p.shape[-2] == p.shape[-1]]
+    args = (engine.net, engine.objective, square, style)
+    seen: list[float] = []
+    whole = network.train_steps(network.new_state(0, engine.device), *args, 6,
+                                on_loss=lambda step, t: seen.append(float(t.total.mean())))
+    assert whole.step == 6 and len(seen) == 6
+    assert all(map(math.isfinite, seen))
+    # Not asserted: that the loss falls within 6 steps. It does not here (1.64 -> 2.93: Adam's first,
+    # sign-like steps over every weight overshoot); see the report of issue 13.
+    # "Killed" after 5 steps: only the checkpoint survives (saved and loaded as the runner does).
+    first = network.train_steps(network.new_state(0, engine.device), *args, 6,
+                                should_pause=lambda st: st.step == 3)
+    assert first.step == 3
+    saved = network.state_dict(first)
+    del first
+    resumed = network.train_steps(network.from_state_dict(saved, engine.device), *args, 6)
+    assert resumed.step == 6
+    for (k, a), b in zip(whole.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_the_network_keeps_any_size_and_stays_in_range():
+    net = network.TransformerNet()
+    for h, w in [(32, 32), (33, 47), (41, 30), (7, 9)]:
+        y = network.apply(net, torch.rand(2, 3, h, w))
+        assert y.shape == (2, 3, h, w) and 0 <= float(y.min()) and float(y.max()) <= 1
+    x = torch.rand(1, 3, 40, 40)
+    assert float((network.apply(net, x) - x).abs().mean()) < 0.1  # untrained: near the photo itself
+
+
+# -- the methods in a run ------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from nst_batch import runner, training  # noqa: E402
+from nst_batch.ledger import Ledger  # noqa: E402
+from nst_batch.lifecycle import Interrupted  # noqa: E402
+from nst_batch.plan import make_plan  # noqa: E402
+from nst_batch.progress import Display  # noqa: E402
+
+from conftest import make_image  # noqa: E402
+
+
+def _plan_settings(tmp_path: Path, photos: int, **kw) -> Settings:
+    for i in range(photos):
+        make_image(tmp_path / "content" / f"p{i}.png", 40, 32, i)
+    # Stripes, unlike the smooth photos: the photo itself scores far from the style, as a real painting does.
+    stripes = np.zeros((40, 40, 3), np.uint8)
+    stripes[::4] = (250, 30, 30)
+    stripes[1::4] = (20, 20, 200)
+    (tmp_path / "styles").mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stripes).save(tmp_path / "styles" / "s1.png")
+    return Settings(content=tmp_path / "content", styles=tmp_path / "styles", out=tmp_path / "out", size=32,
+                    steps=4, log_every=2, scales=(1.0,), device="cpu", layers=LAYERS, lease_s=30, **kw)
+
+
+def test_auto_chooses_by_pending_count_and_a_changed_objective_changes_the_model(tmp_path, monkeypatch):
+    s = _plan_settings(tmp_path, 3)
+    plan = make_plan(s)
+    monkeypatch.setitem(training.BREAK_EVEN, "cpu", 3)
+    net_plan, styles, methods = training.assign(plan, s, {}, "cpu")
+    assert styles["s1.png"].method == "network" and set(methods.values()) == {"network"}
+    assert all(a.recipe != b.recipe for a, b in zip(plan, net_plan))  # a network pair has a recipe of its own
+    # Two of three made already (one each way): one pending, under the break-even: optimize, and the
+    # done pairs keep the recipes they were made with.
+    done = {(plan[0].content, "s1.png"): plan[0].recipe, (plan[1].content, "s1.png"): net_plan[1].recipe}
+    again, styles2, methods2 = training.assign(plan, s, done, "cpu")
+    assert styles2["s1.png"].method == "optimize" and styles2["s1.png"].pending == 1
+    assert [p.recipe for p in again] == [plan[0].recipe, net_plan[1].recipe, plan[2].recipe]
+    assert [methods2[(p.content, p.style)] for p in plan] == ["optimize", "network", "optimize"]
+    assert training.assign(plan, s.replace(method="optimize"), {}, "cpu")[1]["s1.png"].method == "optimize"
+    # The objective, the photo set or network_steps change the model's recipe, and so its pairs'.
+    for changed in (s.replace(style_weight=5.0), s.replace(network_steps=7)):
+        other = training.assign(make_plan(changed), changed, {}, "cpu")
+        assert other[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
+        assert all(a.recipe != b.recipe for a, b in zip(net_plan, other[0]))
+    make_image(tmp_path / "content" / "p9.png", 40, 32, 9)
+    assert training.assign(make_plan(s), s, {}, "cpu")[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
+
+
+def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_path, monkeypatch):
+    s = _plan_settings(tmp_path, 2, method="network", network_steps=4, refine_steps=3)
+    monkeypatch.setattr(training, "CHECKPOINT_S", 0.0)  # a checkpoint after every step
+    starts: list[int] = []
+    real_train, real_save = network.train_steps, training.Trainer._save
+
+    def spy_train(state, *a, **kw):
+        starts.append(state.step)
+        return real_train(state, *a, **kw)
+
+    def killed_after_two(self, path, sm, state, kept, rows):
+        real_save(self, path, sm, state, kept, rows)
+        if state["step"] == 2:
+            raise Interrupted(15)  # SIGTERM mid-training: what is on disk is the step-2 checkpoint
+
+    monkeypatch.setattr(network, "train_steps", spy_train)
+    monkeypatch.setattr(training.Trainer, "_save", killed_after_two)
+    with pytest.raises(Interrupted):
+        runner.run(s, Display(Console(quiet=True)))
+    with Ledger(s.out) as led:
+        assert led.models()["s1.png"]["step"] == 2 and led.counts()["done"] == 0
+    assert (s.out / "models" / "s1.pt").is_file()
+    monkeypatch.setattr(training.Trainer, "_save", real_save)
+    killed_at = len(starts)
+    result = runner.run(s, Display(Console(quiet=True)))
+    assert result.made == 2 and result.failed == 0, result.failures
+    assert starts[killed_at:] == [2, 3]  # trained on from the step-2 checkpoint (one call a checkpoint), not afresh
+    with Ledger(s.out) as led:
+        assert led.methods() == {(f"p{i}.png", "s1.png"): "network" for i in range(2)}
+        model = led.models()["s1.png"]
+        assert model["step"] == 4 and [p[0] for p in json_curve(model["curve"])][-1] == 4
+        assert all(r.steps == 3 for r in led.rows())  # refine_steps of L-BFGS each
+    log = (s.out / "losses.csv").read_text()
+    assert f"{training.TRAINING},s1.png," in log  # the training curve, marked as such
+    # Refining lowers the loss: the same trained network with refine_steps 0 scores higher.
+    engine = Engine(s.replace(refine_steps=0))
+    job = runner.Job("p0.png", "s1.png", s.content / "p0.png", s.styles / "s1.png", method="network")
+    state = torch.load(s.out / "models" / "s1.pt", weights_only=True)["state"]
+    engine.load_model(job, state)
+    raw = engine.make([job])[0]
+    with Ledger(s.out) as led:
+        refined = next(r for r in led.rows() if r.content == "p0.png")
+    assert raw.ok and refined.total_loss < raw.final.total
+    # Nothing pending: a run again trains nothing and makes nothing.
+    starts.clear()
+    assert runner.run(s, Display(Console(quiet=True))).made == 0 and starts == []
+
+
+def json_curve(text):
+    import json
+
+    return json.loads(text)
