@@ -11,7 +11,11 @@
 # 3. 1024 px, 1 content x 2 styles: loop vs fp32, bf16 and bf16 coarse to fine.
 # 4. Print sizes: peak CUDA memory and seconds per step of one pair at 2048 and 4096 px (bf16, 3 steps,
 #    each size in a fresh process: benchmarks/bench_memory.py), to check the engine's memory model.
+# 5. Learned networks: a training step and a forward pass at 512 and 1024 px (bench_network.py --gpu-only).
+# 6. The CLI end to end with the defaults: run, resume, status.
 # Every part has its own time limit, so a slow part cannot eat the next one's budget.
+# PARTS="1024 network memory cli" runs only those parts (names: 512 compile 1024 network memory cli),
+# for a second look inside a short lease.
 # Images: $IMAGES, else ../shared/images, else the repository's bundled data/ (3 contents x 3 styles).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,8 +47,9 @@ bench() {  # bench LIMIT_S NAME ARGS...: one part, output to the terminal and to
     return 0
 }
 
+want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
 start=$SECONDS
-bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
+want 512 && bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-no-channels-last:precision=bf16;steps=300;channels_last=false;scales=[1.0];stop_window=0" \
@@ -52,25 +57,30 @@ bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0" \
     --config "bf16-c2f-150:precision=bf16;scales=[0.5,1.0];steps=150;stop_window=0" \
     --batch --profile --memory-sizes 512,1024,2048
-bench 150 gpu_512_compile --size 512 --pairs 1x2 --no-default-row \
+want compile && bench 150 gpu_512_compile --size 512 --pairs 1x2 --no-default-row \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-compile:precision=bf16;steps=300;compile=true;scales=[1.0];stop_window=0"
-bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
+want 1024 && bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
-echo "== network (limit 60s) =="  # issue 13: a training step and a forward pass at 512 and 1024 px
-timeout 60 "$py" benchmarks/bench_network.py --device cuda --gpu-only --json "$out/network.json" 2>&1 \
-    | tee "$out/network.txt"
-echo "== gpu_memory (limit 60s) =="
-timeout 60 "$py" benchmarks/bench_memory.py --device cuda --precision auto --sizes 2048,4096 --steps 3 \
-    --timeout 25 --json "$out/gpu_memory.json" 2>&1 | tee "$out/gpu_memory.txt"
-[ "${PIPESTATUS[0]}" = 124 ] && echo "== gpu_memory: stopped at its 60s limit ==" | tee -a "$out/gpu_memory.txt"
+if want network; then
+    echo "== network (limit 60s) =="  # issue 13: a training step and a forward pass at 512 and 1024 px
+    timeout 60 "$py" benchmarks/bench_network.py --device cuda --gpu-only --json "$out/network.json" 2>&1 \
+        | tee "$out/network.txt"
+fi
+if want memory; then
+    echo "== gpu_memory (limit 60s) =="
+    timeout 60 "$py" benchmarks/bench_memory.py --device cuda --precision auto --sizes 2048,4096 --steps 3 \
+        --timeout 25 --json "$out/gpu_memory.json" 2>&1 | tee "$out/gpu_memory.txt"
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "== gpu_memory: stopped at its 60s limit ==" | tee -a "$out/gpu_memory.txt"
+fi
 # 4. The CLI end to end on the GPU (device auto, so the defaults a user gets): 2 photos x 2 styles at 512 px,
-#    then a resume that must find nothing to do, then status. Whatever time is left of 580 s, at most 90 s.
+#    then a resume that must find nothing to do, then status; then method network on 2 photos x 1 style.
+#    Whatever time is left of 580 s, at most 90 s for the first run.
 left=$((580 - (SECONDS - start)))
 [ "$left" -gt 90 ] && left=90
-if [ "$left" -gt 20 ]; then
+if want cli && [ "$left" -gt 20 ]; then
     echo "== cli (limit ${left}s) =="
     tmp=$(mktemp -d)
     mkdir -p "$tmp/content" "$tmp/styles"
@@ -84,6 +94,13 @@ if [ "$left" -gt 20 ]; then
       echo "resume rc=$?"
       "$py" -m nst_batch status "$tmp/out"
       head -3 "$tmp/out/losses.csv"
+      # The learned-network path end to end: one style, its network trained briefly, then 2 photos.
+      t0=$SECONDS
+      rm "$tmp/styles/$(ls "$tmp/styles" | tail -1)"
+      timeout 60 "$py" -m nst_batch run --content "$tmp/content" --styles "$tmp/styles" --out "$tmp/out-net" \
+          --size 512 --set method=network --set network_steps=200 --quiet
+      echo "network run rc=$? in $((SECONDS - t0)) s"
+      "$py" -m nst_batch status "$tmp/out-net"
     } > "$out/cli.txt" 2>&1
     cat "$out/cli.txt"
 fi

@@ -137,7 +137,7 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
         runner.run(s, Display(Console(quiet=True)))
     with Ledger(s.out) as led:
         assert led.models()["s1.png"]["step"] == 2 and led.counts()["done"] == 0
-    assert (s.out / "models" / "s1.pt").is_file()
+    assert (s.out / "models" / "s1.png.pt").is_file()
     monkeypatch.setattr(training.Trainer, "_save", real_save)
     killed_at = len(starts)
     result = runner.run(s, Display(Console(quiet=True)))
@@ -153,7 +153,7 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     # Refining lowers the loss: the same trained network with refine_steps 0 scores higher.
     engine = Engine(s.replace(refine_steps=0))
     job = runner.Job("p0.png", "s1.png", s.content / "p0.png", s.styles / "s1.png", method="network")
-    state = torch.load(s.out / "models" / "s1.pt", weights_only=True)["state"]
+    state = torch.load(s.out / "models" / "s1.png.pt", weights_only=True)["state"]
     engine.load_model(job, state)
     raw = engine.make([job])[0]
     with Ledger(s.out) as led:
