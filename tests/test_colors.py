@@ -13,6 +13,7 @@ from PIL import Image
 from nst_batch import colors, images
 from nst_batch.engine import Engine, Job, to_tensor
 from nst_batch.manifest import Settings
+from nst_batch.plan import Member
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
@@ -147,3 +148,20 @@ def test_match_recolours_the_style_to_each_photo(outputs):
     # style cache holds Starry Night) is the one a fresh engine makes for it alone.
     (alone,) = _make("match", [_job("coffee.jpg")])
     assert torch.equal(outputs["coffee_after_chelsea"], alone)
+
+
+def test_preserve_set_per_style_on_a_blend_keeps_the_photos_colours():
+    """`colors` through per_style (a Job's overrides) on a blend: each member made to suit the photo, then blended,
+    and the photo's chroma put back; the engine's own setting (`style`) is untouched for other jobs."""
+    s = Settings(content=ROOT / "data/content", styles=ROOT / "data/styles", size=48, steps=6, log_every=2,
+                 scales=(1.0,), device="cpu", layers=LAYERS, style_weight=30.0)
+    members = tuple(Member(ROOT / "data/styles" / f, 0.5) for f in ("starry_night.jpg", "great_wave.jpg"))
+    photo_path = ROOT / "data/content/chelsea.jpg"
+    job = Job("chelsea.jpg", "dusk", photo_path, members[0].path, style_hash="dusk-blend", members=members,
+              overrides=(("colors", "preserve"),))
+    (made,) = Engine(s).make([job])
+    assert made.ok and made.final.total < made.start.total, made.error
+    photo = to_tensor(images.load_rgb(photo_path), 48)
+    off = (_chroma(made.image) - _chroma(photo)).abs()
+    assert off.mean() < 1e-3 and off.max() < 0.02
+    assert (colors.luminance(made.image) - colors.luminance(photo)).abs().mean() > 0.01  # it was stylized
