@@ -324,7 +324,7 @@ def test_a_worker_with_other_settings_is_refused_while_one_is_live(grid, tmp_pat
     assert a.returncode == 0, o + e
     rows = ledger_rows(out)
     s = Settings(content=content, styles=styles, out=out, size=32, steps=3, device="cpu", precision="fp32",
-                 lease_s=30)
+                 scales=(0.5, 1.0), lease_s=30)  # resolved as a CPU run resolves auto at 32 px
     assert {(p.content, p.style): p.recipe for p in make_plan(s)} == {k: r["recipe"] for k, r in rows.items()}
     assert n_state(rows, "done") == 3
     check_outputs(out, rows)  # every image 32 px: A's
@@ -434,7 +434,7 @@ def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
         make_image(content / f"c{i}.png", 40, 36, i)
     make_image(styles / "s.png", 40, 40, 9)
     s = Settings(content=content, styles=styles, out=out, size=32, steps=3, device="cpu",
-                 precision="fp32")  # what `run` records on a CPU for precision: auto
+                 precision="fp32", scales=(0.5, 1.0))  # what `run` records on a CPU for precision/scales: auto
     led = Ledger(out)
     try:
         led.sync(make_plan(s), out, s.lease_s)
