@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import math
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch import images, network, runner, training
+from nst_batch import images, network, report, runner, training
 from nst_batch.engine import Engine, to_tensor
 from nst_batch.ledger import Ledger
 from nst_batch.lifecycle import Interrupted
@@ -20,7 +22,7 @@ from nst_batch.plan import make_plan
 from nst_batch.progress import Display
 from rich.console import Console
 
-from conftest import make_image
+from conftest import cli, make_image
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
@@ -179,9 +181,21 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     # Nothing pending: a run again trains nothing and makes nothing.
     starts.clear()
     assert runner.run(s, Display(Console(quiet=True))).made == 0 and starts == []
+    # status and the report say which method made each pair, and the report draws the training curve.
+    status = cli("status", str(s.out), "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["method_counts"] == {"network": 2}
+    assert "done by method: network 2" in cli("status", str(s.out)).stdout
+    report.write_report(s.out)
+    summary = list(csv.DictReader(io.StringIO((s.out / "summary.csv").read_text())))
+    assert [r["method"] for r in summary] == ["network", "network"]
+    page = (s.out / "styles" / "1.html").read_text()
+    assert page.count("network · attempts ") == 2  # (the pair claimed when the kill came is on attempt 2)
+    assert "done by method: network 2" in (s.out / "report.html").read_text()
+    assert "trained 4 of 4 steps" in page
+    assert 'aria-label="training loss over steps"' in page
+    assert "4 steps" in page.split('aria-label="training loss over steps"')[1].split("</svg>")[0]
 
 
 def json_curve(text):
-    import json
-
     return json.loads(text)
