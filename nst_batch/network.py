@@ -127,9 +127,9 @@ def crop_side(photos: list[torch.Tensor]) -> int:
     return min(CROP_MAX, *(min(p.shape[-2:]) for p in photos))
 
 
-def _crops(photos: list[torch.Tensor], side: int, gen: torch.Generator) -> torch.Tensor:
+def _crops(photos: list[torch.Tensor], side: int, gen: torch.Generator, n: int = TRAIN_BATCH) -> torch.Tensor:
     out = []
-    for _ in range(TRAIN_BATCH):
+    for _ in range(n):
         p = photos[int(torch.randint(len(photos), (1,), generator=gen))]
         h, w = p.shape[-2:]
         y = int(torch.randint(h - side + 1, (1,), generator=gen))
@@ -177,6 +177,25 @@ def train_steps(state: TrainState, vgg: VGGFeatures, obj: Objective, photos: lis
             break
     state.net.eval()
     return state
+
+
+def held_crops(photos: list[torch.Tensor], n: int, seed: int) -> torch.Tensor:
+    """A fixed set of `n` crops, drawn as training draws them but from a generator of their own: what
+    `held_objective` measures a network on. One step's loss is no measure of progress: each step's crops
+    differ, and a crop's loss differs up to 6x from another's (a flip alone turns a texture's orientation,
+    which the Gram matrices see), far more than a few dozen steps change it."""
+    return _crops(photos, crop_side(photos), torch.Generator(device="cpu").manual_seed(seed), n)
+
+
+@torch.no_grad()
+def held_objective(net: TransformerNet, vgg: VGGFeatures, obj: Objective, crops: torch.Tensor,
+                   style: losses.Targets) -> float:
+    """The training objective, mean over fixed `crops` (held_crops): comparable from one step to another."""
+    device = next(net.parameters()).device
+    crops = crops.to(device)
+    c_tgt = losses.content_targets(obj, vgg(crops, frozenset(obj.content_layers)))
+    y = net(crops)
+    return float(losses.compute(obj, vgg(y, obj.layers), y, c_tgt, style).total.mean())
 
 
 @torch.no_grad()

@@ -50,12 +50,12 @@ from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUM
 from .ledger import LedgerSet, Row, open_ledgers, output_exists
 from .images import THUMB_PX, shrink
 from .losslog import CURVE_MAX_POINTS, LOSS_LOG, Point, parse_curve, read_curves, thin
-from .status import Summary, _dur, retry_commands, summarize
+from .status import Summary, _dur, method_line, retry_commands, summarize
 from .manifest import Settings
 from .names import Skipped, printable, skipped_from, skipped_line
 
 SUMMARY_COLUMNS = ("content", "style", "state", "attempts", "content_loss", "style_loss", "tv_loss", "total_loss",
-                   "seconds", "output", "error_kind", "error_message")
+                   "seconds", "output", "error_kind", "error_message", "method")
 
 
 MAX_MEGAPIXELS = Settings.max_megapixels  # the manifest's default, for a ledger that stored no settings
@@ -74,9 +74,19 @@ OPEN_SECTIONS_UP_TO = 100  # pairs: in bigger runs the per-style sections start 
 
 # -- terminal -------------------------------------------------------------------------------------
 
-def _read_ledger(out: Path) -> tuple[list[Row], dict, list[Skipped]]:
+@dataclass(frozen=True)
+class _Read:
+    rows: list[Row]
+    settings: dict
+    skipped: list[Skipped]
+    methods: dict[tuple[str, str], str]  # (content, style) -> the method that made each done pair
+    models: dict[str, dict]  # style -> its network (Ledger.models: step, steps, curve)
+
+
+def _read_ledger(out: Path) -> _Read:
     with open_ledgers(out) as ledgers:  # one ledger, or every shard's (issue 11)
-        return ledgers.rows(), ledgers.stored_settings(), skipped_from(ledgers.get_meta("skipped"))
+        return _Read(ledgers.rows(), ledgers.stored_settings(), skipped_from(ledgers.get_meta("skipped")),
+                     ledgers.methods(), ledgers.models())
 
 
 # -- files ------------------------------------------------------------------------------------------
@@ -85,7 +95,8 @@ def write_report(out: Path) -> list[Path]:
     """Write into OUT: report.html (the front page), styles/*.html (a style's pairs, PAGE_ROWS photos
     a page), summary.csv, contact_sheet.jpg (and contact_sheets/*.jpg when one sheet cannot show the
     run readably), thumbs/. Returns report.html first, then the rest."""
-    rows, settings, skipped = _read_ledger(out)
+    read = _read_ledger(out)
+    rows, settings, skipped = read.rows, read.settings, read.skipped
     limit = settings.get("max_megapixels")
     thumbs = make_thumbnails(out, rows, limit if isinstance(limit, (int, float)) else MAX_MEGAPIXELS)
     grid = _Grid.of(out, rows)
@@ -93,7 +104,7 @@ def write_report(out: Path) -> list[Path]:
     per_style = not layout_is_readable(layout, len(grid.contents), len(grid.styles))
     pages = style_pages(grid)
     written = [out / SUMMARY_CSV, out / CONTACT_SHEET]
-    write_text_atomic(written[0], summary_csv(rows))
+    write_text_atomic(written[0], summary_csv(rows, read.methods))
     cells = [(c, s) for c in grid.contents[:layout.contents] for s in grid.styles[:layout.styles]]
     shown_c, shown_s = grid.contents[:layout.contents], grid.styles[:layout.styles]
     headers = [thumbs.content.get(c) for c in shown_c] + [thumbs.style.get(s) for s in shown_s]
@@ -107,10 +118,11 @@ def write_report(out: Path) -> list[Path]:
         key = _sheet_key(out, grid, thumbs, cells, (SHEET_STYLE_CELL_PX, shape, style), [thumbs.style.get(style)])
         _sheet_unless_same(out / rel, key, lambda: _style_sheet(out, grid, style, thumbs))
         written.append(out / rel)
-    written += _write_pages(_PageJob(out, grid, thumbs, pages, sheets, rows, out / LOSS_LOG), range(len(pages)))
+    written += _write_pages(_PageJob(out, grid, thumbs, pages, sheets, rows, out / LOSS_LOG, read.methods, read.models),
+                            range(len(pages)))
     _remove_stale(out, {p.relative_to(out).as_posix() for p in written})
     front = out / REPORT_HTML
-    write_text_atomic(front, _render("front.html", **_front_context(out, grid, settings, summarize(rows, skipped),
+    write_text_atomic(front, _render("front.html", **_front_context(out, grid, settings, summarize(rows, skipped, read.methods),
                                                                      thumbs, pages, layout, sheets)))
     return [front, *written]
 
@@ -124,6 +136,8 @@ class _PageJob:
     sheets: dict[int, str]
     rows: list[Row]
     log: Path
+    methods: dict[tuple[str, str], str]
+    models: dict[str, dict]
 
 
 def _write_pages(job: _PageJob, which: Iterable[int]) -> list[Path]:
@@ -141,7 +155,8 @@ def _write_pages(job: _PageJob, which: Iterable[int]) -> list[Path]:
             path = job.out / page.path
             if _key_of(path) != key:
                 write_text_atomic(path, _render("style.html", key=key, **_style_context(
-                    job.out, job.grid, job.thumbs, page, job.pages, rows, curves.of(rows, stored), job.sheets)))
+                    job.out, job.grid, job.thumbs, page, job.pages, rows, curves.of(rows, stored), job.sheets,
+                    job.methods, job.models.get(page.style))))
             written.append(path)
         return written
     finally:
@@ -162,7 +177,7 @@ def _page_key(job: _PageJob, page: StylePage, rows: list[Row], stored: dict[int,
     g, t = job.grid, job.thumbs
     h = hashlib.sha1(_code_key())
     h.update(repr((page, len(g.styles), len(g.contents), job.out.resolve().name, job.sheets.get(page.k),
-                   t.style.get(page.style), csv_signature)).encode())
+                   t.style.get(page.style), csv_signature, job.models.get(page.style))).encode())
     for r in rows:
         h.update(repr((tuple(vars(r).values()), r.id in g.on_disk, t.output.get(r.id), t.content.get(r.content),
                        stored.get(r.id))).encode())
@@ -194,13 +209,15 @@ def _remove_stale(out: Path, written: set[str]) -> None:
                 Path(e.path).unlink(missing_ok=True)
 
 
-def shown(r: Row, column: str) -> object:
+def shown(r: Row, column: str, methods: dict[tuple[str, str], str] | None = None) -> object:
     """A ledger value as the report shows it. A pair that is not done can still hold the losses of an
     earlier, successful attempt (and a pending or running one its seconds): those are not its result."""
     if column in ("steps", "content_loss", "style_loss", "tv_loss", "total_loss") and r.state != "done":
         return None
     if column == "seconds" and r.state not in ("done", "failed"):
         return None
+    if column == "method":  # of a done pair only: what made its image (a ledger before schema 5: optimize)
+        return (methods or {}).get((r.content, r.style), "optimize") if r.state == "done" else None
     return getattr(r, column)
 
 
@@ -217,12 +234,12 @@ def csv_cell(v: object) -> object:
     return v
 
 
-def summary_csv(rows: list[Row]) -> str:
+def summary_csv(rows: list[Row], methods: dict[tuple[str, str], str] | None = None) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SUMMARY_COLUMNS)
     for r in rows:
-        w.writerow([csv_cell(shown(r, c)) for c in SUMMARY_COLUMNS])
+        w.writerow([csv_cell(shown(r, c, methods)) for c in SUMMARY_COLUMNS])
     return buf.getvalue()
 
 
@@ -685,7 +702,7 @@ def _front_context(out: Path, grid: _Grid, settings: dict, s: Summary, thumbs: T
         "skipped": [{"key": k.key, "path": printable(k.path), "why": k.why} for k in s.skipped[:FRONT_LIST_MAX]],
         "skipped_open": len(s.skipped) <= OPEN_SECTIONS_UP_TO, "list_max": FRONT_LIST_MAX,
         "settings": [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in settings.items()],
-        "series": _SERIES,
+        "series": _SERIES, "methods": method_line(s.method_counts),
     }
 
 
@@ -708,7 +725,8 @@ def _anchor(pair_id: int) -> str:
 
 
 def _style_context(out: Path, grid: _Grid, thumbs: Thumbs, page: StylePage, pages: list[StylePage],
-                   rows: list[Row], points: dict[int, list], sheets: dict[int, str]) -> dict:
+                   rows: list[Row], points: dict[int, list], sheets: dict[int, str],
+                   methods: dict[tuple[str, str], str], model: dict | None) -> dict:
     cards = []
     for r in rows:
         msg = r.error_message or ""
@@ -722,7 +740,8 @@ def _style_context(out: Path, grid: _Grid, thumbs: Thumbs, page: StylePage, page
             # Thumbnail names are ours (hex digits): nothing to percent-encode.
             "thumb": "../" + thumb if on_disk and thumb else None, "src": "../" + src if src else None,
             "note": r.note,
-            "meta": f"attempts {r.attempts} · steps {_num(shown(r, 'steps'), '{}') or '-'} · "
+            "meta": (f"{shown(r, 'method', methods)} · " if r.state == "done" else "")
+                    + f"attempts {r.attempts} · steps {_num(shown(r, 'steps'), '{}') or '-'} · "
                     f"{_num(shown(r, 'seconds'), '{:.1f}') or '-'} s",
             "losses": " · ".join(f"{name} {v}" for name, col in _LOSSES if (v := _num(shown(r, col)))),
             "chart": _chart(points.get(r.id, [])),
@@ -740,4 +759,8 @@ def _style_context(out: Path, grid: _Grid, thumbs: Thumbs, page: StylePage, page
         "sheet": _href(sheets[page.k], 1) if page.k in sheets else None,
         "counts": _counts(all_rows), "states": _STATE_ORDER, "first": first + 1, "last": first + len(page.contents),
         "n_contents": len(grid.contents), "cards": cards, "series": _SERIES,
+        # The style's network (method network): how far it trained, and its training curve (each point
+        # the mean of the steps since the one before: training.WindowMean), drawn like a pair's.
+        "model": None if model is None else {
+            "step": model["step"], "steps": model["steps"], "chart": _chart(parse_curve(model["curve"]))},
     }

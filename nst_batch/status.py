@@ -36,6 +36,7 @@ class Summary:
     slowest: list[dict] = field(default_factory=list)  # top done pairs by seconds
     highest_loss: list[dict] = field(default_factory=list)  # top done pairs by final total loss
     skipped: list[Skipped] = field(default_factory=list)  # input-folder entries the plan left out
+    method_counts: dict[str, int] = field(default_factory=dict)  # done pairs per method (optimize, network)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,14 +48,21 @@ def _top(rows: Iterable[Row], key: str) -> list[dict]:
     return [{"content": r.content, "style": r.style, key: getattr(r, key)} for r in ranked[:TOP_N]]
 
 
-def summarize(rows: list[Row], skipped: list[Skipped] | None = None) -> Summary:
+def summarize(rows: list[Row], skipped: list[Skipped] | None = None,
+              methods: dict[tuple[str, str], str] | None = None) -> Summary:
+    """`methods`: Ledger.methods(), the method of each done pair (none given: every done pair optimize)."""
     counts = dict.fromkeys(STATES, 0)
     for r in rows:
         counts[r.state] += 1
     done = [r for r in rows if r.state == "done" and r.seconds is not None]
     span = (min(r.started_at for r in done), max(r.finished_at for r in done)) if done else (None, None)
+    by_method: dict[str, int] = {}
+    for r in rows:
+        if r.state == "done":
+            m = (methods or {}).get((r.content, r.style), "optimize")
+            by_method[m] = by_method.get(m, 0) + 1
     return _summary(counts, [r.seconds for r in done], *span, [r for r in rows if r.state == "failed"],
-                    _top(rows, "seconds"), _top(rows, "total_loss"), skipped or [])
+                    _top(rows, "seconds"), _top(rows, "total_loss"), skipped or [], by_method)
 
 
 def summarize_ledger(ledger: Ledger | LedgerSet) -> Summary:
@@ -64,12 +72,12 @@ def summarize_ledger(ledger: Ledger | LedgerSet) -> Summary:
     return _summary(ledger.counts(), secs, first, last, ledger.failed_rows(),
                     _top(ledger.top_done("seconds", TOP_N), "seconds"),
                     _top(ledger.top_done("total_loss", TOP_N), "total_loss"),
-                    skipped_from(ledger.get_meta("skipped")))
+                    skipped_from(ledger.get_meta("skipped")), ledger.method_counts())
 
 
 def _summary(counts: dict[str, int], done_seconds: list[float], first_start: float | None,
              last_finish: float | None, failed: list[Row], slowest: list[dict], highest: list[dict],
-             skipped: list[Skipped]) -> Summary:
+             skipped: list[Skipped], method_counts: dict[str, int]) -> Summary:
     """done_seconds: of each done pair, in id order; first_start, last_finish: over those pairs."""
     secs = sum(done_seconds)
     n = len(done_seconds)
@@ -82,7 +90,12 @@ def _summary(counts: dict[str, int], done_seconds: list[float], first_start: flo
     failures = [{"content": r.content, "style": r.style, "kind": r.error_kind, "message": r.error_message,
                  "attempts": r.attempts} for r in failed]
     return Summary(counts, sum(counts.values()), secs, secs / n if n else None, rate, eta, failures,
-                   slowest, highest, list(skipped))
+                   slowest, highest, list(skipped), dict(sorted(method_counts.items())))
+
+
+def method_line(method_counts: dict[str, int]) -> str:
+    """'done by method: network 120, optimize 8' (the report's front page says the same)."""
+    return "done by method: " + ", ".join(f"{m} {n}" for m, n in sorted(method_counts.items(), key=lambda kv: -kv[1]))
 
 
 def retry_commands(out: Path, failures: list[dict]) -> list[str]:
@@ -110,6 +123,8 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
     mean = f"{summary.seconds_mean:.1f} s/pair" if summary.seconds_mean else "-"
     console.print(f"{rate}, {mean} on average, {_dur(summary.seconds_total)} of compute in total, "
                   f"ETA {_dur(summary.eta_s)}")
+    if summary.method_counts:
+        console.print(method_line(summary.method_counts), markup=False, highlight=False)
     if summary.failures:
         t = Table(title="Failed pairs", show_lines=False)
         for col in ("style", "content", "kind", "reason"):

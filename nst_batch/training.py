@@ -123,6 +123,25 @@ def choice_line(sm: StyleMethod, settings: Settings, device_type: str) -> str:
             f"{n} on {device_type})")
 
 
+class WindowMean:
+    """A training curve's row every `every` steps (and at step `last`): the mean (content, style, tv) of
+    the steps since the row before, not the last step's alone. Each step's loss is on crops of its own,
+    and crops differ up to 6x in loss (network.held_crops): single steps draw noise, not the trend."""
+
+    def __init__(self, every: int, last: int):
+        self.every, self.last = every, last
+        self.sums, self.n = [0.0, 0.0, 0.0], 0
+
+    def add(self, step: int, content: float, style: float, tv: float) -> tuple[float, float, float] | None:
+        self.sums = [a + b for a, b in zip(self.sums, (content, style, tv))]
+        self.n += 1
+        if step % self.every and step != self.last:
+            return None
+        mean = tuple(v / self.n for v in self.sums)
+        self.sums, self.n = [0.0, 0.0, 0.0], 0
+        return mean  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class _Named:
     content: str
@@ -204,13 +223,14 @@ class Trainer:
         self.note(f"{job.style}: training its network on {len(photos)} photo(s), step {start} of {s.network_steps}"
                   f"{' (resumed from its checkpoint)' if start else ''}")
 
+        window = WindowMean(s.log_every, s.network_steps)
+
         def on_loss(step: int, terms) -> None:
-            if step % s.log_every and step != s.network_steps:
-                return
-            c, st, tv = (float(t.mean()) for t in (terms.content, terms.style, terms.tv))
-            row = LogRow(step, px, c, st, tv, c + st + tv, time.perf_counter() - t0)
-            rows.append(row)
-            self.loss_log.write(named, 0, [row])
+            mean = window.add(step, *(float(t.mean()) for t in (terms.content, terms.style, terms.tv)))
+            if mean is not None:
+                row = LogRow(step, px, *mean, sum(mean), time.perf_counter() - t0)
+                rows.append(row)
+                self.loss_log.write(named, 0, [row])
 
         while True:
             since = time.monotonic()
