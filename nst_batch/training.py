@@ -33,9 +33,11 @@ from .optimize import LogRow
 from .plan import Plan, style_settings
 
 # `auto` trains a style's network when at least this many of its photos are pending, per device type.
-# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"); CUDA projected from
-# the per-step figures there. An unknown device type (mps) is taken as the CPU.
-BREAK_EVEN = {"cpu": 32, "cuda": 32}
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"): training 600 steps
+# took 213 s, a photo then 7.1 s (forward pass + 50 refine steps, 1.08x optimize's loss) against 20.2 s
+# optimised: 213 / (20.2 - 7.1) = 16. CUDA: the same, on the assumption (not measured) that a training
+# step and an optimisation step speed up alike there. An unknown device type (mps) is taken as the CPU.
+BREAK_EVEN = {"cpu": 16, "cuda": 16}
 CHECKPOINT_S = 300.0  # seconds of training between checkpoints
 TRAINING = "(training)"  # the content column of a training curve's rows in losses.csv
 
