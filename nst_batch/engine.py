@@ -430,7 +430,7 @@ class Engine:
                     on_log(job, row)
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
-            res = stylize(self.net, setup.objective, content, style_for, self.refine_config(setup), logged,
+            res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
                           init=network.apply(self.model(style_hash), content))
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
@@ -454,6 +454,12 @@ class Engine:
 
     def refine_config(self, setup: Setup) -> OptimConfig:
         return dataclasses.replace(setup.optim, steps=self.settings.refine_steps, scales=(1.0,))
+
+    def optim_for(self, job: Job) -> OptimConfig:
+        """The optimiser `job` runs: its style's (per_style may set `steps`), or for a network's output
+        refine_steps at full size. What the memory check and the progress line count, as `_batch` runs."""
+        setup = self.setup(job.overrides)
+        return self.refine_config(setup) if job.method == "network" else setup.optim
 
     def train(self, job: Job, photos: list[Image.Image], state: dict | None, until: int,
               on_loss: Callable[[int, losses.LossTerms], None] | None = None,
@@ -495,7 +501,8 @@ class Engine:
         an image marked done must be the size its recipe says."""
         w, h = images.fit_long_side(*ims[0].size, size)
         free = self.free_memory(self.device)
-        predicted = memory.need(h, w, len(jobs), self.optim.optimizer, self.optim.steps)
+        cfg = self.optim_for(jobs[0])  # the batch's own steps (one style, one method): L-BFGS's history grows with them
+        predicted = memory.need(h, w, len(jobs), cfg.optimizer, cfg.steps)
         if free is None or predicted.bytes <= free:
             try:
                 return self._batch(jobs, ims, size, on_log)
@@ -514,8 +521,7 @@ class Engine:
             on_note(f"a batch of {len(jobs)} {'ran out of memory' if below < size else 'would not fit in memory'}; "
                     "making them one at a time")
             return [m for job, im in zip(jobs, ims) for m in self._make_with_oom_retry([job], [im], on_log, on_note, size)]
-        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, self.optim.optimizer,
-                                                                 self.optim.steps, below)
+        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, cfg.optimizer, cfg.steps, below)
         advice = f"{fits} px would fit" if fits else "no smaller size would fit"
         raise PairError("oom", f"{why}; {advice}; lower 'size'")
 

@@ -374,7 +374,8 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     if j is jobs[0]:
                         display.step(lr.step, lr.total)
 
-                steps_per_pair = engine.setup(jobs[0].overrides).optim.steps * len(s.scales)  # its style's steps
+                cfg = engine.optim_for(jobs[0])  # its style's steps, or a network's refine_steps
+                steps_per_pair = cfg.steps * len(cfg.scales)
                 display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
                 signals.computing = True
                 try:
