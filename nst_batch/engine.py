@@ -169,6 +169,10 @@ class Job:
     members: tuple[Member, ...] = ()
     overrides: Overrides = ()
     method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
+    # method network: the recipe of the model to use (training.model_recipe). Models are kept by it, not by
+    # the style's file: two styles of one image (per_style sets them apart) or one style in two shards'
+    # ledgers (each trains its own) have models of their own. None: keyed by the style hash (a benchmark).
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +378,7 @@ class Engine:
             metas[i] = images.photo_meta(im)
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
             key = (str(job.style_path), job.style_hash, job.members, job.overrides,
-                   images.fit_long_side(*im.size, self.settings.size), job.method)
+                   images.fit_long_side(*im.size, self.settings.size), job.method, job.model)
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
         for group in groups.values():
@@ -431,7 +435,7 @@ class Engine:
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
             res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
-                          init=network.apply(self.model(style_hash), content))
+                          init=network.apply(self.model(self._model_key(job)), content))
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
             # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
@@ -480,17 +484,21 @@ class Engine:
                             on_loss, (lambda t: should_pause(t.step)) if should_pause else None)
         return network.state_dict(st)
 
+    def _model_key(self, job: Job) -> str:
+        return job.model if job.model is not None else self._hash_of(job)
+
     def load_model(self, job: Job, state: dict) -> None:
-        """Use this trained state for `job`'s style (Job.method network)."""
-        self._models[self._hash_of(job)] = network.from_state_dict(state, self.device).net.eval()
+        """Use this trained state for `job`'s model (Job.model; Job.method network)."""
+        self._models[self._model_key(job)] = network.from_state_dict(state, self.device).net.eval()
 
     def has_model(self, job: Job) -> bool:
-        return self._hash_of(job) in self._models
+        return self._model_key(job) in self._models
 
-    def model(self, style_hash: str) -> network.TransformerNet:
-        if style_hash not in self._models:
+    def model(self, key: str) -> network.TransformerNet:
+        """A loaded network by its key: the model's recipe (Job.model), else the style hash."""
+        if key not in self._models:
             raise PairError("internal", "no trained network for this style was loaded")
-        return self._models[style_hash]
+        return self._models[key]
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
                              on_note: Callable[[str], None], size: int) -> list[Made]:

@@ -26,7 +26,7 @@ from . import images, network
 from .engine import Engine, Job
 from .errors import ConfigError, PairError
 from .files import MODELS, write_atomic
-from .ledger import Ledger, Row
+from .ledger import Ledger
 from .losslog import LossLog, curve_record, parse_curve
 from .manifest import Settings
 from .optimize import LogRow
@@ -160,8 +160,12 @@ class Trainer:
         self.methods = methods
         self.failed: dict[str, PairError] = {}
 
-    def method_of(self, row: Row) -> str:
-        return self.methods.get((row.content, row.style), "optimize")
+    def job(self, job: Job) -> Job:
+        """`job` with the method its row was claimed for and, for a network, its model's recipe (what the
+        pair's recipe covers, and what the engine keeps the model by)."""
+        method = self.methods.get((job.content, job.style), "optimize")
+        model = self.styles[job.style].model_recipe if method == "network" else None
+        return dataclasses.replace(job, method=method, model=model)
 
     def ensure(self, job: Job) -> None:
         """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained
