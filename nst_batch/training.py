@@ -76,13 +76,15 @@ def choose(method: str, pending: int, device_type: str) -> str:
     return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
 
 
-def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
-           device_type: str) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
+def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], device_type: str,
+           networks: bool = True) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
     """The plan with each pair's recipe for the method that makes it, each style's choice, and each pair's
     method ((content, style) -> optimize or network). `done`:
     the ledger's done pairs and their recipes. `method: optimize` keeps the plain recipes; `network`
     gives every pair of the style the network recipe; `auto` keeps a done pair as it was made (either
-    way) and gives the pending ones the method its count of pending photos chooses."""
+    way) and gives the pending ones the method its count of pending photos chooses. networks=False: a
+    driver that trains none (the Ray driver): `auto` optimises every pending pair, still keeping a done
+    pair a network made."""
     by_style: dict[str, list] = {}
     for p in plan:
         by_style.setdefault(p.style, []).append(p)
@@ -94,7 +96,7 @@ def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
         model = model_recipe(settings, [p.recipe for p in sample])
         net = {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs}
         pending = sum(done.get((p.content, style)) not in (p.recipe, net[(p.content, style)]) for p in pairs)
-        method = choose(settings.method, pending, device_type)
+        method = choose(settings.method, pending, device_type) if networks else "optimize"
         colors = style_settings(settings, pairs[0].overrides).colors
         if colors != "style" and method == "network":
             # A network learns one set of style targets for every photo; `preserve` and `match` make
