@@ -7,6 +7,8 @@ import io
 import json
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch import images, network, report, runner, training
+from nst_batch import images, lifecycle, network, report, runner, training
 from nst_batch.engine import Engine, to_tensor
 from nst_batch.ledger import Ledger
 from nst_batch.lifecycle import Interrupted
@@ -237,6 +239,22 @@ def test_each_shard_of_one_process_uses_its_own_network(tmp_path, monkeypatch):
     runner.run(s, Display(Console(quiet=True)), shards=shards)
     assert sorted(trained) == [("0-of-2", "s1.png"), ("1-of-2", "s1.png")]
     assert all((sh.folder(s.out) / "models" / "s1.png.pt").is_file() for sh in shards)
+
+
+def test_a_checkpoint_temporary_of_a_killed_trainer_is_removed(tmp_path):
+    """A run killed while writing a checkpoint leaves `.STYLE.pt.PID-TOKEN.tmp` (weights and Adam state, tens
+    of MB) in models/, OUT's or a shard's: removed as an output's would be; a user's file there stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale = [out / "models" / f".s1.png.pt.{dead.pid}-0a1b2c3d.tmp",
+             out / "shards" / "0-of-2" / "models" / f".s1.png.pt.{dead.pid}-0a1b2c3d.tmp"]
+    users = [out / "models" / f".notes.txt.{dead.pid}.tmp", out / "mine" / f".s1.png.pt.{dead.pid}.tmp"]
+    for p in stale + users:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a checkpoint")
+    assert lifecycle.remove_stale_temporaries(out, []) == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in users)
 
 
 def json_curve(text):
