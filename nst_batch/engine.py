@@ -196,7 +196,7 @@ class Made:
     final: LogRow | None = None  # the losses of the image as made
     start: LogRow | None = None  # the losses of doing nothing (the no_progress check compares with it)
     steps: int = 0
-    note: str | None = None  # a remark the ledger and report keep beside a done pair (none is made today)
+    note: str | None = None  # a remark the ledger and report keep beside a done pair (an unusable ICC profile)
     error: PairError | None = None
     meta: images.PhotoMeta | None = None  # what the output keeps of its photo (date, camera, GPS)
 
@@ -398,9 +398,12 @@ class Engine:
 
     def _noted(self, m: Made, photo: images.PhotoMeta | None) -> str | None:
         """The Made's note, plus what colour management could not do (an unusable ICC profile): the photo
-        or style is still used, as sRGB, and the pair says so."""
-        style = self._style_meta.get(self._hash_of(m.job))
-        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in (("photo", photo), ("style", style))
+        or style (each member of a blend, whose own hash keys no image) is still used, as sRGB, and the pair
+        says so."""
+        job = m.job
+        styles = ([(f"style {x.path.name}", self._style_meta.get(self._file_hash(x.path, x.hash))) for x in job.members]
+                  or [("style", self._style_meta.get(self._hash_of(job)))])
+        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in [("photo", photo), *styles]
                             if meta is not None and meta.note]
         return "; ".join(n for n in notes if n) or None
 
