@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import training
 from .engine import Engine, Job, encode
 from .errors import ConfigError, NstError, PairError, WeightsError
 from .files import thumb_path
@@ -165,6 +166,10 @@ def run_ray(settings: Settings, display: Display, options: RayOptions, only_fail
             worker = worker_id()
             with Ledger(settings.out) as ledger:
                 try:
+                    # `auto` optimises here, but a pair a network made in a local run stays done: its recipe
+                    # is the network's, and the plain plan would send it back to be made again.
+                    plan = training.assign(plan, resolved, ledger.done_recipes(), device.partition(":")[0],
+                                           networks=False)[0]
                     work = prepare(ledger, settings, resolved, plan, hashes, worker, display, only_failed_kinds,
                                    retry, f"{len(slots)} Ray worker(s) ({device})")
                     if work is None:

@@ -169,6 +169,10 @@ class Job:
     members: tuple[Member, ...] = ()
     overrides: Overrides = ()
     method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
+    # method network: the recipe of the model to use (training.model_recipe). Models are kept by it, not by
+    # the style's file: two styles of one image (per_style sets them apart) or one style in two shards'
+    # ledgers (each trains its own) have models of their own. None: keyed by the style hash (a benchmark).
+    model: str | None = None
 
 
 @dataclass(frozen=True)
@@ -192,7 +196,7 @@ class Made:
     final: LogRow | None = None  # the losses of the image as made
     start: LogRow | None = None  # the losses of doing nothing (the no_progress check compares with it)
     steps: int = 0
-    note: str | None = None  # a remark the ledger and report keep beside a done pair (none is made today)
+    note: str | None = None  # a remark the ledger and report keep beside a done pair (an unusable ICC profile)
     error: PairError | None = None
     meta: images.PhotoMeta | None = None  # what the output keeps of its photo (date, camera, GPS)
 
@@ -374,7 +378,7 @@ class Engine:
             metas[i] = images.photo_meta(im)
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
             key = (str(job.style_path), job.style_hash, job.members, job.overrides,
-                   images.fit_long_side(*im.size, self.settings.size), job.method)
+                   images.fit_long_side(*im.size, self.settings.size), job.method, job.model)
             groups.setdefault(key, []).append((i, im))
         batch = self.settings.batch
         for group in groups.values():
@@ -394,9 +398,12 @@ class Engine:
 
     def _noted(self, m: Made, photo: images.PhotoMeta | None) -> str | None:
         """The Made's note, plus what colour management could not do (an unusable ICC profile): the photo
-        or style is still used, as sRGB, and the pair says so."""
-        style = self._style_meta.get(self._hash_of(m.job))
-        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in (("photo", photo), ("style", style))
+        or style (each member of a blend, whose own hash keys no image) is still used, as sRGB, and the pair
+        says so."""
+        job = m.job
+        styles = ([(f"style {x.path.name}", self._style_meta.get(self._file_hash(x.path, x.hash))) for x in job.members]
+                  or [("style", self._style_meta.get(self._hash_of(job)))])
+        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in [("photo", photo), *styles]
                             if meta is not None and meta.note]
         return "; ".join(n for n in notes if n) or None
 
@@ -430,8 +437,8 @@ class Engine:
                     on_log(job, row)
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
-            res = stylize(self.net, setup.objective, content, style_for, self.refine_config(setup), logged,
-                          init=network.apply(self.model(style_hash), content))
+            res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
+                          init=network.apply(self.model(self._model_key(job)), content))
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
             # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
@@ -455,6 +462,12 @@ class Engine:
     def refine_config(self, setup: Setup) -> OptimConfig:
         return dataclasses.replace(setup.optim, steps=self.settings.refine_steps, scales=(1.0,))
 
+    def optim_for(self, job: Job) -> OptimConfig:
+        """The optimiser `job` runs: its style's (per_style may set `steps`), or for a network's output
+        refine_steps at full size. What the memory check and the progress line count, as `_batch` runs."""
+        setup = self.setup(job.overrides)
+        return self.refine_config(setup) if job.method == "network" else setup.optim
+
     def train(self, job: Job, photos: list[Image.Image], state: dict | None, until: int,
               on_loss: Callable[[int, losses.LossTerms], None] | None = None,
               should_pause: Callable[[int], bool] | None = None) -> dict:
@@ -474,17 +487,21 @@ class Engine:
                             on_loss, (lambda t: should_pause(t.step)) if should_pause else None)
         return network.state_dict(st)
 
+    def _model_key(self, job: Job) -> str:
+        return job.model if job.model is not None else self._hash_of(job)
+
     def load_model(self, job: Job, state: dict) -> None:
-        """Use this trained state for `job`'s style (Job.method network)."""
-        self._models[self._hash_of(job)] = network.from_state_dict(state, self.device).net.eval()
+        """Use this trained state for `job`'s model (Job.model; Job.method network)."""
+        self._models[self._model_key(job)] = network.from_state_dict(state, self.device).net.eval()
 
     def has_model(self, job: Job) -> bool:
-        return self._hash_of(job) in self._models
+        return self._model_key(job) in self._models
 
-    def model(self, style_hash: str) -> network.TransformerNet:
-        if style_hash not in self._models:
+    def model(self, key: str) -> network.TransformerNet:
+        """A loaded network by its key: the model's recipe (Job.model), else the style hash."""
+        if key not in self._models:
             raise PairError("internal", "no trained network for this style was loaded")
-        return self._models[style_hash]
+        return self._models[key]
 
     def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
                              on_note: Callable[[str], None], size: int) -> list[Made]:
@@ -495,7 +512,8 @@ class Engine:
         an image marked done must be the size its recipe says."""
         w, h = images.fit_long_side(*ims[0].size, size)
         free = self.free_memory(self.device)
-        predicted = memory.need(h, w, len(jobs), self.optim.optimizer, self.optim.steps)
+        cfg = self.optim_for(jobs[0])  # the batch's own steps (one style, one method): L-BFGS's history grows with them
+        predicted = memory.need(h, w, len(jobs), cfg.optimizer, cfg.steps)
         if free is None or predicted.bytes <= free:
             try:
                 return self._batch(jobs, ims, size, on_log)
@@ -514,8 +532,7 @@ class Engine:
             on_note(f"a batch of {len(jobs)} {'ran out of memory' if below < size else 'would not fit in memory'}; "
                     "making them one at a time")
             return [m for job, im in zip(jobs, ims) for m in self._make_with_oom_retry([job], [im], on_log, on_note, size)]
-        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, self.optim.optimizer,
-                                                                 self.optim.steps, below)
+        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, cfg.optimizer, cfg.steps, below)
         advice = f"{fits} px would fit" if fits else "no smaller size would fit"
         raise PairError("oom", f"{why}; {advice}; lower 'size'")
 

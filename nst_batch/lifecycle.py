@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import EXIT_SIGINT, EXIT_SIGTERM
-from .files import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path
+from .files import CONTACT_SHEET, MODELS, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path
 from .ledger import Ledger
 from .losslog import LOSS_LOG
 
@@ -105,8 +105,9 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
     folder shared between machines (where a PID means nothing), they are older than any write takes.
 
     Only our own: the temporaries files.write_atomic makes for a file nst-batch writes (an output of
-    `outputs`, the report's files and pages, a thumbnail or contact sheet) and the one older loss logs
-    were made through. A user's `.notes.123.tmp` in OUT is none of these and stays.
+    `outputs`, the report's files and pages, a thumbnail or contact sheet, a network's checkpoint in a
+    models/ folder: OUT's or a shard's) and the one older loss logs were made through. A user's
+    `.notes.123.tmp` in OUT is none of these and stays.
 
     shared=True (a shard's run: other hosts write OUT too): the report's files and thumbnails,
     which any host may be writing, are judged by age alone; `outputs` are this worker's own to judge."""
@@ -120,7 +121,8 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
         rel = tmp.parent.relative_to(out) / target
         folder = rel.parent.as_posix()
         if not (rel.as_posix() in ours or (folder in (THUMBS, SHEETS) and target.endswith(".jpg"))
-                or (folder == STYLES and target.endswith(".html"))):
+                or (folder == STYLES and target.endswith(".html"))
+                or (rel.parent.name == MODELS and target.endswith(".pt"))):  # tens of MB each: weights + Adam
             continue
         try:
             old = now - tmp.stat().st_mtime > min_age_s

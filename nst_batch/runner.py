@@ -11,7 +11,6 @@ too, and `cluster`'s Ray driver calls the same functions.
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -350,8 +349,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                 rows, jobs = [], []
                 for r in claimed:  # photos decoded here (on the I/O thread when prefetched); a bad one fails now
                     try:
-                        job = dataclasses.replace(job_for(r, pairs, io.content(r.content_path)),
-                                                  method=trainer.method_of(r))
+                        job = trainer.job(job_for(r, pairs, io.content(r.content_path)))
                         if job.method == "network":  # trained (with checkpoints) or loaded, once per style
                             signals.computing = True  # Ctrl-C stops training at once: the checkpoint stays
                             try:
@@ -374,7 +372,8 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     if j is jobs[0]:
                         display.step(lr.step, lr.total)
 
-                steps_per_pair = engine.setup(jobs[0].overrides).optim.steps * len(s.scales)  # its style's steps
+                cfg = engine.optim_for(jobs[0])  # its style's steps, or a network's refine_steps
+                steps_per_pair = cfg.steps * len(cfg.scales)
                 display.pair_start(" + ".join(f"{r.style} × {r.content}" for r in rows), steps_per_pair)
                 signals.computing = True
                 try:

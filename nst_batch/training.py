@@ -26,7 +26,7 @@ from . import images, network
 from .engine import Engine, Job
 from .errors import ConfigError, PairError
 from .files import MODELS, write_atomic
-from .ledger import Ledger, Row
+from .ledger import Ledger
 from .losslog import LossLog, curve_record, parse_curve
 from .manifest import Settings
 from .optimize import LogRow
@@ -78,13 +78,15 @@ def choose(method: str, pending: int, device_type: str) -> str:
     return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
 
 
-def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
-           device_type: str) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
+def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], device_type: str,
+           networks: bool = True) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
     """The plan with each pair's recipe for the method that makes it, each style's choice, and each pair's
     method ((content, style) -> optimize or network). `done`:
     the ledger's done pairs and their recipes. `method: optimize` keeps the plain recipes; `network`
     gives every pair of the style the network recipe; `auto` keeps a done pair as it was made (either
-    way) and gives the pending ones the method its count of pending photos chooses."""
+    way) and gives the pending ones the method its count of pending photos chooses. networks=False: a
+    driver that trains none (the Ray driver): `auto` optimises every pending pair, still keeping a done
+    pair a network made."""
     by_style: dict[str, list] = {}
     for p in plan:
         by_style.setdefault(p.style, []).append(p)
@@ -96,7 +98,7 @@ def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
         model = model_recipe(settings, [p.recipe for p in sample])
         net = {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs}
         pending = sum(done.get((p.content, style)) not in (p.recipe, net[(p.content, style)]) for p in pairs)
-        method = choose(settings.method, pending, device_type)
+        method = choose(settings.method, pending, device_type) if networks else "optimize"
         colors = style_settings(settings, pairs[0].overrides).colors
         if colors != "style" and method == "network":
             # A network learns one set of style targets for every photo; `preserve` and `match` make
@@ -162,8 +164,12 @@ class Trainer:
         self.methods = methods
         self.failed: dict[str, PairError] = {}
 
-    def method_of(self, row: Row) -> str:
-        return self.methods.get((row.content, row.style), "optimize")
+    def job(self, job: Job) -> Job:
+        """`job` with the method its row was claimed for and, for a network, its model's recipe (what the
+        pair's recipe covers, and what the engine keeps the model by)."""
+        method = self.methods.get((job.content, job.style), "optimize")
+        model = self.styles[job.style].model_recipe if method == "network" else None
+        return dataclasses.replace(job, method=method, model=model)
 
     def ensure(self, job: Job) -> None:
         """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained

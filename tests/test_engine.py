@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from pathlib import Path
@@ -150,6 +151,22 @@ def test_a_pair_predicted_not_to_fit_fails_as_oom_before_it_starts(tmp_path):
     # Made at the size that message names, it runs.
     (ok,) = Engine(s.replace(size=fits), free_memory=lambda device: free).make(jobs[:1])
     assert ok.ok and max(ok.image.shape[-2:]) == 32
+
+
+def test_the_memory_check_counts_the_styles_own_steps(tmp_path):
+    """per_style may raise `steps`, and L-BFGS keeps a pair of image-sized vectors per step (up to 100): the
+    check counts the style's steps, not the run's (it did, and let a pair start that it says cannot fit)."""
+    s, jobs = _two_photos(tmp_path, size=48, batch=1)  # the run's steps: 4
+    free = memory.need(32, 48, 1, "lbfgs", s.steps).bytes  # room for the run's steps at 48x32, exactly
+    assert memory.need(32, 48, 1, "lbfgs", 100).bytes > free
+    engine = Engine(s, free_memory=lambda device: free)
+    calls: list[bool] = []
+    engine.net = CountingNet(engine.net, calls)
+    (m,) = engine.make([dataclasses.replace(jobs[0], overrides=(("steps", 100),))])
+    assert m.error is not None and m.error.kind == "oom" and calls == []  # refused before any work
+    assert memory.largest_fitting(48, 32, free, 1, "lbfgs", 100, 48) == int(str(m.error).split("; ")[1].split()[0])
+    (ok,) = engine.make(jobs[:1])  # the run's own steps fit
+    assert ok.ok and calls
 
 
 def test_a_batch_predicted_not_to_fit_is_made_one_at_a_time(tmp_path):

@@ -6,6 +6,9 @@ import csv
 import io
 import json
 import math
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,13 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch import images, network, report, runner, training
+from nst_batch import images, lifecycle, network, report, runner, training
 from nst_batch.engine import Engine, to_tensor
 from nst_batch.ledger import Ledger
 from nst_batch.lifecycle import Interrupted
 from nst_batch.manifest import Settings
 from nst_batch.plan import make_plan
 from nst_batch.progress import Display
+from nst_batch.shards import Shard
 from rich.console import Console
 
 from conftest import cli, make_image
@@ -195,6 +199,62 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     assert "trained 4 of 4 steps" in page
     assert 'aria-label="training loss over steps"' in page
     assert "4 steps" in page.split('aria-label="training loss over steps"')[1].split("</svg>")[0]
+
+
+def _trainings(monkeypatch) -> list[tuple[str, str]]:
+    """(ledger folder's name, style) of every network the runner trains."""
+    trained: list[tuple[str, str]] = []
+    real = training.Trainer._train
+
+    def spy(self, job, sm, path, state):
+        trained.append((self.folder.name, job.style))
+        return real(self, job, sm, path, state)
+
+    monkeypatch.setattr(training.Trainer, "_train", spy)
+    return trained
+
+
+def test_two_styles_of_one_image_each_train_and_use_their_own_network(tmp_path, monkeypatch):
+    """One painting under two names, per_style setting one apart (a stronger copy): the same style hash,
+    two objectives, two models. The engine kept models by style hash, so the second style's pairs were made
+    by the first's network and recorded done under a recipe naming a model never trained."""
+    s = _plan_settings(tmp_path, 2, method="network", network_steps=2, refine_steps=3)
+    shutil.copy(s.styles / "s1.png", s.styles / "s2.png")
+    s = s.replace(per_style=(("s2.png", (("style_weight", 30.0),)),))
+    trained = _trainings(monkeypatch)
+    runner.run(s, Display(Console(quiet=True)))
+    assert sorted(trained) == [("out", "s1.png"), ("out", "s2.png")]
+    with Ledger(s.out) as led:
+        models = led.models()
+        assert models["s1.png"]["recipe"] != models["s2.png"]["recipe"]
+
+
+def test_each_shard_of_one_process_uses_its_own_network(tmp_path, monkeypatch):
+    """A plain `retry` of a sharded folder runs every shard's ledger in one process, with one engine. Each
+    shard trains its network on its own photos (its own model recipe); the second shard used the first's."""
+    s = _plan_settings(tmp_path, 4, method="network", network_steps=2, refine_steps=3)
+    shards = (Shard(2, 0), Shard(2, 1))
+    assert all(any(sh.owns(f"p{i}.png", "s1.png") for i in range(4)) for sh in shards)  # both have pairs
+    trained = _trainings(monkeypatch)
+    runner.run(s, Display(Console(quiet=True)), shards=shards)
+    assert sorted(trained) == [("0-of-2", "s1.png"), ("1-of-2", "s1.png")]
+    assert all((sh.folder(s.out) / "models" / "s1.png.pt").is_file() for sh in shards)
+
+
+def test_a_checkpoint_temporary_of_a_killed_trainer_is_removed(tmp_path):
+    """A run killed while writing a checkpoint leaves `.STYLE.pt.PID-TOKEN.tmp` (weights and Adam state, tens
+    of MB) in models/, OUT's or a shard's: removed as an output's would be; a user's file there stays."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    stale = [out / "models" / f".s1.png.pt.{dead.pid}-0a1b2c3d.tmp",
+             out / "shards" / "0-of-2" / "models" / f".s1.png.pt.{dead.pid}-0a1b2c3d.tmp"]
+    users = [out / "models" / f".notes.txt.{dead.pid}.tmp", out / "mine" / f".s1.png.pt.{dead.pid}.tmp"]
+    for p in stale + users:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a checkpoint")
+    assert lifecycle.remove_stale_temporaries(out, []) == 2
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in users)
 
 
 def json_curve(text):

@@ -215,6 +215,46 @@ def test_a_hung_actor_is_killed_and_a_pair_lost_three_times_fails_as_worker_lost
     assert not temporaries(out)
 
 
+def test_auto_on_ray_keeps_the_pairs_a_local_run_made_with_a_network(tmp_path, ray_address):
+    """The Ray driver trains no network (auto optimises there), but a pair a local run's network made is
+    done under the network's recipe: the Ray run's plain plan sent it back to pending and made it again."""
+    from rich.console import Console
+
+    from nst_batch import runner
+    from nst_batch.manifest import Settings
+    from nst_batch.progress import Display
+
+    content, styles, out = tmp_path / "c", tmp_path / "s", tmp_path / "out"
+    for i in range(2):
+        make_image(content / f"p{i}.png", 48, 32, 20 + i)
+    stripes = np.zeros((48, 48, 3), np.uint8)  # far from the photos, as a painting is
+    stripes[::4] = (250, 30, 30)
+    stripes[1::4] = (20, 20, 200)
+    styles.mkdir()
+    Image.fromarray(stripes).save(styles / "s.png")
+    # What FAST and --steps set (the driver runs in the repository, beside its pipeline.yaml), so the Ray run's
+    # recipes are these.
+    s = Settings(content=content, styles=styles, out=out, size=48, scales=(1.0,), stop_window=0, device="cpu",
+                 steps=40, method="network", network_steps=2, refine_steps=4)
+    assert runner.run(s, Display(Console(quiet=True))).made == 2
+
+    def rows():
+        db = sqlite3.connect(out / "ledger.sqlite")
+        try:
+            return db.execute("SELECT content, state, recipe, method, finished_at FROM pairs ORDER BY id").fetchall()
+        finally:
+            db.close()
+
+    before = rows()
+    assert [r[1:2] + r[3:4] for r in before] == [("done", "network")] * 2
+    # The same run, on Ray, with method auto (the default): network_steps and refine_steps as they were (they
+    # are the network pairs' recipe).
+    r = cli(*driver((content, styles, out), ray_address, "--ray-workers", "1", "--steps", "40", "--set",
+                    "network_steps=2", "--set", "refine_steps=4"), timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert rows() == before
+
+
 def test_a_second_driver_on_the_same_output_folder_is_refused(folders, tmp_path):
     pytest.importorskip("ray")
     out = folders[2]

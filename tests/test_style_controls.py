@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 
 from nst_batch import runner
@@ -150,6 +152,18 @@ def test_each_job_is_made_with_its_own_styles_settings(folder, engine_of):
     alone = engine_of(s.replace(style_weight=30.0, style_size=0.5, steps=2)).make([plain])[0]
     assert torch.equal(m_strong.image, alone.image) and not torch.equal(m_strong.image, m_plain.image)
     assert m_strong.final.style != m_plain.final.style
+
+
+def test_a_blend_members_unusable_profile_is_noted_on_the_pair(folder, engine_of):
+    """As a style's own unusable ICC profile is: the member is used as sRGB, and the pair says so (the note
+    was looked up by the blend's hash, which keys no image, so a member's was never seen)."""
+    s = _settings(folder)
+    broken = folder / "broken.png"  # outside the styles folder: the other tests' plans stay as they are
+    Image.fromarray(np.asarray(Image.open(s.styles / "a.png"))).save(broken, icc_profile=b"not a profile at all")
+    members = (Member(s.styles / "b.png", 0.5), Member(broken, 0.5))
+    (m,) = engine_of(s).make([Job("p.png", "mix", s.content / "p.png", members[0].path, style_hash="blend:noted",
+                                  members=members)])
+    assert m.ok and m.note is not None and "style broken.png: its ICC profile is unreadable" in m.note, m.note
 
 
 # -- end to end ----------------------------------------------------------------------------------------
