@@ -179,7 +179,9 @@ def _interrupt(args, out: Path, cwd: Path, sig: int, at_once: bool = False) -> t
 
 def test_sigint_then_sigterm_put_the_pair_back_and_a_third_run_finishes(grid, tmp_path):
     content, styles, out = grid(2, 1)
-    args = run_args(content, styles, out, "--steps", "20", "--set", "lease_s=4")  # a heartbeat a second
+    # A heartbeat a second; no early stop, so the first pair lasts seconds past its first beat (it once
+    # ended, under load, between the beat the test waits for and the signal).
+    args = run_args(content, styles, out, "--steps", "30", "--set", "lease_s=4", "--set", "stop_window=0")
 
     p, key, err = _interrupt(args, out, tmp_path, signal.SIGINT)
     assert p.returncode == 130, err
