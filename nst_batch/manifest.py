@@ -205,7 +205,7 @@ def _check(key: str, v: Any, source: str, name: str | None = None) -> Any:
         if v not in (8, 16) or isinstance(v, bool):
             raise _fail(n, f"must be 8 or 16, got {v!r}", source)
         return v
-    if key == "keep_gps":
+    if key in ("keep_gps", "compile"):
         if not isinstance(v, bool):
             raise _fail(n, f"must be true or false, got {v!r}", source)
         return v
@@ -232,10 +232,6 @@ def _check(key: str, v: Any, source: str, name: str | None = None) -> Any:
         return _float(n, v, source, lo=0)
     if key == "precision":
         return _choice(n, v, source, ("auto", "fp32", "bf16"))
-    if key == "compile":
-        if not isinstance(v, bool):
-            raise _fail(n, f"must be true or false, got {v!r}", source)
-        return v
     if key == "lease_s":
         return _float(n, v, source, lo=1)
     if key == "max_megapixels":
