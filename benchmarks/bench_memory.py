@@ -11,7 +11,7 @@ never hides in another's. Peak memory is the pair's own: CPU, the RSS high-water
 through /proc/self/clear_refs after the model is loaded) less the RSS before the pair; CUDA,
 torch.cuda.max_memory_allocated less what was allocated before. Seconds per step are between the first
 and the last logged step (the style targets and the start/final evaluations are left out). The
-prediction column is nst_batch.memory.need for the same shape and steps: the model fitted to these rows.
+prediction column is nst_batch.core.memory.need for the same shape and steps: the model fitted to these rows.
 The load average is printed before and after: other processes on the machine slow the steps.
 """
 
@@ -38,9 +38,10 @@ def _proc_status(key: str) -> int:
 def child(a: argparse.Namespace) -> dict:
     import torch
 
-    from nst_batch import images, memory
-    from nst_batch.engine import Engine, Job
-    from nst_batch.manifest import Settings
+    from nst_batch.files import images
+    from nst_batch.core import memory
+    from nst_batch.core.engine import Engine, Job
+    from nst_batch.config.manifest import Settings
 
     torch.manual_seed(0)
     photo, style = Path(a.photo), Path(a.style)

@@ -33,10 +33,12 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nst_batch import images, losses, network, training  # noqa: E402
-from nst_batch.engine import Engine, Job, to_pil, to_tensor  # noqa: E402
-from nst_batch.manifest import Settings  # noqa: E402
-from nst_batch.pyramid import stylize  # noqa: E402
+from nst_batch.files import images  # noqa: E402
+from nst_batch.core import losses, network
+from nst_batch.run import training
+from nst_batch.core.engine import Engine, Job, to_pil, to_tensor  # noqa: E402
+from nst_batch.config.manifest import Settings  # noqa: E402
+from nst_batch.core.pyramid import stylize  # noqa: E402
 
 
 def make_photos(folder: Path, n: int, size: int) -> list[Path]:

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from nst_batch import images, losses
-from nst_batch.manifest import Settings
-from nst_batch.plan import file_hash
-from nst_batch.engine import Engine, Job, to_tensor
+from nst_batch.files import images
+from nst_batch.core import losses
+from nst_batch.config.manifest import Settings
+from nst_batch.files.hashing import file_hash
+from nst_batch.core.engine import Engine, Job, to_tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 

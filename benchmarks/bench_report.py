@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nst_batch import report
-from nst_batch.plan import Pair
-from nst_batch.ledger import Ledger
-from nst_batch.losslog import LOSS_COLUMNS, LOSS_LOG
+from nst_batch.report import pages as report
+from nst_batch.batch.plan import Pair
+from nst_batch.batch.ledger import Ledger
+from nst_batch.files.losslog import LOSS_COLUMNS, LOSS_LOG
 
 
 def _image(path: Path, w: int, h: int, rng: np.random.Generator, fmt: str) -> None:

@@ -49,7 +49,7 @@ PHASES = ("cold", "warm", "claims", "status", "resume", "report", "report_old")
 
 
 def _settings(root: Path):
-    from nst_batch.manifest import Settings
+    from nst_batch.config.manifest import Settings
 
     return Settings(content=root / "content", styles=root / "styles", out=root / "out", size=64, steps=150,
                     device="cpu")
@@ -68,8 +68,8 @@ def setup(root: Path, photos: int, styles: int) -> None:
 
 def _plan_and_sync(root: Path) -> dict:
     """What runner.run does before its first claim, without the model."""
-    from nst_batch.ledger import Ledger
-    from nst_batch import plan as planning
+    from nst_batch.batch.ledger import Ledger
+    from nst_batch.batch import plan as planning
 
     s = _settings(root)
     read = []
@@ -101,7 +101,7 @@ def _percentiles(name: str, times: list[float]) -> dict:
 
 
 def phase_claims(root: Path, n: int) -> dict:
-    from nst_batch.ledger import Ledger, worker_id
+    from nst_batch.batch.ledger import Ledger, worker_id
 
     out = _settings(root).out
     ledger = Ledger(out)
@@ -143,7 +143,7 @@ def phase_claims(root: Path, n: int) -> dict:
 
 
 def phase_resume(root: Path) -> dict:
-    from nst_batch.ledger import Ledger
+    from nst_batch.batch.ledger import Ledger
 
     out = _settings(root).out
     t0 = time.perf_counter()
@@ -174,7 +174,7 @@ def _link_outputs(out: Path, outputs: list[str], rng) -> None:
 
 
 def phase_status(root: Path) -> dict:
-    from nst_batch import status
+    from nst_batch.report import status
 
     out = _settings(root).out
     t0 = time.perf_counter()
@@ -191,10 +191,11 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
     (losses.csv being far over its limit) draws no curve. Returns what the runner's part cost a pair."""
     from types import SimpleNamespace
 
-    from nst_batch import images, losslog, report
-    from nst_batch.files import thumb_path, write_atomic
-    from nst_batch.ledger import Ledger
-    from nst_batch.losslog import LOSS_COLUMNS, LOSS_LOG
+    from nst_batch.files import images, losslog
+    from nst_batch.report import pages as report
+    from nst_batch.files.layout import thumb_path, write_atomic
+    from nst_batch.batch.ledger import Ledger
+    from nst_batch.files.losslog import LOSS_COLUMNS, LOSS_LOG
 
     rng = np.random.default_rng(1)
     for folder in (report.THUMBS, report.STYLES, report.SHEETS):
@@ -245,7 +246,7 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
 
 
 def phase_report(root: Path, runner_side: bool = True) -> dict:
-    from nst_batch import report
+    from nst_batch.report import pages as report
 
     out = _settings(root).out
     t0 = time.perf_counter()

@@ -56,12 +56,14 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tutorial_loop, next to this file
 
-from nst_batch import images, losses, manifest  # noqa: E402
-from nst_batch.engine import Engine, pick_device, resolve, to_tensor  # noqa: E402
-from nst_batch.optimize import LogRow, OptimConfig, Result  # noqa: E402
-from nst_batch.pyramid import scale_shapes, stylize  # noqa: E402
-from nst_batch.objective import PRESETS  # noqa: E402
-from nst_batch.vgg import VGGFeatures, flops_per_step, load_vgg19  # noqa: E402
+from nst_batch.files import images  # noqa: E402
+from nst_batch.core import losses
+from nst_batch.config import manifest
+from nst_batch.core.engine import Engine, pick_device, resolve, to_tensor  # noqa: E402
+from nst_batch.core.optimize import LogRow, OptimConfig, Result  # noqa: E402
+from nst_batch.core.pyramid import scale_shapes, stylize  # noqa: E402
+from nst_batch.config.objective import PRESETS  # noqa: E402
+from nst_batch.core.vgg import VGGFeatures, flops_per_step, load_vgg19  # noqa: E402
 from tutorial_loop import Normalization, caffe_vgg19_features, run_style_transfer  # noqa: E402
 
 DEFAULT_IMAGES = ROOT.parent / "shared" / "images"

@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nst_batch import images, manifest  # noqa: E402
-from nst_batch.engine import Engine, Job, to_pil  # noqa: E402
+from nst_batch.files import images  # noqa: E402
+from nst_batch.config import manifest
+from nst_batch.core.engine import Engine, Job, to_pil  # noqa: E402
 
 CAPTIONS = {"style": "colors: style", "preserve": "colors: preserve", "match": "colors: match"}
 

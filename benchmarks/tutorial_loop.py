@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nst_batch.vgg import VGGFeatures, _caffe_convs, build_layers
+from nst_batch.core.vgg import VGGFeatures, _caffe_convs, build_layers
 
 CONTENT_LAYERS = ["conv_4"]
 STYLE_LAYERS = ["conv_1", "conv_2", "conv_3", "conv_4", "conv_5"]

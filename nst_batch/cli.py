@@ -15,9 +15,9 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from . import manifest
+from .config import manifest
 from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
-from .names import printable
+from .files.names import printable
 
 app = typer.Typer(
     help="Batch neural style transfer: every photo in every style, resumable overnight.",
@@ -47,7 +47,7 @@ def _settings(manifest_path: Optional[Path], overrides: dict[str, Any], sets: li
 
 
 def _finish(result, out: Path, quiet: bool, shard=None) -> None:
-    from .status import load_summary, print_status
+    from .report.status import load_summary, print_status
 
     summary = load_summary(out, shard)  # a shard's exit code is its own pairs'
     if shard is None or _all_settled(out, shard.count):
@@ -65,8 +65,8 @@ def _finish(result, out: Path, quiet: bool, shard=None) -> None:
 
 def _all_settled(out: Path, count: int) -> bool:
     """Every shard of `count` has a ledger (has started) and nothing is left to make in any of them."""
-    from .shards import found
-    from .status import load_summary
+    from .batch.shards import found
+    from .report.status import load_summary
 
     if len(found(out)) < count:
         return False
@@ -75,7 +75,7 @@ def _all_settled(out: Path, count: int) -> bool:
 
 
 def _write_report(out: Path, quiet: bool) -> None:
-    from . import report
+    from .report import pages as report
 
     try:
         paths = report.write_report(out)
@@ -88,14 +88,14 @@ def _write_report(out: Path, quiet: bool) -> None:
 
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False,
          shards: tuple = (None,), ray=None):
-    from .progress import make_display
-    from .lifecycle import Interrupted
-    from .runner import run
+    from .run.progress import make_display
+    from .run.lifecycle import Interrupted
+    from .run.runner import run
 
     display = make_display(console, quiet)
     try:
         if ray is not None:
-            from .cluster import run_ray
+            from .run.cluster import run_ray
 
             result = run_ray(settings, display, ray, only_failed_kinds=retry_kinds, retry=retry)
         else:
@@ -142,7 +142,7 @@ def run(
                                            help="A pair still computing after this long: its actor is killed."),
 ) -> None:
     """Stylize every content image in every style. Run it again to resume."""
-    from . import shards
+    from .batch import shards
 
     try:
         s = _settings(manifest_path, dict(content=content, styles=styles, out=out, size=size, steps=steps,
@@ -155,14 +155,14 @@ def run(
         if picked is not None:
             raise _fail(manifest.ConfigError("--ray and --shard do not go together: a Ray cluster spreads the "
                                              "whole plan itself; a shard is for SLURM or Kubernetes jobs"))
-        from .cluster import RayOptions
+        from .run.cluster import RayOptions
 
         opts = RayOptions(ray, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_pair_timeout)
     _run(s, quiet, shards=(picked,), ray=opts)
 
 
 def _stored_settings(out: Path) -> manifest.Settings:
-    from .ledger import open_ledgers
+    from .batch.ledger import open_ledgers
 
     with open_ledgers(out) as ledgers:
         stored = ledgers.stored_settings()
@@ -200,8 +200,8 @@ def _retry_shards(out: Path, shard: Optional[str]) -> tuple:
     """The ledgers a retry works through: (None,) unsharded; the one --shard names; or every shard
     with failed pairs, refused while any shard has a live worker (a shard's ledger has one writer
     host, and the array may still be running on others)."""
-    from . import shards
-    from .ledger import open_ledgers
+    from .batch import shards
+    from .batch.ledger import open_ledgers
 
     if shard is not None:
         return (shards.parse(shard),)
@@ -223,7 +223,7 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Counts per state, throughput, ETA and failures. Safe while a run is going."""
-    from .status import load_summary, print_status
+    from .report.status import load_summary, print_status
 
     try:
         summary = load_summary(out)
@@ -240,7 +240,7 @@ def report(
     out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
 ) -> None:
     """Write report.html, summary.csv and contact_sheet.jpg into OUT and print a summary."""
-    from .status import load_summary, print_report
+    from .report.status import load_summary, print_report
 
     try:
         summary = load_summary(out)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch.manifest import Settings
+from nst_batch.config.manifest import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_IMAGES = ROOT.parent / "shared" / "images"
@@ -73,7 +73,7 @@ def cli(*args: str, cwd: Path | None = None, timeout: float = 240, **kw) -> subp
 def optim_config(**kw):
     """A test's optimiser settings: these values unless given (OptimConfig has no defaults of its own;
     these are the ones it used to have)."""
-    from nst_batch.optimize import OptimConfig
+    from nst_batch.core.optimize import OptimConfig
 
     base = dict(steps=300, optimizer="lbfgs", lr=0.02, scales=(1.0,), init="content", seed=0, log_every=10,
                 stop_window=0, stop_tolerance=1e-3, autocast_dtype=None, channels_last=False)

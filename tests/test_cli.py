@@ -99,7 +99,7 @@ def test_status_prints_bracketed_names_verbatim():
 
     from rich.console import Console
 
-    from nst_batch.status import Summary, print_status
+    from nst_batch.report.status import Summary, print_status
 
     failures = [{"content": BRACKETED, "style": "[draft].png", "kind": "unreadable",
                  "message": f"{BRACKETED}: not an image", "attempts": 1}]
@@ -115,7 +115,7 @@ def test_live_display_prints_bracketed_names_verbatim():
 
     from rich.console import Console
 
-    from nst_batch.progress import LiveDisplay
+    from nst_batch.run.progress import LiveDisplay
 
     buf = io.StringIO()
     d = LiveDisplay(Console(file=buf, force_terminal=True, width=300))

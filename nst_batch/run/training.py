@@ -1,0 +1,268 @@
+"""The driver's side of learned per-style networks (issue 13): which method makes each pair, the model
+and pair recipes, and the checkpoints under <ledger folder>/models/ (OUT/models/ for an unsharded run).
+
+The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
+atomically, every CHECKPOINT_S seconds of training and at its end, and records each model's recipe in
+the ledger (table models). A model's recipe covers the plain recipes of the pairs it trains on (so the
+style, the photos' hashes and every pixel setting), network_steps and network.ARCH_VERSION; a pair made by
+a network has a recipe over its model's and refine_steps. A changed objective or photo set therefore
+changes the model's recipe, and every pair it made goes back to pending.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..files import images
+from ..core import network
+from ..core.engine import Engine, Job
+from ..errors import ConfigError, PairError
+from ..files.layout import MODELS, write_atomic
+from ..batch.ledger import Ledger
+from ..files.losslog import LossLog, curve_record, parse_curve
+from ..config.manifest import Settings
+from ..core.optimize import LogRow
+from ..batch.plan import Plan, style_settings
+
+# `auto` trains a style's network when at least this many of its photos are pending, per device type.
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"): training 600 steps
+# took 213 s, a photo then 7.1 s (forward pass + 50 refine steps, 1.08x optimize's loss) against 20.2 s
+# optimised: 213 / (20.2 - 7.1) = 16. CUDA: the same, on the assumption (not measured) that a training
+# step and an optimisation step speed up alike there. An unknown device type (mps) is taken as the CPU.
+BREAK_EVEN = {"cpu": 16, "cuda": 16}
+CHECKPOINT_S = 300.0  # seconds of training between checkpoints
+TRAINING = "(training)"  # the content column of a training curve's rows in losses.csv
+
+
+@dataclass(frozen=True)
+class StyleMethod:
+    """How a style's pending pairs are made, decided once per run (`assign`)."""
+
+    style: str
+    method: str  # optimize or network
+    model_recipe: str
+    photos: tuple[Path, ...]  # what its network trains on: an even sample of the style's photos
+    model_file: str  # relative to the ledger's folder: models/<style's output folder>.pt
+    pending: int  # pairs done under neither method's recipe when the run started
+
+
+def model_recipe(settings: Settings, pair_recipes: list[str]) -> str:
+    """The recipe of a style's network: the plain recipes of the pairs it trains on (each covers the style,
+    the photo's hash and the pixel settings), network_steps and the architecture version."""
+    head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps,
+                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]}, sort_keys=True)
+    return hashlib.sha256("\0".join([head, *sorted(pair_recipes)]).encode()).hexdigest()[:16]
+
+
+def network_recipe(pair_recipe: str, model: str, refine_steps: int) -> str:
+    return hashlib.sha256(f"network\0{pair_recipe}\0{model}\0{refine_steps}".encode()).hexdigest()[:16]
+
+
+def even_sample(items: list, n: int) -> list:
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
+def choose(method: str, pending: int, device_type: str) -> str:
+    if method != "auto":
+        return method
+    return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
+
+
+def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], device_type: str,
+           networks: bool = True) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
+    """The plan with each pair's recipe for the method that makes it, each style's choice, and each pair's
+    method ((content, style) -> optimize or network). `done`:
+    the ledger's done pairs and their recipes. `method: optimize` keeps the plain recipes; `network`
+    gives every pair of the style the network recipe; `auto` keeps a done pair as it was made (either
+    way) and gives the pending ones the method its count of pending photos chooses. networks=False: a
+    driver that trains none (the Ray driver): `auto` optimises every pending pair, still keeping a done
+    pair a network made."""
+    by_style: dict[str, list] = {}
+    for p in plan:
+        by_style.setdefault(p.style, []).append(p)
+    styles: dict[str, StyleMethod] = {}
+    recipes: dict[tuple[str, str], str] = {}
+    methods: dict[tuple[str, str], str] = {}
+    for style, pairs in by_style.items():
+        sample = even_sample(sorted(pairs, key=lambda p: p.content), network.TRAIN_PHOTOS)
+        model = model_recipe(settings, [p.recipe for p in sample])
+        # `method: optimize` never makes or keeps a network pair: no network recipes to compute (a sha256
+        # a pair: 200,000 of them on every start of a collection run).
+        net = ({} if settings.method == "optimize" else
+               {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs})
+        pending = sum(done.get((p.content, style)) not in (p.recipe, net.get((p.content, style))) for p in pairs)
+        method = choose(settings.method, pending, device_type) if networks else "optimize"
+        colors = style_settings(settings, pairs[0].overrides).colors
+        if colors != "style" and method == "network":
+            # A network learns one set of style targets for every photo; `preserve` and `match` make
+            # targets per photo. auto optimises such a style; asked for explicitly, it is refused.
+            if settings.method == "network":
+                raise ConfigError(f"{style}: method network works with colors: style only, this style has "
+                                  f"colors: {colors} (keys 'method', 'colors')")
+            method = "optimize"
+        for p in pairs:
+            key = (p.content, style)
+            if settings.method == "auto" and done.get(key) in (p.recipe, net[key]):
+                recipes[key] = done[key]  # made already, one way or the other: kept
+            else:
+                recipes[key] = net[key] if method == "network" else p.recipe
+            methods[key] = "network" if recipes[key] == net.get(key) else "optimize"
+        styles[style] = StyleMethod(style, method, model, tuple(p.content_path for p in sample),
+                                    f"{MODELS}/{style}.pt", pending)
+    # A new Pair only where the recipe changes: rebuilding all 200,000 frozen dataclasses took 3.5 s a start.
+    made = [p if (r := recipes[(p.content, p.style)]) == p.recipe else dataclasses.replace(p, recipe=r) for p in plan]
+    return Plan(made, plan.skipped), styles, methods
+
+
+def choice_line(sm: StyleMethod, settings: Settings, device_type: str) -> str:
+    if settings.method != "auto":
+        return f"{sm.style}: method {sm.method} (key 'method')"
+    n = BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"])
+    return (f"{sm.style}: method {sm.method} ({sm.pending} photo(s) pending; auto trains a network from "
+            f"{n} on {device_type})")
+
+
+class WindowMean:
+    """A training curve's row every `every` steps (and at step `last`): the mean (content, style, tv) of
+    the steps since the row before, not the last step's alone. Each step's loss is on crops of its own,
+    and crops differ up to 6x in loss (network.held_crops): single steps draw noise, not the trend."""
+
+    def __init__(self, every: int, last: int):
+        self.every, self.last = every, last
+        self.sums, self.n = [0.0, 0.0, 0.0], 0
+
+    def add(self, step: int, content: float, style: float, tv: float) -> tuple[float, float, float] | None:
+        self.sums = [a + b for a, b in zip(self.sums, (content, style, tv))]
+        self.n += 1
+        if step % self.every and step != self.last:
+            return None
+        mean = tuple(v / self.n for v in self.sums)
+        self.sums, self.n = [0.0, 0.0, 0.0], 0
+        return mean  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class _Named:
+    content: str
+    style: str
+
+
+class Trainer:
+    """Trains (or loads) a style's network when its first network pair comes up, with checkpoints."""
+
+    def __init__(self, folder: Path, ledger: Ledger, engine: Engine, styles: dict[str, StyleMethod],
+                 methods: dict[tuple[str, str], str], loss_log: LossLog, note: Callable[[str], None],
+                 checkpoint_s: float | None = None):
+        self.folder, self.ledger, self.engine, self.styles = folder, ledger, engine, styles
+        self.loss_log, self.note = loss_log, note
+        self.checkpoint_s = CHECKPOINT_S if checkpoint_s is None else checkpoint_s
+        self.methods = methods
+        self.failed: dict[str, PairError] = {}
+
+    def job(self, job: Job) -> Job:
+        """`job` with the method its row was claimed for and, for a network, its model's recipe (what the
+        pair's recipe covers, and what the engine keeps the model by)."""
+        method = self.methods.get((job.content, job.style), "optimize")
+        model = self.styles[job.style].model_recipe if method == "network" else None
+        return dataclasses.replace(job, method=method, model=model)
+
+    def ensure(self, job: Job) -> None:
+        """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained
+        afresh. PairError('training') if it cannot be (the style's network pairs fail with it)."""
+        if self.engine.has_model(job):
+            return
+        if job.style in self.failed:
+            raise self.failed[job.style]
+        try:
+            self._ensure(job)
+        except PairError as e:
+            self.failed[job.style] = e
+            raise
+        except (FloatingPointError, ValueError, RuntimeError) as e:
+            self.failed[job.style] = PairError("training", f"training the network of {job.style} failed: {e}")
+            raise self.failed[job.style] from None
+
+    def _ensure(self, job: Job) -> None:
+        sm = self.styles[job.style]
+        s = self.engine.settings
+        path = self.folder / sm.model_file
+        state = self._load(path, sm.model_recipe)
+        if state is None or state["step"] < s.network_steps:
+            state = self._train(job, sm, path, state)
+        self.engine.load_model(job, state)
+
+    def _load(self, path: Path, recipe: str) -> dict | None:
+        stored = self.ledger.models().get(self._style_of(path))
+        if not path.is_file() or stored is None or stored["recipe"] != recipe:
+            return None  # none yet, or one of another recipe: trained afresh (and replaced)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file: trained afresh
+            return None
+        if d.get("recipe") != recipe or d.get("state", {}).get("arch") != network.ARCH_VERSION:
+            return None
+        return d["state"]
+
+    def _style_of(self, path: Path) -> str:
+        return next(st for st, sm in self.styles.items() if self.folder / sm.model_file == path)
+
+    def _train(self, job: Job, sm: StyleMethod, path: Path, state: dict | None) -> dict:
+        s = self.engine.settings
+        photos = []
+        for p in sm.photos:
+            try:
+                photos.append(images.load_rgb(p, s.max_megapixels))
+            except PairError:
+                continue  # an unreadable photo fails its own pairs; the network trains on the others
+        if not photos:
+            raise PairError("training", f"no photo of {job.style} could be decoded to train its network on")
+        start = 0 if state is None else int(state["step"])
+        stored = self.ledger.models().get(job.style) if state is not None else None
+        kept = [p for p in parse_curve(stored and stored["curve"]) if p[0] <= start]
+        rows: list[LogRow] = []
+        t0 = time.perf_counter()
+        named = _Named(TRAINING, job.style)
+        px = min(network.CROP_MAX, s.size)
+        self.note(f"{job.style}: training its network on {len(photos)} photo(s), step {start} of {s.network_steps}"
+                  f"{' (resumed from its checkpoint)' if start else ''}")
+
+        window = WindowMean(s.log_every, s.network_steps)
+
+        def on_loss(step: int, terms) -> None:
+            mean = window.add(step, *(float(t.mean()) for t in (terms.content, terms.style, terms.tv)))
+            if mean is not None:
+                row = LogRow(step, px, *mean, sum(mean), time.perf_counter() - t0)
+                rows.append(row)
+                self.loss_log.write(named, 0, [row])
+
+        while True:
+            since = time.monotonic()
+            state = self.engine.train(job, photos, state, s.network_steps, on_loss,
+                                      lambda step: time.monotonic() - since >= self.checkpoint_s)
+            self._save(path, sm, state, kept, rows)
+            if state["step"] >= s.network_steps:
+                break
+            self.note(f"{job.style}: network checkpoint at step {state['step']} of {s.network_steps}")
+        self.note(f"{job.style}: network trained ({s.network_steps} steps, {time.perf_counter() - t0:.0f} s)")
+        return state
+
+    def _save(self, path: Path, sm: StyleMethod, state: dict, kept: list, rows: list[LogRow]) -> None:
+        buf = io.BytesIO()
+        torch.save({"recipe": sm.model_recipe, "state": state}, buf)
+        write_atomic(path, lambda f: f.write(buf.getvalue()))
+        pts = kept + (json.loads(curve_record(rows) or "[]"))
+        self.ledger.set_model(sm.style, sm.model_recipe, int(state["step"]), self.engine.settings.network_steps,
+                              json.dumps(pts) if pts else None)
+
+
