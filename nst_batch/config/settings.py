@@ -42,7 +42,7 @@ class Setting:
     shown: str | None = None  # the default as docs say it, where the value alone says little
 
 
-def key(default: Any, check: Checker, help: str, *, in_recipe: bool, unless: Unless | None = None,
+def key(default: Any, check: Checker, *, help: str, in_recipe: bool, unless: Unless | None = None,
         per_style: bool = False, cli: str | None = None, shown: str | None = None) -> Any:
     """A Settings field declaring one manifest key."""
     facts = dict(check=check, help=help, in_recipe=in_recipe, unless=unless, per_style=per_style, cli=cli,
@@ -56,81 +56,99 @@ def _empty(k: str) -> Unless:
 
 @dataclass(frozen=True)
 class Settings:
-    content: Path = key(Path("data/content"), c.folder, "Folder of content photos, searched recursively.",
-                        in_recipe=False, cli="--content")
-    styles: Path = key(Path("data/styles"), c.folder, "Folder of style images; each sub-folder is one blended style.",
-                       in_recipe=False, cli="--styles")
-    out: Path = key(Path("results"), c.folder, "Output folder (images, losses.csv, ledger, report).",
-                    in_recipe=False, cli="--out")
-    size: int = key(512, c.integer(MIN_SIDE, c.MAX_SIDE), "Long side of each output, in pixels.",
-                    in_recipe=True, cli="--size")
-    optimizer: str = key("lbfgs", c.choice("lbfgs", "adam"), "lbfgs or adam.", in_recipe=True)
-    lr: float = key(0.02, c.number(0, strict=True), "Adam's learning rate (pixels are in [0, 1]); L-BFGS ignores it.",
-                    in_recipe=True)
-    layers: Layers = key(GATYS, c.layers, "gatys, tutorial, or a mapping {content: [...], style: [...]} of VGG19 "
-                         "layers.", in_recipe=True)
+    """A run's settings, and the declaration of every manifest key: one `key(default, check, ...)` field
+    each (its facts: `Setting`), in the order docs/settings.md lists them."""
+
+    content: Path = key(Path("data/content"), c.folder, in_recipe=False, cli="--content",
+                        help="Folder of content photos, searched recursively.")
+    styles: Path = key(Path("data/styles"), c.folder, in_recipe=False, cli="--styles",
+                       help="Folder of style images; each sub-folder is one blended style.")
+    out: Path = key(Path("results"), c.folder, in_recipe=False, cli="--out",
+                    help="Output folder (images, losses.csv, ledger, report).")
+    size: int = key(512, c.integer(MIN_SIDE, c.MAX_SIDE), in_recipe=True, cli="--size",
+                    help="Long side of each output, in pixels.")
+    optimizer: str = key("lbfgs", c.choice("lbfgs", "adam"), in_recipe=True,
+                         help="How the pixels are optimised: lbfgs or adam.")
+    lr: float = key(0.02, c.number(0, strict=True), in_recipe=True,
+                    help="Adam's learning rate (pixels are in [0, 1]); L-BFGS ignores it.")
+    layers: Layers = key(GATYS, c.layers, in_recipe=True,
+                         help="gatys, tutorial, or a mapping {content: [...], style: [...]} of VGG19 layers.")
     # The keys `per_style` may set, together, in the order its error lists them: what changes a style's
     # objective, targets or effort.
-    style_weight: float | None = key(None, c.number(0, optional=True), "Weight of the style loss.",
-                                     in_recipe=True, per_style=True, shown="preset's")
-    content_weight: float | None = key(None, c.number(0, optional=True), "Weight of the content loss.",
-                                       in_recipe=True, per_style=True, shown="preset's")
-    tv_weight: float | None = key(None, c.number(0, optional=True), "Weight of the total-variation smoothing.",
-                                  in_recipe=True, per_style=True, shown="preset's")
-    style_size: int | float | None = key(
-        None, c.style_size, "Long side of the style image: an integer is pixels, a number with a point a "
-        "fraction of size; null: size.", in_recipe=True, per_style=True)
-    steps: int = key(300, c.integer(1), "Optimisation steps per scale (one step = one VGG pass).",
-                     in_recipe=True, per_style=True, cli="--steps")
+    style_weight: float | None = key(None, c.number(0, optional=True), in_recipe=True, per_style=True,
+                                     shown="preset's",
+                                     help="Weight of the style loss; null: the preset's (gatys 3, tutorial 1e6).")
+    content_weight: float | None = key(None, c.number(0, optional=True), in_recipe=True, per_style=True,
+                                       shown="preset's",
+                                       help="Weight of the content loss; null: the preset's (gatys 1, tutorial 1).")
+    tv_weight: float | None = key(None, c.number(0, optional=True), in_recipe=True, per_style=True,
+                                  shown="preset's", help="Weight of the total-variation smoothing; null: the "
+                                  "preset's (gatys 0.5, tutorial 0).")
+    style_size: int | float | None = key(None, c.style_size, in_recipe=True, per_style=True,
+                                         help="Long side of the style image: an integer is pixels, a number "
+                                         "with a point a fraction of size; null: size.")
+    steps: int = key(300, c.integer(1), in_recipe=True, per_style=True, cli="--steps",
+                     help="Optimisation steps per scale (one step = one VGG pass).")
     colors: str = key("style", c.choice("style", "preserve", "match"),  # colors.COLORS; that module is torch
-                      "Where the output's colours come from: style, preserve (the photo's) or match.",
-                      in_recipe=True, unless=Unless(lambda s: s.colors == "style", "unless style"), per_style=True)
-    pooling: str = key("max", c.choice("max", "avg"), "max (VGG's own) or avg.", in_recipe=True)
-    init: str = key("content", c.choice("content", "noise"), "Start from the photo (content) or from noise.",
-                    in_recipe=True)
-    weights: str = key("vgg19-caffe", c.weights, "vgg19-caffe, torchvision, or a state-dict path.",
-                       in_recipe=True, cli="--weights")
-    device: str = key("auto", c.device, "auto, cpu, cuda, cuda:N or mps.", in_recipe=False, cli="--device")
-    seed: int = key(0, c.integer(0), "Seeds the noise init; CPU runs are deterministic for a given seed.",
-                    in_recipe=True)
-    format: str = key("png", c.choice("png", "jpg", aliases={"jpeg": "jpg"}), "png or jpg.", in_recipe=True)
-    quality: int = key(95, c.integer(1, 100), "JPEG quality.", in_recipe=True,
-                       unless=Unless(lambda s: s.format != "jpg", "unless format is png"))
-    bit_depth: int = key(8, c.bit_depth, "8 or 16 bits a channel (16: format png only).", in_recipe=True)
-    keep_gps: bool = key(False, c.boolean, "Copy the photo's GPS position into its outputs' EXIF.", in_recipe=True)
-    name: str = key("{style}/{content}", c.name_template, "Where each output goes in the output folder: a "
-                    "template of {style}, {content}, {photo} and {folder}.", in_recipe=False)
-    log_every: int = key(10, c.integer(1), "Write a losses.csv row every N steps.", in_recipe=False)
-    scales: tuple[float, ...] | str = key(  # "auto": from `size` (pyramid.auto_scales), resolved by engine.resolve
-        "auto", c.scales, "Fractions of size to optimise at in turn, ending at 1.0; auto: chosen from size.",
-        in_recipe=True)
-    stop_window: int = key(20, c.integer(0), "Stop a scale when the loss moved less than stop_tolerance over this "
-                           "many steps; 0: off.", in_recipe=True)
-    stop_tolerance: float = key(0.01, c.number(0), "The relative loss change stop_window looks for.", in_recipe=True)
-    precision: str = key("auto", c.choice("auto", "fp32", "bf16"), "auto (bf16 VGG forward on CUDA), fp32 or bf16.",
-                         in_recipe=True)
-    compile: bool = key(False, c.boolean, "torch.compile the VGG forward.", in_recipe=False)
-    batch: int = key(1, c.integer(1, 256), "Optimise up to N photos of one style together.", in_recipe=True)
-    lease_s: float = key(120.0, c.number(1), "A worker's claim on a pair expires this long after its last heartbeat.",
-                         in_recipe=False)
-    max_megapixels: float = key(100.0, c.number(0, strict=True), "Larger inputs fail as too_large.", in_recipe=False)
+                      in_recipe=True, unless=Unless(lambda s: s.colors == "style", "unless style (the default)"),
+                      per_style=True,
+                      help="Where the output's colours come from: style, preserve (the photo's) or match.")
+    pooling: str = key("max", c.choice("max", "avg"), in_recipe=True, help="VGG's pooling: max (its own) or avg.")
+    init: str = key("content", c.choice("content", "noise"), in_recipe=True,
+                    help="Start from the photo (content) or from noise.")
+    weights: str = key("vgg19-caffe", c.weights, in_recipe=True, cli="--weights",
+                       help="vgg19-caffe, torchvision, or a state-dict path.")
+    device: str = key("auto", c.device, in_recipe=False, cli="--device", help="auto, cpu, cuda, cuda:N or mps.")
+    seed: int = key(0, c.integer(0), in_recipe=True,
+                    help="Seeds the noise init; CPU runs are deterministic for a given seed.")
+    format: str = key("png", c.choice("png", "jpg", aliases={"jpeg": "jpg"}), in_recipe=True,
+                      help="Output file format: png or jpg.")
+    quality: int = key(95, c.integer(1, 100), in_recipe=True,
+                       unless=Unless(lambda s: s.format != "jpg", "unless format is png"),
+                       help="JPEG quality, 1 to 100.")
+    bit_depth: int = key(8, c.bit_depth, in_recipe=True, help="8 or 16 bits a channel (16: format png only).")
+    keep_gps: bool = key(False, c.boolean, in_recipe=True,
+                         help="Copy the photo's GPS position into its outputs' EXIF.")
+    name: str = key("{style}/{content}", c.name_template, in_recipe=False,
+                    help="Where each output goes in the output folder: a template of {style}, {content}, "
+                    "{photo} and {folder}.")
+    log_every: int = key(10, c.integer(1), in_recipe=False,
+                         help="Write a losses.csv row every N steps (logging only).")
+    # "auto": from `size` (pyramid.auto_scales), resolved by engine.resolve
+    scales: tuple[float, ...] | str = key("auto", c.scales, in_recipe=True,
+                                          help="Fractions of size to optimise at in turn, ending at 1.0; auto: "
+                                          "chosen from size.")
+    stop_window: int = key(20, c.integer(0), in_recipe=True,
+                           help="Stop a scale when the loss moved less than stop_tolerance over this many steps; "
+                           "0: off.")
+    stop_tolerance: float = key(0.01, c.number(0), in_recipe=True,
+                                help="The relative loss change stop_window looks for.")
+    precision: str = key("auto", c.choice("auto", "fp32", "bf16"), in_recipe=True,
+                         help="auto (bf16 VGG forward on CUDA), fp32 or bf16.")
+    compile: bool = key(False, c.boolean, in_recipe=False, help="torch.compile the VGG forward.")
+    batch: int = key(1, c.integer(1, 256), in_recipe=True, help="Optimise up to N photos of one style together.")
+    lease_s: float = key(120.0, c.number(1), in_recipe=False,
+                         help="Seconds a worker's claim on a pair lasts after its last heartbeat.")
+    max_megapixels: float = key(100.0, c.number(0, strict=True), in_recipe=False,
+                                help="Larger inputs fail as too_large instead of exhausting memory.")
     # (pattern, ((key, value), ...)) in manifest order: the first pattern matching a style's name sets
     # its overrides (plan.style_settings). Tuples, not dicts: Settings stays hashable.
     per_style: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = key(
-        (), lambda n, v, source: _per_style(v, source), "Settings for some styles only: {PATTERN: {key: value}}; "
-        "the first matching pattern wins.", in_recipe=True, unless=_empty("per_style"))
+        (), lambda n, v, source: _per_style(v, source), in_recipe=True, unless=_empty("per_style"),
+        help="Settings for some styles only: {PATTERN: {key: value}}; the first matching pattern wins.")
     # (name, ((member file relative to `styles`, weight), ...)): weights as written; the plan normalises.
     blends: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = key(
-        (), c.blends, "Extra styles mixed from several images: {NAME: {style file: weight}}.",
-        in_recipe=True, unless=_empty("blends"))
+        (), c.blends, in_recipe=True, unless=_empty("blends"),
+        help="Extra styles mixed from several images: {NAME: {style file: weight}}.")
     # How a pair is made: a network-made pair gets a recipe of its own (training.network_recipe, over its
     # model's recipe and refine_steps); an optimised one keeps the plain recipe, so these three stay out
     # of it and folders made before they existed are not redone.
-    method: str = key("auto", c.choice("optimize", "network", "auto"), "optimize, network (a learned network "
-                      "per style), or auto: network where enough photos are pending.", in_recipe=False)
-    network_steps: int = key(600, c.integer(1), "Training steps of a style's network.", in_recipe=False)
-    refine_steps: int = key(50, c.integer(0), "L-BFGS steps at full size from the network's output.",
-                            in_recipe=False)
+    method: str = key("auto", c.choice("optimize", "network", "auto"), in_recipe=False,
+                      help="optimize, network (a learned network per style), or auto: network where enough "
+                      "photos are pending.")
+    network_steps: int = key(600, c.integer(1), in_recipe=False, help="Training steps of a style's network.")
+    refine_steps: int = key(50, c.integer(0), in_recipe=False,
+                            help="L-BFGS steps at full size from the network's output.")
 
     def __post_init__(self) -> None:
         # Code may hand `layers` over as the manifest writes it (a preset name or a mapping): one type here.
@@ -155,9 +173,7 @@ class Settings:
 
     def to_dict(self) -> dict[str, Any]:
         """As a manifest writes it (the ledger stores this, and recipes hash it)."""
-        d = dataclasses.asdict(self)
-        for k in ("content", "styles", "out"):
-            d[k] = str(d[k])
+        d = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
         d["scales"] = self.scales if isinstance(self.scales, str) else list(self.scales)
         d["layers"] = self.layers.to_manifest()
         d["per_style"] = {pattern: dict(changes) for pattern, changes in self.per_style}
