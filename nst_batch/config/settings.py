@@ -132,7 +132,8 @@ class Settings:
     max_megapixels: float = key(100.0, c.number(0, strict=True), in_recipe=False,
                                 help="Larger inputs fail as too_large instead of exhausting memory.")
     # (pattern, ((key, value), ...)) in manifest order: the first pattern matching a style's name sets
-    # its overrides (plan.style_settings). Tuples, not dicts: Settings stays hashable.
+    # its overrides (plan.style_settings). Tuples, not dicts: Settings stays hashable. Its check is
+    # looked up when called: it needs PER_STYLE_KEYS, derived from this class below.
     per_style: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = key(
         (), lambda n, v, source: _per_style(v, source), in_recipe=True, unless=_empty("per_style"),
         help="Settings for some styles only: {PATTERN: {key: value}}; the first matching pattern wins.")
