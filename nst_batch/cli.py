@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from .config import manifest
+from .config.reference import default_text
+from .config.settings import SETTINGS
 from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
 from .files.names import printable
 
@@ -112,6 +114,15 @@ def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None
     _finish(result, settings.out, quiet, shards[0] if len(shards) == 1 else None)
 
 
+def _setting(key: str, retry: bool = False) -> Any:
+    """The option for manifest key `key`: its flag, help and default as settings.py declares them, so
+    `--help` and the manifest agree. None when not given: the manifest's value (or, retrying, the run's)
+    stands, else the declared default."""
+    s = SETTINGS[key]
+    default = "as the run was made" if retry else f"the manifest's, else {default_text(key)}"
+    return typer.Option(None, s.cli, help=escape(f"{s.help} Default: {default}."), show_default=False)
+
+
 _SHARD_HELP = ("K/N: make only shard K (0..N-1) of N; each shard keeps its own ledger in OUT/shards/K-of-N/. "
                "auto: K and N from SLURM_ARRAY_TASK_ID/_COUNT (SLURM array) or JOB_COMPLETION_INDEX and "
                "NST_SHARD_COUNT (Kubernetes indexed Job). See README, Many machines.")
@@ -121,13 +132,13 @@ _SHARD_HELP = ("K/N: make only shard K (0..N-1) of N; each shard keeps its own l
 def run(
     manifest_path: Optional[Path] = typer.Argument(None, metavar="[MANIFEST]",
                                                    help="Pipeline file. Default: ./pipeline.yaml if present."),
-    content: Optional[Path] = typer.Option(None, help="Folder of content photos."),
-    styles: Optional[Path] = typer.Option(None, help="Folder of style images."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (images, losses.csv, ledger, report)."),
-    size: Optional[int] = typer.Option(None, help="Long side of each output, in pixels."),
-    steps: Optional[int] = typer.Option(None, help="Optimisation steps per scale (one step = one VGG pass)."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N or mps."),
-    weights: Optional[str] = typer.Option(None, help="vgg19-caffe, torchvision, or a state-dict path."),
+    content: Optional[Path] = _setting("content"),
+    styles: Optional[Path] = _setting("styles"),
+    out: Optional[Path] = _setting("out"),
+    size: Optional[int] = _setting("size"),
+    steps: Optional[int] = _setting("steps"),
+    device: Optional[str] = _setting("device"),
+    weights: Optional[str] = _setting("weights"),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N|auto", help=_SHARD_HELP),
@@ -175,9 +186,9 @@ def _stored_settings(out: Path) -> manifest.Settings:
 def retry(
     out: Path = typer.Argument(Path("results"), help="Output folder of an earlier run."),
     kind: list[str] = typer.Option([], "--kind", help="Only failures of this kind (e.g. oom); repeatable."),
-    size: Optional[int] = typer.Option(None, help="Override the long side for the retried pairs."),
-    steps: Optional[int] = typer.Option(None, help="Override the steps."),
-    device: Optional[str] = typer.Option(None, help="Override the device."),
+    size: Optional[int] = _setting("size", retry=True),
+    steps: Optional[int] = _setting("steps", retry=True),
+    device: Optional[str] = _setting("device", retry=True),
     set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Override any manifest key."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N|auto",

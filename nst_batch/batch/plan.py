@@ -2,8 +2,9 @@
 
 Order is photo-major (every style for the first photo, then the next photo): the pairs of
 one photo run back to back, so a worker decodes each photo once for all its styles, and the
-engine keeps every style's (small) Gram targets for the run. The recipe hash covers everything that changes an output's pixels, so the ledger
-can tell a finished pair from one whose inputs or settings have since changed.
+engine keeps every style's (small) Gram targets for the run. The recipe hash covers everything that
+changes an output's pixels, so the ledger can tell a finished pair from one whose inputs or settings
+have since changed.
 """
 
 from __future__ import annotations
@@ -22,17 +23,15 @@ from ..files.layout import CONTACT_SHEET, MODELS, SHARDS, SHEETS, STYLES, THUMBS
 from ..files.images import scan
 from ..files.hashing import file_hash
 from ..config.manifest import Member, Overrides, Settings, check_folders
+from ..config.settings import SETTINGS
 from ..files.names import Skipped, printable, skipped_line
 
-# Keys that do not change the pixels of an output: changing them redoes nothing. (`name` moves an
-# output: the ledger sees the new path and makes it there.)
-NOT_IN_RECIPE = {"content", "styles", "out", "device", "log_every", "lease_s", "compile", "max_megapixels", "name"}
-# How a pair is made (issue 13): a pair made by a network gets a recipe of its own (training.network_recipe,
-# over its model's recipe and refine_steps); one made by optimisation keeps the plain recipe, so folders
-# made before these keys existed are not redone.
-NOT_IN_RECIPE |= {"method", "network_steps", "refine_steps"}
-# The run's per-style keys: a pair's recipe holds what they resolve to for its style, not the tables.
-PER_RUN = ("per_style", "blends")
+# Keys that do not change the pixels of an output (settings.py declares which): changing them redoes
+# nothing. `name` moves an output: the ledger sees the new path and makes it there. method,
+# network_steps and refine_steps are among them: an optimised pair keeps the plain recipe, and a
+# network-made pair gets one of its own that covers them (training.network_recipe).
+NOT_IN_RECIPE = frozenset(k for k, s in SETTINGS.items() if not s.in_recipe)
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -92,18 +91,17 @@ ENGINE_VERSION = 3  # 2: stop rule on every step, steps: 1 is one evaluation, L-
 #    profile converted to sRGB, outputs carry the sRGB profile and the photo's EXIF
 
 
+_CONDITIONAL = {k for k, s in SETTINGS.items() if s.in_recipe and s.unless}
+
+
 def recipe_settings(settings: Settings) -> dict:
     """The settings that change an output's pixels, and the engine version: a recipe hashes these and
     the two input files; workers sharing an output folder must agree on them (per_style and blends
     included: the run's whole recipe)."""
     d = {k: v for k, v in settings.to_dict().items() if k not in NOT_IN_RECIPE}
-    if settings.format != "jpg":
-        d.pop("quality")  # PNG ignores it: changing it must not redo PNGs
-    for k in PER_RUN:
-        if not d[k]:
-            d.pop(k)  # absent when unused: recipes made before these keys existed stay the same
-    if settings.colors == "style":
-        d.pop("colors")  # what every version before the key made: a ledger from then keeps its pairs done
+    for k in d.keys() & _CONDITIONAL:
+        if SETTINGS[k].unless.test(settings):
+            d.pop(k)  # e.g. quality of a PNG, or colors: style, what outputs had before the key existed
     d["engine"] = ENGINE_VERSION
     return d
 
