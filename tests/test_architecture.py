@@ -69,7 +69,6 @@ def test_report_never_reaches_the_run_or_the_compute_layers():
         assert not deps & {"run", "core"}, (p.name, deps)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine still decodes photos and hashes files; moving out now")
 def test_the_engine_computes_only():
     """No image files, no ledger, no plan: tensors and settings in, images and loss rows out."""
     engine = PKG / "core" / "engine.py"

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from nst_batch.config.manifest import Member, Settings
-from nst_batch.core.engine import Engine, Job, encode
 from nst_batch.files import images
+from nst_batch.files.encode import encode
+
+from conftest import engine_of, path_job
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTENT, STYLES = ROOT / "data/content", ROOT / "data/styles"
@@ -51,18 +53,19 @@ def _png_digest(data: bytes) -> str:
 
 
 def _made(s: Settings, style: str, key: str, members: tuple[Member, ...] = ()):
-    job = Job("chelsea.jpg", style, CONTENT / "chelsea.jpg", members[0].path if members else STYLES / style,
-              style_hash=key, members=members)
-    (m,) = Engine(s).make([job])
+    engine = engine_of(s)
+    job = path_job(engine, CONTENT / "chelsea.jpg", members[0].path if members else STYLES / style, style=style,
+                   key=key, members=members)
+    (m,) = engine.make([job])
     assert m.ok, m.error
     return m
 
 
 def _digests(s: Settings, m) -> tuple[str, str, str, str]:
     pixels = _sha(m.image.contiguous().numpy().tobytes())
-    png8 = encode(m, s.replace(format="png", bit_depth=8)).data
-    png16 = encode(m, s.replace(format="png", bit_depth=16)).data
-    thumb = encode(m, s).thumb
+    png8 = encode(m.image, None, s.replace(format="png", bit_depth=8)).data
+    png16 = encode(m.image, None, s.replace(format="png", bit_depth=16)).data
+    thumb = encode(m.image, None, s).thumb
     return pixels, _png_digest(png8), _png_digest(png16), _sha(thumb)
 
 
