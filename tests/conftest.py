@@ -93,31 +93,17 @@ class CountingNet(torch.nn.Module):
         return self.net(x, wanted)
 
 
+
 def engine_of(settings: Settings, **kw):
-    """An Engine as a driver makes one: given the style images (files.stage.StyleImages), which
-    `path_job` tells where each style's file is. The StyleImages is `engine.style_pixels`."""
-    from nst_batch.core.engine import Engine
-    from nst_batch.files.stage import StyleImages
+    """An Engine as a driver makes one: given the style images (files.stage.StyleImages, which `path_job`
+    tells where each style's file is, `engine.style_pixels`)."""
+    from nst_batch.run.jobs import file_engine
 
-    return Engine(settings, style_pixels=StyleImages(settings.max_megapixels), **kw)
+    return file_engine(settings, **kw)
 
 
-def path_job(engine, content_path: Path, style_path: Path, *, content: str | None = None, style: str | None = None,
-             key: str | None = None, members=(), photo=None, **kw):
-    """The engine's Job for a photo file and a style file (or a blend of manifest.Members) at the engine's
-    size, decoded as a driver's I/O stage does; the style keyed by `key`, else by its file's hash."""
-    from nst_batch.core.engine import Job
-    from nst_batch.files.hashing import file_hash
-    from nst_batch.files.stage import load_photo
+def path_job(engine, content_path: Path, style_path: Path, **kw):
+    """The engine's Job for a photo file and a style file (run.jobs.file_job)."""
+    from nst_batch.run.jobs import file_job
 
-    styles = engine.style_pixels
-    s = engine.settings
-    if photo is None:
-        photo = load_photo(Path(content_path), s.size, s.max_megapixels)[0]
-    weighted = tuple((m.hash or file_hash(m.path), m.weight) for m in members)
-    for m, (k, _) in zip(members, weighted):
-        styles.add(k, m.path)
-    key = key or file_hash(Path(style_path))
-    if not members:
-        styles.add(key, Path(style_path))
-    return Job(content or Path(content_path).name, style or Path(style_path).name, photo, key, members=weighted, **kw)
+    return file_job(engine, content_path, style_path, **kw)

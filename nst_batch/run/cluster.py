@@ -171,7 +171,7 @@ def run_ray(settings: Settings, display: Display, options: RayOptions, only_fail
             retry: bool = False) -> RunResult:
     """`runner.run` with Ray actors computing the pairs. Raises ConfigError (exit 2) without Ray, when
     the cluster cannot be reached or has nothing to run on, or when another driver holds OUT."""
-    if settings.method == "network":  # issue 13: only the local driver trains networks (auto: optimize here)
+    if settings.method == "network":  # only the local driver trains networks (auto: optimize here)
         raise ConfigError("--ray does not train per-style networks yet: use method optimize or auto (key 'method')")
     ray = import_ray()
     check_layout(settings.out, None)  # a sharded OUT is not a Ray driver's: refused before anything starts

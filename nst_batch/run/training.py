@@ -1,4 +1,4 @@
-"""The driver's side of learned per-style networks (issue 13): which method makes each pair, the model
+"""The driver's side of learned per-style networks: which method makes each pair, the model
 and pair recipes, and the checkpoints under <ledger folder>/models/ (OUT/models/ for an unsharded run).
 
 The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
