@@ -40,14 +40,14 @@ def child(a: argparse.Namespace) -> dict:
 
     from nst_batch.files import images
     from nst_batch.core import memory
-    from nst_batch.core.engine import Engine, Job
+    from nst_batch.run.jobs import file_engine, file_job
     from nst_batch.config.manifest import Settings
 
     torch.manual_seed(0)
     photo, style = Path(a.photo), Path(a.style)
     s = Settings(content=photo.parent, styles=style.parent, out=Path("/nonexistent"), size=a.size, steps=a.steps,
                  scales=(1.0,), stop_window=0, log_every=1, device=a.device, precision=a.precision)
-    engine = Engine(s, free_memory=lambda device: None)  # measure, do not refuse
+    engine = file_engine(s, free_memory=lambda device: None)  # measure, do not refuse
     device = engine.device
     im = images.load_rgb(photo)
     w, h = images.fit_long_side(*im.size, a.size)
@@ -65,7 +65,7 @@ def child(a: argparse.Namespace) -> dict:
             reset = False
         before = rss
     t0 = time.perf_counter()
-    (made,) = engine.make([Job(photo.name, style.name, photo, style, image=im)])
+    (made,) = engine.make([file_job(engine, photo, style)])
     wall = time.perf_counter() - t0
     if cuda:
         torch.cuda.synchronize()

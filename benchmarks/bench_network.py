@@ -36,7 +36,10 @@ sys.path.insert(0, str(ROOT))
 from nst_batch.files import images  # noqa: E402
 from nst_batch.core import losses, network
 from nst_batch.run import training
-from nst_batch.core.engine import Engine, Job, to_pil, to_tensor  # noqa: E402
+from nst_batch.core.engine import Engine  # noqa: E402
+from nst_batch.files.decode import to_tensor  # noqa: E402
+from nst_batch.files.encode import to_pil  # noqa: E402
+from nst_batch.run.jobs import file_engine, file_job  # noqa: E402
 from nst_batch.config.manifest import Settings  # noqa: E402
 from nst_batch.core.pyramid import stylize  # noqa: E402
 
@@ -73,7 +76,8 @@ class Scorer:
         obj = e.objective
         with torch.no_grad():
             c = losses.content_targets(obj, e.net(photo, frozenset(obj.content_layers)))
-            s = e.style_targets(self.style, "bench", e.settings.style_size or e.settings.size)
+            e.style_pixels.add("bench", self.style)
+            s = e.style_targets("bench", e.settings.style_size or e.settings.size)
             return float(losses.compute(obj, e.net(img.clamp(0, 1), obj.layers), img, c, s).total)
 
 
@@ -91,21 +95,23 @@ def main() -> None:
     a = ap.parse_args()
     style = ROOT / "data/styles/starry_night.jpg"
     settings = Settings(content=a.work, styles=style.parent, size=a.size, device=a.device)
-    engine = Engine(settings)
+    engine = file_engine(settings)
     dev = engine.device
     res: dict = {"device": str(dev), "size": a.size, "threads": torch.get_num_threads()}
-    job = Job("x", style.name, Path("x"), style, style_hash="bench")
+    job = file_job(engine, style, style, content="x", key="bench")  # its photo unused: train takes its own
 
     if a.gpu_only:
         photos = make_photos(a.work, 8, 1024)
         for px in (512, 1024):
-            e = Engine(settings.replace(size=px), dev)
+            e = file_engine(settings.replace(size=px), dev)
+            e.style_pixels.add("bench", style)
             ims = [images.load_rgb(p) for p in photos]
-            st = e.train(job, ims, None, 3)
+            tens_px = [to_tensor(im, px) for im in ims]
+            st = e.train(job, tens_px, None, 3)
             sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
             sync()
             t = time.perf_counter()
-            st = e.train(job, ims, st, 23)
+            st = e.train(job, tens_px, st, 23)
             sync()
             step = (time.perf_counter() - t) / 20
             e.load_model(job, st)
@@ -131,7 +137,7 @@ def main() -> None:
     opt_t, opt_l, opt_img = [], [], {}
     for p in sample:
         t = time.perf_counter()
-        m = engine.make([Job(p.name, style.name, p, style, style_hash="bench")])[0]
+        m = engine.make([file_job(engine, p, style, key="bench")])[0]
         opt_t.append(time.perf_counter() - t)
         opt_l.append(score(tens[p], m.image.to(dev)))
         opt_img[p] = m.image
@@ -141,7 +147,7 @@ def main() -> None:
                        "photo_loss": sum(score(tens[p], tens[p]) for p in sample) / len(sample)}
 
     # -- network, trained once on the runner's sample of the 128-photo collection
-    train_on = [images.load_rgb(p) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
+    train_on = [to_tensor(images.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
     evals = sorted(int(x) for x in a.eval_at.split(","))
     state, trained_s, curve = None, 0.0, []
     res["network"] = {}
@@ -158,7 +164,7 @@ def main() -> None:
             for p in sample:
                 t = time.perf_counter()
                 c = tens[p]
-                style_for = lambda h, w: engine.style_targets(style, "bench", a.size)  # noqa: E731
+                style_for = lambda h, w: engine.style_targets("bench", a.size)  # noqa: E731
                 r = stylize(engine.net, engine.objective, c, style_for, cfg, init=network.apply(engine.model("bench"), c))
                 ts.append(time.perf_counter() - t)
                 ls.append(score(c, r.images.to(dev)))

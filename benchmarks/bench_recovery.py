@@ -32,7 +32,9 @@ from nst_batch.files import images
 from nst_batch.core import losses
 from nst_batch.config.manifest import Settings
 from nst_batch.files.hashing import file_hash
-from nst_batch.core.engine import Engine, Job, to_tensor
+from nst_batch.core.engine import Engine
+from nst_batch.files.decode import to_tensor
+from nst_batch.run.jobs import file_engine, file_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +45,8 @@ def evaluate(engine: Engine, img: torch.Tensor, photo: torch.Tensor, style_path:
     obj = engine.objective
     with torch.no_grad():
         c_tgt = losses.content_targets(obj, engine.net(photo, frozenset(obj.content_layers)))
-        s_tgt = engine.style_targets(style_path, style_hash, size)
+        engine.style_pixels.add(style_hash, style_path)
+        s_tgt = engine.style_targets(style_hash, size)
         return float(losses.compute(obj, engine.net(img, obj.layers), img, c_tgt, s_tgt).total.sum())
 
 
@@ -82,9 +85,9 @@ def main() -> None:
             for size in (int(x) for x in a.sizes.split(",")):
                 settings = Settings(content=c.parent, styles=s.parent, out=Path("/tmp/nst-bench-recovery"),
                                     size=size, steps=a.steps, layers=a.layers, device="cpu", **extra)
-                engine = Engine(settings)
+                engine = file_engine(settings)
                 t0 = time.perf_counter()
-                (res,) = engine.make([Job(c.name, s.name, c, s, image=im)])
+                (res,) = engine.make([file_job(engine, c, s, photo=to_tensor(im, settings.size))])
                 secs = time.perf_counter() - t0
                 photo = to_tensor(im, size)
                 h = file_hash(s)

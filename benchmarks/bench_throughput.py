@@ -59,7 +59,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tutorial_loop, next 
 from nst_batch.files import images  # noqa: E402
 from nst_batch.core import losses
 from nst_batch.config import manifest
-from nst_batch.core.engine import Engine, pick_device, resolve, to_tensor  # noqa: E402
+from nst_batch.core.engine import Engine, pick_device, resolve  # noqa: E402
+from nst_batch.files.decode import to_tensor  # noqa: E402
 from nst_batch.core.optimize import LogRow, OptimConfig, Result  # noqa: E402
 from nst_batch.core.pyramid import scale_shapes, stylize  # noqa: E402
 from nst_batch.config.objective import PRESETS  # noqa: E402

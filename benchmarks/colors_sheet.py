@@ -23,7 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 from nst_batch.files import images  # noqa: E402
 from nst_batch.config import manifest
-from nst_batch.core.engine import Engine, Job, to_pil  # noqa: E402
+from nst_batch.files.encode import to_pil  # noqa: E402
+from nst_batch.run.jobs import file_engine, file_job  # noqa: E402
 
 CAPTIONS = {"style": "colors: style", "preserve": "colors: preserve", "match": "colors: match"}
 
@@ -54,11 +55,11 @@ def main() -> None:
     args = ap.parse_args()
 
     base = manifest.load(ROOT / "pipeline.yaml").replace(size=args.size, device=args.device)
-    job = Job(args.photo.name, args.style.name, args.photo, args.style)
     made: list[tuple[str, Image.Image]] = []
     for mode in ("style", "preserve", "match"):
         t0 = time.perf_counter()
-        (m,) = Engine(base.replace(colors=mode)).make([job])
+        engine = file_engine(base.replace(colors=mode))
+        (m,) = engine.make([file_job(engine, args.photo, args.style)])
         if not m.ok:
             raise SystemExit(f"{mode}: {m.error}")
         print(f"{mode:9} {time.perf_counter() - t0:6.1f} s  {m.steps} steps  "

@@ -91,3 +91,19 @@ class CountingNet(torch.nn.Module):
     def forward(self, x, wanted):
         self.calls.append(torch.is_grad_enabled() and x.requires_grad)
         return self.net(x, wanted)
+
+
+
+def engine_of(settings: Settings, **kw):
+    """An Engine as a driver makes one: given the style images (files.stage.StyleImages, which `path_job`
+    tells where each style's file is, `engine.style_pixels`)."""
+    from nst_batch.run.jobs import file_engine
+
+    return file_engine(settings, **kw)
+
+
+def path_job(engine, content_path: Path, style_path: Path, **kw):
+    """The engine's Job for a photo file and a style file (run.jobs.file_job)."""
+    from nst_batch.run.jobs import file_job
+
+    return file_job(engine, content_path, style_path, **kw)

@@ -69,7 +69,6 @@ def test_report_never_reaches_the_run_or_the_compute_layers():
         assert not deps & {"run", "core"}, (p.name, deps)
 
 
-@pytest.mark.xfail(strict=True, reason="the engine still decodes photos and hashes files; moving out now")
 def test_the_engine_computes_only():
     """No image files, no ledger, no plan: tensors and settings in, images and loss rows out."""
     engine = PKG / "core" / "engine.py"
@@ -81,7 +80,7 @@ def test_the_engine_computes_only():
     assert not any(n == "PIL" or n.startswith("PIL.") for n in names), names
 
 
-@pytest.mark.xfail(strict=True, reason="ledger, report pages, engine, images and the run loop are being split")
+@pytest.mark.xfail(strict=True, reason="ledger, report pages, manifest and the run loop are being split")
 def test_sizes():
     """Small enough to read in one sitting: folders of at most 12 modules, modules of at most 400 lines."""
     crowded = [str(d.relative_to(PKG)) for d in [PKG, *PKG.iterdir()] if d.is_dir()

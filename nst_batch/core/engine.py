@@ -1,180 +1,63 @@
-"""The engine: what is loaded once per process, and the pure work of turning pairs into images.
+"""The engine: what is loaded once per process, and the pure work of turning jobs into images.
 
-`resolve` decides, once, everything that depends on the device (precision, memory layout, cuDNN);
-the plan's recipe and the optimiser both read its answer. An `Engine` holds VGG19 on the device and
-a bounded cache of style targets, and `make(jobs)` returns one `Made` per job: the image, its loss
-rows, its final and starting losses, a note for the log, or the
-`PairError` that failed it. It writes no file, touches no ledger and handles no signal, so a
-driver on another process or machine can run it and send the results back (`encode` turns a result
-into the bytes of its file, with the sRGB profile and the photo's metadata, and of its thumbnail);
-`runner` is the local driver.
+Tensors and settings in, images (tensors) and loss rows out. An `Engine` holds VGG19 on the device and
+the style-target cache (targets.StyleTargets), and `make(jobs)` returns one `Made` per job: the image, its
+loss rows, its final and starting losses, or the `PairError` that failed it. It reads and writes no file,
+decodes nothing, hashes nothing, touches no ledger and handles no signal: the I/O stage (files.stage)
+decodes each photo to a tensor at its working size before and encodes the image after, and gives the
+engine the style images by their cache key (a `StylePixels` provider), so a driver can overlap that I/O
+with the compute, on this process or another.
 
-A Job may carry its style's per_style overrides and, for a blend, its member images: `setup` gives the
-settings, objective and optimiser of each distinct overrides (made once), and the style cache holds
-targets by style hash (a blend's covers its members and weights) and long side (which `style_size`
+A Job may carry its style's per_style overrides and, for a blend, its members' keys and weights: `setup`
+gives the settings, objective and optimiser of each distinct overrides (made once), and the style cache
+holds targets by style key (a blend's covers its members and weights) and long side (which `style_size`
 sets), so every job is made with its own style's settings.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
-from PIL import Image
 
 from . import colors, losses, memory, network
-from ..files import images
-from ..errors import ConfigError, PairError
-from ..config.objective import MIN_SIDE
-from ..config.manifest import PER_STYLE_KEYS, Settings
-from ..config.objective import Objective, objective_from
+from ..config.manifest import PER_STYLE_KEYS, Overrides, Settings
+from ..config.objective import MIN_SIDE, Objective, objective_from
+from ..errors import PairError
+from .device import DeviceConfig, optim_config, pick_device, resolve  # noqa: F401  (the engine's API)
+from .models import Models
 from .optimize import LogRow, OptimConfig, Result, progress_error
-from ..config.manifest import Member, Overrides
-from ..files.hashing import file_hash
-from .pyramid import auto_scales, stylize
+from .pyramid import stylize
+from .targets import STYLE_CACHE, StylePixels, StyleTargets  # noqa: F401
 
-# Styles whose Gram targets the engine keeps, least recently used dropped first. Plans run photo by
-# photo (each photo decoded once for all its styles), so every style of a run comes back once per photo:
-# keep them all, up to this bound. Measured for one style, gatys: targets 2.33 MiB a scale whatever the
-# image size (4.66 MiB at scales [0.5, 1.0]), so 64 styles hold at most ~300 MB.
-STYLE_CACHE = 64
-# Decoded style images kept, for targets at a size not seen yet (a photo of another shape): 4 bytes a
-# pixel (2.9 MiB for 1071×712, 400 MB at max_megapixels 100), so only a few.
-STYLE_IMAGES = 2
-
-
-# -- device and precision, resolved once ------------------------------------------------------------
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device '{name}' asked for, but PyTorch sees no CUDA GPU (key 'device')")
-        idx = int(name.partition(":")[2] or 0)
-        if idx >= torch.cuda.device_count():
-            raise ConfigError(f"device '{name}' asked for, but there are {torch.cuda.device_count()} GPUs (key 'device')")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("device 'mps' asked for, but this PyTorch has no MPS support here (key 'device')")
-    return torch.device(name)
-
-
-def optim_config(settings: Settings, channels_last: bool) -> OptimConfig:
-    """The optimiser's settings, all read from resolved Settings (precision fp32 or bf16): the only place
-    an OptimConfig is made from Settings, so the two can never disagree on a default."""
-    if settings.precision not in ("fp32", "bf16") or isinstance(settings.scales, str):
-        raise ValueError(f"precision {settings.precision!r} or scales {settings.scales!r} not resolved yet: use resolve()")
-    return OptimConfig(
-        steps=settings.steps, optimizer=settings.optimizer, lr=settings.lr, scales=settings.scales,
-        init=settings.init, seed=settings.seed, log_every=settings.log_every, stop_window=settings.stop_window,
-        stop_tolerance=settings.stop_tolerance,
-        autocast_dtype=torch.bfloat16 if settings.precision == "bf16" else None, channels_last=channels_last)
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """Everything decided from the device, made in one place (`resolve`), so a test can build what a
-    CUDA run would use and run it on the CPU: only the device then differs."""
-
-    settings: Settings  # precision resolved to fp32 or bf16, scales to a list: what the plan's recipe records
-    optim: OptimConfig  # including bf16 autocast and channels_last
-    cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
-
-
-def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
-    """The settings for a device type ('cuda', 'cpu', 'mps'). `bf16_supported` is the CUDA card's answer
-    (torch.cuda.is_bf16_supported()); `precision: auto` means bf16 on CUDA when it says yes. `scales: auto`
-    becomes the levels for `size` (pyramid.auto_scales), so the recipe records the levels actually run."""
-    cuda = device_type == "cuda"
-    bf16 = settings.precision == "bf16" or (settings.precision == "auto" and cuda and bf16_supported)
-    scales = auto_scales(settings.size) if settings.scales == "auto" else settings.scales
-    resolved = settings.replace(precision="bf16" if bf16 else "fp32", scales=scales)
-    # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
-    return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda)
-
-
-# -- tensors and encoded images --------------------------------------------------------------------
-
-def to_tensor(im: Image.Image, long_side: int) -> torch.Tensor:
-    """RGB image -> float tensor (1, 3, H, W) in [0, 1] with the long side resized to `long_side`."""
-    w, h = images.fit_long_side(*im.size, long_side)
-    if min(w, h) < MIN_SIDE:
-        raise PairError("too_small", f"{w}x{h} at {long_side} px: the short side would be under {MIN_SIDE} px; "
-                        "raise 'size'")
-    if (w, h) != im.size:
-        im = im.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    a = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())
-    return a.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-
-
-def to_pil(t: torch.Tensor) -> Image.Image:
-    a = t.detach().squeeze(0).clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(a, "RGB")
-
-
-def to_uint16(t: torch.Tensor) -> np.ndarray:
-    """(1, 3, H, W) in [0, 1] -> (H, W, 3) uint16, straight from the optimiser's floats (never through 8 bits)."""
-    a = t.detach().squeeze(0).double().clamp(0, 1).mul(65535).round().to(torch.int32).permute(1, 2, 0)
-    return a.cpu().numpy().astype(np.uint16)
-
-
-@dataclass(frozen=True)
-class Encoded:
-    data: bytes  # the output file: PNG (8 or 16 bits) or JPEG, with the sRGB profile and the photo's EXIF
-    thumb: bytes  # its thumbnail for the report (JPEG, images.thumbnail_jpeg)
-
-
-def encode(made: "Made", settings: Settings) -> Encoded:
-    """A made image as the bytes of its output file and of its thumbnail: what both drivers write (the Ray
-    actor sends these across). The image is converted to 8 bits once, for the thumbnail and an 8-bit file;
-    a 16-bit PNG is made from the floats themselves."""
-    assert made.image is not None
-    im = to_pil(made.image)
-    exif = images.output_exif(made.meta, im.size, settings.keep_gps)
-    if settings.bit_depth == 16:
-        data = images.png16(to_uint16(made.image), exif)
-    else:
-        buf = io.BytesIO()
-        images.encode_to(im, buf, settings.format, settings.quality, exif)
-        data = buf.getvalue()
-    return Encoded(data, images.thumbnail_jpeg(im))
-
-
-# -- pairs in, results out -------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Job:
-    """One pair to make. `content`/`style` name it (loss rows, notes); `style_hash` keys the style cache
-    by content (the plan's hash; None: hashed here, once per path); `image` is the photo already decoded
-    (a driver that decodes on a thread of its own; images.load_rgb's, carrying its PhotoMeta), else the engine
-    decodes it. `members`: a blend's images and weights (empty: the style is `style_path` alone); `overrides`:
-    the style's per_style settings, applied on the engine's own (only manifest.PER_STYLE_KEYS)."""
+    """One pair to make. `content`/`style` name it (loss rows, notes); `photo` is the photo (1, 3, H, W) in
+    [0, 1] on the CPU, already at its working size (decoded and resized by the I/O stage); `style_key`
+    keys the style cache (the style file's hash; a blend's hash for a blend); `members`: a blend's
+    (key, weight) pairs, () for a style file (`style_key` alone); `overrides`: the style's per_style
+    settings, applied on the engine's own (only manifest.PER_STYLE_KEYS)."""
 
     content: str
     style: str
-    content_path: Path
-    style_path: Path
-    style_hash: str | None = None
-    image: Image.Image | None = field(default=None, compare=False, repr=False)
-    members: tuple[Member, ...] = ()
+    photo: torch.Tensor = field(compare=False, repr=False)
+    style_key: str
+    members: tuple[tuple[str, float], ...] = ()
     overrides: Overrides = ()
     method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
     # method network: the recipe of the model to use (training.model_recipe). Models are kept by it, not by
     # the style's file: two styles of one image (per_style sets them apart) or one style in two shards'
-    # ledgers (each trains its own) have models of their own. None: keyed by the style hash (a benchmark).
+    # ledgers (each trains its own) have models of their own. None: keyed by the style key (a benchmark).
     model: str | None = None
+
+    def weighted(self) -> tuple[tuple[str, float], ...]:
+        """The style as (key, weight) pairs: a blend's members, or the style file alone."""
+        return self.members or ((self.style_key, 1.0),)
 
 
 @dataclass(frozen=True)
@@ -198,9 +81,10 @@ class Made:
     final: LogRow | None = None  # the losses of the image as made
     start: LogRow | None = None  # the losses of doing nothing (the no_progress check compares with it)
     steps: int = 0
-    note: str | None = None  # a remark the ledger and report keep beside a done pair (an unusable ICC profile)
+    # A remark the ledger and report keep beside a done pair (an unusable ICC profile): the driver's, from
+    # what decoding said (the engine never sees a file).
+    note: str | None = None
     error: PairError | None = None
-    meta: images.PhotoMeta | None = None  # what the output keeps of its photo (date, camera, GPS)
 
     @property
     def ok(self) -> bool:
@@ -215,15 +99,20 @@ def is_oom(e: BaseException) -> bool:
         isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
+def _no_styles(key: str, long_side: int) -> torch.Tensor:
+    raise PairError("internal", f"no style images were given to the engine (style {key})")
+
+
 class Engine:
     """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size.
 
     `config` defaults to resolve(settings, device type); a test passes resolve(settings, "cuda") to run
-    the GPU configuration on the CPU, a benchmark its own OptimConfig in a DeviceConfig.
+    the GPU configuration on the CPU, a benchmark its own OptimConfig in a DeviceConfig. `style_pixels`
+    gives a style's image by its key (files.stage.StyleImages, built from the plan's paths).
     """
 
     def __init__(self, settings: Settings, device: torch.device | None = None, config: DeviceConfig | None = None,
-                 free_memory: memory.FreeMemory | None = None):
+                 free_memory: memory.FreeMemory | None = None, style_pixels: StylePixels | None = None):
         from .vgg import load_vgg19
 
         # Bytes a pair may still use on the device (memory.free_bytes; a test passes its own; None: unknown)
@@ -245,13 +134,9 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         if s.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
-        # style hash -> decoded image or the PairError it raised (the STYLE_IMAGES most recent), and
-        # style hash -> {(long side, ...): targets} (the STYLE_CACHE most recent styles)
-        self._style_images: OrderedDict[str, object] = OrderedDict()
-        self._style_targets: OrderedDict[str, dict[tuple, losses.Targets]] = OrderedDict()
-        self._style_hash: dict[Path, str] = {}
-        self._style_meta: dict[str, images.PhotoMeta] = {}  # style hash -> its notes (a broken ICC profile)
-        self._models: dict[str, network.TransformerNet] = {}  # style hash -> trained network
+        self.style_pixels = style_pixels or _no_styles  # the driver's, which also knows what decoding noted
+        self.styles = StyleTargets(self.style_pixels, self._targets_of, self.device)
+        self.models = Models(self.device)
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
         self._setups: dict[Overrides, Setup] = {(): Setup(s, self.objective, self.optim)}
         self._objectives: dict[Objective, Objective] = {self.objective: self.objective}  # one per distinct weights
@@ -272,27 +157,6 @@ class Engine:
 
     # -- style targets
 
-    def _style_image(self, path: Path, key: str):
-        if key in self._style_images:
-            self._style_images.move_to_end(key)
-        else:
-            while len(self._style_images) >= STYLE_IMAGES:
-                self._style_images.popitem(last=False)
-            try:
-                self._style_images[key] = images.load_rgb(path, self.settings.max_megapixels)
-                self._style_meta[key] = images.photo_meta(self._style_images[key])
-            except PairError as e:
-                self._style_images[key] = PairError(e.kind, f"style {e}")
-        im = self._style_images[key]
-        if isinstance(im, PairError):
-            raise im
-        return im
-
-    def _style_side(self, im: Image.Image, long_side: int) -> int:
-        # A coarse scale of a small output could shrink a wide style under VGG's minimum: keep its
-        # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
-        return max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
-
     def _targets_of(self, t: torch.Tensor) -> losses.Targets:
         """Gram targets of style image(s) (N, 3, h, w) on the device: one forward pass, no gradient."""
         if self.optim.channels_last:
@@ -305,115 +169,49 @@ class Engine:
         self.style_passes += 1
         return targets
 
-    def style_targets(self, path: Path, style_hash: str, long_side: int) -> losses.Targets:
-        held = self._style_targets.get(style_hash)
-        if held is not None:
-            self._style_targets.move_to_end(style_hash)
-            if long_side in held:
-                return held[long_side]
-        im = self._style_image(path, style_hash)
-        side = self._style_side(im, long_side)
-        if held is None:
-            while len(self._style_targets) >= STYLE_CACHE:
-                self._style_targets.popitem(last=False)
-            held = self._style_targets[style_hash] = {}
-        if side not in held:
-            held[side] = self._targets_of(to_tensor(im, side).to(self.device))
-        held[long_side] = held[side]  # asked for by the requested size next time (objective and weights are the engine's own)
-        return held[side]
+    def style_targets(self, key: str, long_side: int) -> losses.Targets:
+        """A style's targets at this working long side (computed once, then kept)."""
+        return self.styles.style(key, long_side)
 
-    def blend_targets(self, members: tuple[Member, ...], blend_hash: str, long_side: int) -> losses.Targets:
-        """A blend's targets: the weighted sum of its members' Gram targets, each member at the same
-        working long side (the style cache keeps the members' and the blend's)."""
-        held = self._style_targets.get(blend_hash)
-        if held is not None and long_side in held:
-            self._style_targets.move_to_end(blend_hash)
-            return held[long_side]
-        parts = [self.style_targets(m.path, self._file_hash(m.path, m.hash), long_side) for m in members]
-        targets = losses.blend(parts, [m.weight for m in members])
-        if blend_hash not in self._style_targets:
-            while len(self._style_targets) >= STYLE_CACHE:
-                self._style_targets.popitem(last=False)
-            self._style_targets[blend_hash] = {}
-        self._style_targets[blend_hash][long_side] = targets
-        return targets
-
-    def photo_style_targets(self, path: Path, style_hash: str, long_side: int, photo: torch.Tensor,
-                            mode: str) -> losses.Targets:
-        """Targets of the style made to suit each photo of `photo` (B, 3, H, W) for `colors: preserve`
-        or `match` (colors.for_style): batch B, one per photo. Not cached: they depend on the photo, and
-        a run makes each (photo, style) pair once, so a cache keyed by both would never be hit again;
-        they cost one forward pass per scale, next to the hundreds of steps of the pair itself."""
-        im = self._style_image(path, style_hash)  # the decoded image is cached, as for `style`
-        style = to_tensor(im, self._style_side(im, long_side)).to(self.device)
-        return self._targets_of(colors.for_style(style, photo, mode))
-
-    def _file_hash(self, path: Path, given: str | None) -> str:
-        if given is not None:
-            return given
-        path = Path(path)
-        if path not in self._style_hash:  # the cache is keyed by content, not name: hash once per process
-            self._style_hash[path] = file_hash(path)
-        return self._style_hash[path]
-
-    def _hash_of(self, job: Job) -> str:
-        return self._file_hash(job.style_path, job.style_hash)
+    def job_targets(self, job: Job, long_side: int) -> losses.Targets:
+        """`job`'s style targets (a blend's: of its members) for `colors: style`."""
+        if job.members:
+            return self.styles.blend(job.members, job.style_key, long_side)
+        return self.styles.style(job.style_key, long_side)
 
     # -- making
 
     def make(self, jobs: list[Job], on_log: OnLog | None = None,
              on_note: Callable[[str], None] | None = None) -> list[Made]:
         """One Made per job, in order. Jobs of one style whose photos share a working shape are optimised
-        together in batches of up to `batch`; a failure (an undecodable photo, no progress, out of memory
-        twice, a non-finite loss) fails its own job or batch only. `on_log(job, row)` hears every loss row
-        as it is made (the rows are in Made.logs too); `on_note` hears what the out-of-memory policy did."""
+        together in batches of up to `batch`; a failure (no progress, out of memory twice, a non-finite
+        loss, a style that cannot be decoded) fails its own job or batch only. `on_log(job, row)` hears
+        every loss row as it is made (the rows are in Made.logs too); `on_note` hears what the
+        out-of-memory policy did."""
         made: list[Made | None] = [None] * len(jobs)
-        groups: dict[tuple, list[tuple[int, Image.Image]]] = {}
-        metas: list[images.PhotoMeta | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            try:
-                im = job.image if job.image is not None else images.load_rgb(Path(job.content_path),
-                                                                             self.settings.max_megapixels)
-            except PairError as e:
-                made[i] = Made(job, error=e)
-                continue
-            metas[i] = images.photo_meta(im)
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
-            key = (str(job.style_path), job.style_hash, job.members, job.overrides,
-                   images.fit_long_side(*im.size, self.settings.size), job.method, job.model)
-            groups.setdefault(key, []).append((i, im))
+            key = (job.style_key, job.members, job.overrides, tuple(job.photo.shape[-2:]), job.method, job.model)
+            groups.setdefault(key, []).append(i)
         batch = self.settings.batch
         for group in groups.values():
             for k in range(0, len(group), batch):
                 part = group[k:k + batch]
                 try:
-                    results = self._make_with_oom_retry([jobs[i] for i, _ in part], [im for _, im in part],
-                                                        on_log, on_note or (lambda _: None), self.settings.size)
+                    results = self._make_with_oom_retry([jobs[i] for i in part], on_log, on_note or (lambda _: None))
                 except Exception as e:  # this batch fails; the others go on
                     err = e if isinstance(e, PairError) else PairError("internal", f"{type(e).__name__}: {e}")
-                    results = [Made(jobs[i], error=err) for i, _ in part]
-                for (i, _), m in zip(part, results):
-                    m.meta, m.note = metas[i], self._noted(m, metas[i])
+                    results = [Made(jobs[i], error=err) for i in part]
+                for i, m in zip(part, results):
                     made[i] = m
         assert all(m is not None for m in made)
         return made  # type: ignore[return-value]
 
-    def _noted(self, m: Made, photo: images.PhotoMeta | None) -> str | None:
-        """The Made's note, plus what colour management could not do (an unusable ICC profile): the photo
-        or style (each member of a blend, whose own hash keys no image) is still used, as sRGB, and the pair
-        says so."""
-        job = m.job
-        styles = ([(f"style {x.path.name}", self._style_meta.get(self._file_hash(x.path, x.hash))) for x in job.members]
-                  or [("style", self._style_meta.get(self._hash_of(job)))])
-        notes = [m.note] + [f"{what}: {meta.note}" for what, meta in [("photo", photo), *styles]
-                            if meta is not None and meta.note]
-        return "; ".join(n for n in notes if n) or None
-
-    def _batch(self, jobs: list[Job], ims: list, size: int, on_log: OnLog | None) -> list[Made]:
+    def _batch(self, jobs: list[Job], on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""
-        content = torch.cat([to_tensor(im, size) for im in ims]).to(self.device)
+        content = torch.cat([j.photo for j in jobs]).to(self.device)
         job = jobs[0]
-        style_path, style_hash = Path(job.style_path), self._hash_of(job)
         setup = self.setup(job.overrides)
         full_long = max(content.shape[-2:])
         style_full = setup.settings.style_px(full_long)  # a fraction follows the size actually made
@@ -424,13 +222,9 @@ class Engine:
         def style_for(h: int, w: int) -> losses.Targets:
             long_side = max(MIN_SIDE, round(style_full * max(h, w) / full_long))
             if mode == "style":
-                if job.members:
-                    return self.blend_targets(job.members, style_hash, long_side)
-                return self.style_targets(style_path, style_hash, long_side)
+                return self.job_targets(job, long_side)
             # preserve / match: the style (each member of a blend) made to suit the photo, then blended.
-            members = job.members or (Member(style_path, 1.0, style_hash),)
-            return losses.blend([self.photo_style_targets(m.path, self._file_hash(m.path, m.hash), long_side, content, mode)
-                                 for m in members], [m.weight for m in members])
+            return self.styles.for_photo(job.weighted(), long_side, content, mode)
 
         def logged(rows: list[LogRow]) -> None:
             for job, log, row in zip(jobs, logs, rows):
@@ -440,7 +234,7 @@ class Engine:
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
             res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
-                          init=network.apply(self.model(self._model_key(job)), content))
+                          init=network.apply(self.models.get(self._model_key(job)), content))
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
             # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
@@ -459,7 +253,7 @@ class Engine:
                              error=progress_error(one, setup.optim)))
         return made
 
-    # -- learned per-style networks (issue 13): states in and out, the runner keeps the files
+    # -- learned per-style networks: states in and out, the driver keeps the files
 
     def refine_config(self, setup: Setup) -> OptimConfig:
         return dataclasses.replace(setup.optim, steps=self.settings.refine_steps, scales=(1.0,))
@@ -470,55 +264,53 @@ class Engine:
         setup = self.setup(job.overrides)
         return self.refine_config(setup) if job.method == "network" else setup.optim
 
-    def train(self, job: Job, photos: list[Image.Image], state: dict | None, until: int,
+    def train(self, job: Job, photos: list[torch.Tensor], state: dict | None, until: int,
               on_loss: Callable[[int, losses.LossTerms], None] | None = None,
               should_pause: Callable[[int], bool] | None = None) -> dict:
-        """Train the network of `job`'s style up to step `until` on `photos` (the collection's, decoded),
-        from `state` (network.state_dict; None: afresh, seeded by `seed`), and return the new state.
+        """Train the network of `job`'s style up to step `until` on `photos` (the collection's, each
+        (1, 3, H, W) at `size` on the CPU; each step's crops move to the device), from `state`
+        (network.state_dict; None: afresh, seeded by `seed`), and return the new state.
         `should_pause(step)` lets the driver stop early to save a checkpoint; it calls again to go on."""
         setup = self.setup(job.overrides)  # the style's own weights and style size (per_style)
         s = setup.settings
         if s.colors != "style":  # the plan refuses it (training.assign): a network learns one set of targets
             raise ValueError(f"method network with colors {s.colors!r}")
-        tensors = [to_tensor(im, s.size) for im in photos]  # on the CPU; each step's crops move to the device
-        long_side = s.style_px(s.size)
-        targets = (self.blend_targets(job.members, self._hash_of(job), long_side) if job.members
-                   else self.style_targets(Path(job.style_path), self._hash_of(job), long_side))
+        targets = self.job_targets(job, s.style_px(s.size))
         st = network.new_state(s.seed, self.device) if state is None else network.from_state_dict(state, self.device)
-        network.train_steps(st, self.net, setup.objective, tensors, targets, until, self.optim.autocast_dtype,
+        network.train_steps(st, self.net, setup.objective, photos, targets, until, self.optim.autocast_dtype,
                             on_loss, (lambda t: should_pause(t.step)) if should_pause else None)
         return network.state_dict(st)
 
     def _model_key(self, job: Job) -> str:
-        return job.model if job.model is not None else self._hash_of(job)
+        return job.model if job.model is not None else job.style_key
 
     def load_model(self, job: Job, state: dict) -> None:
         """Use this trained state for `job`'s model (Job.model; Job.method network)."""
-        self._models[self._model_key(job)] = network.from_state_dict(state, self.device).net.eval()
+        self.models.load(self._model_key(job), state)
 
     def has_model(self, job: Job) -> bool:
-        return self._model_key(job) in self._models
+        return self._model_key(job) in self.models
 
     def model(self, key: str) -> network.TransformerNet:
-        """A loaded network by its key: the model's recipe (Job.model), else the style hash."""
-        if key not in self._models:
-            raise PairError("internal", "no trained network for this style was loaded")
-        return self._models[key]
+        """A loaded network by its key: the model's recipe (Job.model), else the style key."""
+        return self.models.get(key)
 
-    def _make_with_oom_retry(self, jobs: list[Job], ims: list, on_log: OnLog | None,
-                             on_note: Callable[[str], None], size: int) -> list[Made]:
+    # -- the memory policy
+
+    def _make_with_oom_retry(self, jobs: list[Job], on_log: OnLog | None, on_note: Callable[[str], None]) -> list[Made]:
         """Before starting, the batch's predicted peak (memory.need) is compared with the free memory: a batch
         that would not fit is split into single jobs, and a single job that would not fit fails as `oom`
         naming the largest size that would (on Linux a CPU run past its memory is killed, not told). A real
         out-of-memory error does the same: a batch is split, a single job fails. Never made smaller instead:
         an image marked done must be the size its recipe says."""
-        w, h = images.fit_long_side(*ims[0].size, size)
+        size = self.settings.size
+        h, w = jobs[0].photo.shape[-2:]
         free = self.free_memory(self.device)
         cfg = self.optim_for(jobs[0])  # the batch's own steps (one style, one method): L-BFGS's history grows with them
         predicted = memory.need(h, w, len(jobs), cfg.optimizer, cfg.steps)
         if free is None or predicted.bytes <= free:
             try:
-                return self._batch(jobs, ims, size, on_log)
+                return self._batch(jobs, on_log)
             except Exception as e:
                 if not is_oom(e):
                     raise
@@ -533,8 +325,9 @@ class Engine:
         if len(jobs) > 1:
             on_note(f"a batch of {len(jobs)} {'ran out of memory' if below < size else 'would not fit in memory'}; "
                     "making them one at a time")
-            return [m for job, im in zip(jobs, ims) for m in self._make_with_oom_retry([job], [im], on_log, on_note, size)]
-        fits = None if free is None else memory.largest_fitting(*ims[0].size, free, 1, cfg.optimizer, cfg.steps, below)
+            return [m for job in jobs for m in self._make_with_oom_retry([job], on_log, on_note)]
+        # The photo's shape at its working size: its aspect is what the sizes that would fit follow.
+        fits = None if free is None else memory.largest_fitting(w, h, free, 1, cfg.optimizer, cfg.steps, below)
         advice = f"{fits} px would fit" if fits else "no smaller size would fit"
         raise PairError("oom", f"{why}; {advice}; lower 'size'")
 

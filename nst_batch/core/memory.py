@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..config.objective import MIN_SIDE
-from ..files.images import fit_long_side
+from ..files.decode import fit_long_side
 
 MiB = 1 << 20
 GiB = 1 << 30

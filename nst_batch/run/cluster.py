@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import training
-from ..core.engine import Engine, Job, encode
+from ..core.engine import Engine
 from ..errors import ConfigError, NstError, PairError, WeightsError
 from ..files.layout import thumb_path
 from ..batch.ledger import Ledger, Row, worker_id
@@ -37,10 +37,13 @@ from .lifecycle import Heartbeat, Interrupted, Signals
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
 from ..core.optimize import LogRow
-from ..batch.plan import recipe_settings
+from ..batch.plan import Pair, recipe_settings
+from ..files.encode import encode
+from ..files.stage import StyleImages, load_photo, write_output
+from .jobs import job_for, note_for
 from .progress import Display
 from ..batch.shards import check_layout
-from .runner import Books, RunResult, Work, absolute_paths, job_for, plan_for, prepare, write_output
+from .runner import Books, RunResult, Work, absolute_paths, plan_for, prepare
 
 INSTALL_HINT = "--ray needs Ray, an optional extra: pip install 'nst-batch[ray]'"
 DRIVER_LOCK = ".nst-ray-driver.lock"  # in OUT: held (flock) by the one Ray driver working on it
@@ -77,7 +80,7 @@ class Outcome:
     (kind, message), since PairError does not pickle."""
 
     data: bytes | None
-    thumb: bytes | None  # the report's thumbnail (images.thumbnail_jpeg), made where the image is
+    thumb: bytes | None  # the report's thumbnail (encode.thumbnail_jpeg), made where the image is
     logs: list[LogRow]
     final: LogRow | None
     steps: int
@@ -98,7 +101,7 @@ class EngineWorker:
         self.error: tuple[int, str] | None = None
         self.engine: Engine | None = None
         try:
-            self.engine = Engine(settings)
+            self.engine = Engine(settings, style_pixels=StyleImages(settings.max_megapixels))
         except NstError as e:
             self.error = (e.exit_code, str(e))
 
@@ -108,18 +111,38 @@ class EngineWorker:
             return ("error", *self.error)
         return ("ok", self.engine.settings, str(self.engine.device), os.getpid())
 
-    def make(self, jobs: list[Job]) -> list[Outcome]:
+    def make(self, claimed: list[tuple[Row, Pair | None]]) -> list[Outcome]:
+        """One Outcome per claimed (row, pair), in order: each photo decoded here (once for all its styles),
+        the jobs made as the local driver makes them (jobs.job_for), the images encoded here."""
         s = self.engine.settings
+        styles = self.engine.style_pixels
+        photos: dict[str, Any] = {}  # path -> (tensor, PhotoMeta), or the PairError decoding it raised
+        jobs, metas, failed = [], [], {}
+        for i, (row, pair) in enumerate(claimed):
+            try:
+                if row.content_path not in photos:
+                    try:
+                        photos[row.content_path] = load_photo(Path(row.content_path), s.size, s.max_megapixels)
+                    except PairError as e:
+                        photos[row.content_path] = e
+                if isinstance(photos[row.content_path], PairError):
+                    raise photos[row.content_path]
+                photo, meta = photos[row.content_path]
+                jobs.append((i, job_for(row, pair, photo, styles)))
+                metas.append(meta)
+            except PairError as e:
+                failed[i] = Outcome(None, None, [], None, 0, None, (e.kind, str(e)), 0.0)
         t0 = time.perf_counter()
-        made = self.engine.make(jobs)
+        made = self.engine.make([j for _, j in jobs])
         took = time.perf_counter() - t0
-        outcomes = []
-        for m in made:
-            enc = encode(m, s) if m.ok else None  # the file carries the photo's metadata, read where it was decoded
-            outcomes.append(Outcome(enc.data if enc else None, enc.thumb if enc else None,
-                                    m.logs, m.final, m.steps, m.note, None if m.ok else (m.error.kind, str(m.error)),
-                                    took))
-        return outcomes
+        outcomes: dict[int, Outcome] = dict(failed)
+        for (i, _), m, meta in zip(jobs, made, metas):
+            # The file carries the photo's metadata, read where it was decoded.
+            enc = encode(m.image, meta, s) if m.ok else None
+            outcomes[i] = Outcome(enc.data if enc else None, enc.thumb if enc else None, m.logs, m.final, m.steps,
+                                  note_for(m, meta, styles) if m.ok else None,
+                                  None if m.ok else (m.error.kind, str(m.error)), took)
+        return [outcomes[i] for i in range(len(claimed))]
 
 
 # -- the driver --------------------------------------------------------------------------------------
@@ -148,7 +171,7 @@ def run_ray(settings: Settings, display: Display, options: RayOptions, only_fail
             retry: bool = False) -> RunResult:
     """`runner.run` with Ray actors computing the pairs. Raises ConfigError (exit 2) without Ray, when
     the cluster cannot be reached or has nothing to run on, or when another driver holds OUT."""
-    if settings.method == "network":  # issue 13: only the local driver trains networks (auto: optimize here)
+    if settings.method == "network":  # only the local driver trains networks (auto: optimize here)
         raise ConfigError("--ray does not train per-style networks yet: use method optimize or auto (key 'method')")
     ray = import_ray()
     check_layout(settings.out, None)  # a sharded OUT is not a Ray driver's: refused before anything starts
@@ -304,7 +327,7 @@ def _drive(ray, ledger: Ledger, s: Settings, display: Display, work: Work, worke
         rows = claim_for(slot)
         if not rows:
             return False
-        call = _Call(slot.handle.make.remote([job_for(r, work.pairs) for r in rows]), rows)
+        call = _Call(slot.handle.make.remote([(r, work.pairs.get((r.content, r.style))) for r in rows]), rows)
         if not slot.calls:
             slot.head_since = time.time()
         slot.calls.append(call)

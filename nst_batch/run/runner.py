@@ -5,7 +5,7 @@ any number of processes can share an output folder; it decodes the next photo on
 engine computes, hands the claimed pairs to `engine.Engine.make`, writes each image and its loss
 rows, and records every outcome; one bad pair never stops the others. Signals, heartbeats and
 temporary-file cleanup are `lifecycle`'s. What any driver does around the engine (plan and ledger
-set-up: `plan_for`, `prepare`; writing an image: `write_output`; recording an end: `Books`) is here
+set-up: `plan_for`, `prepare`; a pair's job: `jobs.job_for`; recording an end: `Books`) is here
 too, and `cluster`'s Ray driver calls the same functions.
 """
 
@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import socket
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from ..files import images
 from . import training
-from ..core.engine import Engine, Job, Made, encode
+from ..core.engine import Engine, Job
 from ..errors import ConfigError, PairError
-from ..files.layout import thumb_path, write_atomic
+from ..files.layout import thumb_path
+from ..files.stage import IOStage, StyleImages
+from .jobs import job_for, note_for
 from ..batch.ledger import Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals, remove_stale_temporaries
 from ..files.losslog import LossLog, curve_record
@@ -54,7 +54,7 @@ def run(settings: Settings, display: Display, only_failed_kinds: list[str] | Non
         check_layout(out, shard)
     # The model and device first: a weights typo must fail before the ledger is touched, or the
     # recipe change it implies would send every finished pair back to pending.
-    engine = Engine(settings)
+    engine = Engine(settings, style_pixels=StyleImages(settings.max_megapixels))
     # The engine resolved precision for its device (auto: bf16 on CUDA, fp32 elsewhere): the recipe records that.
     resolved = engine.settings
     plan, hashes = plan_for(resolved, shards)
@@ -170,33 +170,6 @@ def prepare(ledger: Ledger, settings: Settings, resolved: Settings, plan: Plan, 
     return Work(pairs, {k: p.recipe for k, p in pairs.items()}, only, already, todo)
 
 
-def write_output(path: Path, data: bytes, thumb: tuple[Path, bytes] | None = None) -> float:
-    """An encoded image into place atomically, then its thumbnail (path, JPEG bytes), so the report never
-    decodes the outputs again; the time the image got there. A refused image fails the pair as `write`;
-    a refused thumbnail does not (the report makes it later)."""
-    try:
-        write_atomic(path, lambda f: f.write(data))
-    except OSError as e:
-        raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
-    finished = time.time()  # the pair's end: the ledger may hear of it a little later
-    if thumb is not None:
-        try:  # after the image: the thumbnail is the newer file, which the report keeps
-            write_atomic(thumb[0], lambda f: f.write(thumb[1]), durable=False)  # a cache: no fsync
-        except OSError:
-            pass
-    return finished
-
-
-def job_for(row: Row, pairs: dict[tuple[str, str], Pair], image=None) -> Job:
-    """The engine's job for a claimed row; the plan's style hash keys the engine's style cache, and the
-    plan's pair says what a blend is made of and the style's per_style overrides."""
-    pair = pairs.get((row.content, row.style))
-    if pair is None:
-        return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), image=image)
-    return Job(row.content, row.style, Path(row.content_path), Path(row.style_path), style_hash=pair.style_hash,
-               image=image, members=pair.members, overrides=pair.overrides)
-
-
 class Books:
     """A pair's end as every driver records it: the ledger's word (done only while this worker still
     holds the claim under its recipe), the heartbeat let go, the run's result and the display."""
@@ -256,60 +229,6 @@ def absolute_paths(settings: Settings) -> Settings:
                             out=settings.out.resolve())
 
 
-class _BackgroundIO:
-    """Decodes the next content image and encodes finished outputs on threads, overlapped with compute.
-
-    Pillow releases the GIL while it decodes, resizes and encodes, so on a GPU the next pair's
-    photo is ready and the last pair's PNG is written while VGG runs. A pair is marked done only
-    after its file is on disk: a crash before that leaves it `running`, and it is redone.
-    """
-
-    def __init__(self, max_megapixels: float):
-        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="nst-io")
-        self.max_mp = max_megapixels
-        self.loads: dict[str, Future] = {}
-        self.writes: list[tuple[Row, Future, Made]] = []
-        # The photo last handed out: plans run photo by photo, so its next styles reuse it (decoded once).
-        self.last: tuple[str, object] | None = None
-
-    def prefetch(self, path: str) -> None:
-        # One look-ahead only: a photo another worker took instead must not pile up in memory.
-        for other in [p for p in self.loads if p != path]:
-            self.loads.pop(other).cancel()
-        if path not in self.loads and (self.last is None or self.last[0] != path):
-            self.loads[path] = self.pool.submit(images.load_rgb, Path(path), self.max_mp)
-
-    def content(self, path: str):
-        if self.last is not None and self.last[0] == path:
-            return self.last[1]
-        fut = self.loads.pop(path, None)
-        self.last = None  # before decoding: two photos in memory at most (this one and the look-ahead)
-        im = fut.result() if fut is not None else images.load_rgb(Path(path), self.max_mp)
-        self.last = (path, im)
-        return im
-
-    def write(self, row: Row, made: Made, path: Path, settings: Settings, thumb: Path) -> None:
-        def save() -> float:
-            enc = encode(made, settings)
-            return write_output(path, enc.data, (thumb, enc.thumb))
-
-        self.writes.append((row, self.pool.submit(save), made))
-
-    def finished(self, wait: bool = False):
-        """Yield (row, made, error, finished_at) for writes that are over (all of them if wait)."""
-        still = []
-        for row, fut, made in self.writes:
-            if wait or fut.done():
-                error = fut.exception()
-                yield row, made, error, (time.time() if error else fut.result())
-            else:
-                still.append((row, fut, made))
-        self.writes = still
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: str, folder: Path,
           networks: tuple[dict, dict] = ({}, {})) -> RunResult:
     """`folder`: where the ledger and the loss log are (OUT, or a shard's folder); images go to OUT."""
@@ -319,14 +238,15 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
     result = RunResult()
     loss_log = LossLog(folder)
     trainer = training.Trainer(folder, ledger, engine, *networks, loss_log, display.note)
-    io = _BackgroundIO(s.max_megapixels)
+    io = IOStage(s.size, s.max_megapixels)
+    styles = engine.style_pixels  # a StyleImages (run): where each style key's file is
     beat = Heartbeat(folder, worker, every=max(1.0, s.lease_s / 4))
     books = Books(ledger, worker, display, beat, result)
     record_failure = books.failed
     writing: set[int] = set()  # computed, file being written: kept (not released) on Ctrl-C
 
     def settle(wait: bool = False) -> None:
-        for row, made, error, finished_at in io.finished(wait):
+        for (row, made), error, finished_at in io.finished(wait):
             writing.discard(row.id)
             if error is not None:
                 record_failure(row, error)
@@ -348,10 +268,11 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                 while len(claimed) < s.batch and (r := claim(first.style)):
                     claimed.append(r)
                 signals.check()
-                rows, jobs = [], []
+                rows, jobs, metas = [], [], []
                 for r in claimed:  # photos decoded here (on the I/O thread when prefetched); a bad one fails now
                     try:
-                        job = trainer.job(job_for(r, pairs, io.content(r.content_path)))
+                        photo, meta = io.photo(r.content_path)
+                        job = trainer.job(job_for(r, pairs.get((r.content, r.style)), photo, styles))
                         if job.method == "network":  # trained (with checkpoints) or loaded, once per style
                             signals.computing = True  # Ctrl-C stops training at once: the checkpoint stays
                             try:
@@ -360,6 +281,7 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                                 signals.computing = False
                         jobs.append(job)
                         rows.append(r)
+                        metas.append(meta)
                     except Exception as e:
                         record_failure(r, e)
                 nxt = ledger.peek(only, recipes)  # decoded on a thread while this batch computes
@@ -384,11 +306,12 @@ def _work(ledger: Ledger, engine: Engine, display: Display, work: Work, worker: 
                     signals.computing = False
                 if any(not m.ok for m in made):
                     signals.check()  # an Interrupted that a library wrapped is still a Ctrl-C
-                for r, m in zip(rows, made):
+                for r, m, meta in zip(rows, made, metas):
                     if m.error is not None:  # this pair failed; the others of its batch go on
                         record_failure(r, m.error)
                         continue
-                    io.write(r, m, out / r.output, s, out / thumb_path("o", r.output))
+                    m.note = note_for(m, meta, styles)
+                    io.write((r, m), m.image, meta, s, out / r.output, out / thumb_path("o", r.output))
                     writing.add(r.id)
                 signals.check()
                 settle()

@@ -1,4 +1,4 @@
-"""The driver's side of learned per-style networks (issue 13): which method makes each pair, the model
+"""The driver's side of learned per-style networks: which method makes each pair, the model
 and pair recipes, and the checkpoints under <ledger folder>/models/ (OUT/models/ for an unsharded run).
 
 The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
@@ -22,11 +22,11 @@ from typing import Callable
 
 import torch
 
-from ..files import images
 from ..core import network
 from ..core.engine import Engine, Job
 from ..errors import ConfigError, PairError
 from ..files.layout import MODELS, write_atomic
+from ..files.stage import load_photo
 from ..batch.ledger import Ledger
 from ..files.losslog import LossLog, curve_record, parse_curve
 from ..config.manifest import Settings
@@ -222,7 +222,7 @@ class Trainer:
         photos = []
         for p in sm.photos:
             try:
-                photos.append(images.load_rgb(p, s.max_megapixels))
+                photos.append(load_photo(p, s.size, s.max_megapixels)[0])  # at the working size, on the CPU
             except PairError:
                 continue  # an unreadable photo fails its own pairs; the network trains on the others
         if not photos:

@@ -13,7 +13,9 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.run import runner
-from nst_batch.core.engine import Engine, Job
+from nst_batch.core.engine import Engine
+from nst_batch.files.stage import load_photo
+from nst_batch.run.jobs import note_for
 from nst_batch.errors import ConfigError
 from nst_batch.batch.ledger import Ledger
 from nst_batch.config.manifest import Settings
@@ -21,7 +23,7 @@ from nst_batch.config.manifest import Member
 from nst_batch.batch.plan import make_plan, recipe_settings
 from nst_batch.run.progress import Display
 
-from conftest import make_image
+from conftest import engine_of as new_engine, make_image, path_job
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
@@ -103,7 +105,7 @@ def engine_of():
 
     def get(s: Settings) -> Engine:
         if s not in made:
-            made[s] = Engine(s)
+            made[s] = new_engine(s)
         return made[s]
 
     return get
@@ -119,10 +121,11 @@ def _settings(tmp_path: Path, **kw) -> Settings:
 def test_blend_targets_are_the_weighted_gram_targets(folder, engine_of):
     s = _settings(folder)
     e = engine_of(s)
-    a, b = Member(s.styles / "a.png", 1.0), Member(s.styles / "b.png", 0.0)
-    only_a = e.blend_targets((a, b), "blend:1-0", 32)
-    ta, tb = e.style_targets(a.path, "A", 32), e.style_targets(b.path, "B", 32)
-    half = e.blend_targets((Member(a.path, 0.5), Member(b.path, 0.5)), "blend:half", 32)
+    e.style_pixels.add("A", s.styles / "a.png")
+    e.style_pixels.add("B", s.styles / "b.png")
+    only_a = e.styles.blend((("A", 1.0), ("B", 0.0)), "blend:1-0", 32)
+    ta, tb = e.style_targets("A", 32), e.style_targets("B", 32)
+    half = e.styles.blend((("A", 0.5), ("B", 0.5)), "blend:half", 32)
     for n in ta.tensors:
         torch.testing.assert_close(only_a.tensors[n], ta.tensors[n], rtol=0, atol=0)
         torch.testing.assert_close(only_a.norms[n], ta.norms[n])
@@ -134,8 +137,9 @@ def test_style_size_as_a_fraction_of_the_output(folder, engine_of):
     """0.5 at size 32 is the style at 16 px: the same pixels as style_size 16, others than style_size null.
     (Set per style here, to load one model; the next test sets it for the whole run.)"""
     s = _settings(folder)
-    half, px16, full = engine_of(s).make([Job("p.png", "a.png", s.content / "p.png", s.styles / "a.png",
-                                              overrides=(("style_size", v),)) for v in (0.5, 16, None)])
+    e = engine_of(s)
+    half, px16, full = e.make([path_job(e, s.content / "p.png", s.styles / "a.png", overrides=(("style_size", v),))
+                               for v in (0.5, 16, None)])
     assert half.ok and px16.ok and full.ok, (half.error, px16.error, full.error)
     assert torch.equal(half.image, px16.image) and not torch.equal(half.image, full.image)
 
@@ -145,25 +149,29 @@ def test_each_job_is_made_with_its_own_styles_settings(folder, engine_of):
     own settings are those overrides; jobs of other settings are never batched together."""
     s = _settings(folder)
     e = engine_of(s)
-    plain = Job("p.png", "b.png", s.content / "p.png", s.styles / "b.png")
-    strong = Job("p.png", "b.png", s.content / "p.png", s.styles / "b.png",
-                 overrides=(("style_weight", 30.0), ("style_size", 0.5), ("steps", 2)))
+    plain = path_job(e, s.content / "p.png", s.styles / "b.png")
+    strong = path_job(e, s.content / "p.png", s.styles / "b.png",
+                      overrides=(("style_weight", 30.0), ("style_size", 0.5), ("steps", 2)))
     m_plain, m_strong = e.make([plain, strong])
     assert m_plain.ok and m_strong.ok and m_plain.steps == 3 and m_strong.steps == 2
-    alone = engine_of(s.replace(style_weight=30.0, style_size=0.5, steps=2)).make([plain])[0]
+    other = engine_of(s.replace(style_weight=30.0, style_size=0.5, steps=2))
+    alone = other.make([path_job(other, s.content / "p.png", s.styles / "b.png")])[0]
     assert torch.equal(m_strong.image, alone.image) and not torch.equal(m_strong.image, m_plain.image)
     assert m_strong.final.style != m_plain.final.style
 
 
 def test_a_blend_members_unusable_profile_is_noted_on_the_pair(folder, engine_of):
     """As a style's own unusable ICC profile is: the member is used as sRGB, and the pair says so (the note
-    was looked up by the blend's hash, which keys no image, so a member's was never seen)."""
+    is looked up by each member's key, not by the blend's, which keys no image). The driver joins it
+    (run.jobs.note_for) from what decoding said; the engine never sees it."""
     s = _settings(folder)
     broken = folder / "broken.png"  # outside the styles folder: the other tests' plans stay as they are
     Image.fromarray(np.asarray(Image.open(s.styles / "a.png"))).save(broken, icc_profile=b"not a profile at all")
     members = (Member(s.styles / "b.png", 0.5), Member(broken, 0.5))
-    (m,) = engine_of(s).make([Job("p.png", "mix", s.content / "p.png", members[0].path, style_hash="blend:noted",
-                                  members=members)])
+    e = engine_of(s)
+    (m,) = e.make([path_job(e, s.content / "p.png", members[0].path, style="mix", key="blend:noted", members=members)])
+    meta = load_photo(s.content / "p.png", s.size, s.max_megapixels)[1]
+    m.note = note_for(m, meta, e.style_pixels)
     assert m.ok and m.note is not None and "style broken.png: its ICC profile is unreadable" in m.note, m.note
 
 

@@ -12,9 +12,11 @@ from PIL import Image
 
 from nst_batch.core import colors
 from nst_batch.files import images
-from nst_batch.core.engine import Engine, Job, to_tensor
+from nst_batch.files.decode import to_tensor
 from nst_batch.config.manifest import Settings
 from nst_batch.config.manifest import Member
+
+from conftest import engine_of, path_job
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
@@ -101,26 +103,24 @@ def test_a_grey_painting_is_recoloured_without_nan():
 # -- on real outputs ---------------------------------------------------------------------------------
 
 
-def _make(mode: str, jobs: list[Job]) -> list:
+def _make(mode: str, photos: list[str]) -> list:
     s = Settings(content=ROOT / "data/content", styles=ROOT / "data/styles", size=48, steps=6, log_every=2,
                  scales=(1.0,), device="cpu", layers=LAYERS, style_weight=30.0, colors=mode)
-    made = Engine(s).make(jobs)
+    engine = engine_of(s)
+    made = engine.make([path_job(engine, ROOT / "data/content" / p, ROOT / "data/styles/starry_night.jpg")
+                        for p in photos])
     assert all(m.ok for m in made), [m.error for m in made]
     assert all(m.final.total < m.start.total for m in made)  # each optimised (its own objective)
     return [m.image for m in made]
-
-
-def _job(photo: str) -> Job:
-    return Job(photo, "starry_night.jpg", ROOT / "data/content" / photo, ROOT / "data/styles/starry_night.jpg")
 
 
 @pytest.fixture(scope="module")
 def outputs() -> dict[str, torch.Tensor]:
     """The cat restyled after Starry Night (blue and yellow) in each mode; for `match` a second photo
     (the coffee cup) made after it by the same engine."""
-    (style,) = _make("style", [_job("chelsea.jpg")])
-    (preserve,) = _make("preserve", [_job("chelsea.jpg")])
-    match, coffee = _make("match", [_job("chelsea.jpg"), _job("coffee.jpg")])
+    (style,) = _make("style", ["chelsea.jpg"])
+    (preserve,) = _make("preserve", ["chelsea.jpg"])
+    match, coffee = _make("match", ["chelsea.jpg", "coffee.jpg"])
     return {"style": style, "preserve": preserve, "match": match, "coffee_after_chelsea": coffee}
 
 
@@ -147,7 +147,7 @@ def test_match_recolours_the_style_to_each_photo(outputs):
     assert (colors.mean_cov(out)[0] - pmean).abs().max() < 0.5 * (colors.mean_cov(style)[0] - pmean).abs().max()
     # The targets depend on the photo: a second photo made after the first by the same engine (whose
     # style cache holds Starry Night) is the one a fresh engine makes for it alone.
-    (alone,) = _make("match", [_job("coffee.jpg")])
+    (alone,) = _make("match", ["coffee.jpg"])
     assert torch.equal(outputs["coffee_after_chelsea"], alone)
 
 
@@ -158,9 +158,10 @@ def test_preserve_set_per_style_on_a_blend_keeps_the_photos_colours():
                  scales=(1.0,), device="cpu", layers=LAYERS, style_weight=30.0)
     members = tuple(Member(ROOT / "data/styles" / f, 0.5) for f in ("starry_night.jpg", "great_wave.jpg"))
     photo_path = ROOT / "data/content/chelsea.jpg"
-    job = Job("chelsea.jpg", "dusk", photo_path, members[0].path, style_hash="dusk-blend", members=members,
-              overrides=(("colors", "preserve"),))
-    (made,) = Engine(s).make([job])
+    engine = engine_of(s)
+    job = path_job(engine, photo_path, members[0].path, style="dusk", key="dusk-blend", members=members,
+                   overrides=(("colors", "preserve"),))
+    (made,) = engine.make([job])
     assert made.ok and made.final.total < made.start.total, made.error
     photo = to_tensor(images.load_rgb(photo_path), 48)
     off = (_chroma(made.image) - _chroma(photo)).abs()

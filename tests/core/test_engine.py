@@ -16,12 +16,16 @@ import pytest
 from nst_batch.files import images
 from nst_batch.config import manifest
 from nst_batch.core import memory
-from nst_batch.core.engine import Engine, Job, Made, encode, optim_config, resolve, to_tensor
+from nst_batch.core.engine import Engine, Made, optim_config, resolve
+from nst_batch.errors import PairError
+from nst_batch.files.decode import to_tensor
+from nst_batch.files.encode import encode
+from nst_batch.files.stage import StyleImages, load_photo
 from nst_batch.config.manifest import Settings
 from nst_batch.batch.plan import recipe_settings
 from nst_batch.core.pyramid import auto_scales
 
-from conftest import CountingNet, make_image
+from conftest import CountingNet, engine_of, make_image, path_job
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
@@ -33,8 +37,9 @@ def _settings(folders, **kw) -> Settings:
     return Settings(**{**base, **kw})
 
 
-def _job(s: Settings, content: str, style: str, image=None) -> Job:
-    return Job(content, style, s.content / content, s.styles / style, image=image)
+def _job(engine: Engine, content: str, style: str, photo=None):
+    s = engine.settings
+    return path_job(engine, s.content / content, s.styles / style, photo=photo)
 
 
 def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch):
@@ -43,14 +48,13 @@ def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch)
     monkeypatch.chdir(empty)
     s = _settings(folders)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    engine = Engine(s)
+    engine = engine_of(s)
     logged: list[tuple[str, int]] = []
-    photo = images.load_rgb(s.content / "square.png")
-    made = engine.make([_job(s, "wide.png", "s1.png"), _job(s, "square.png", "s2.jpg", image=photo),
-                        _job(s, "nothing.png", "s1.png")],
+    photo = to_tensor(images.load_rgb(s.content / "square.png"), s.size)
+    made = engine.make([_job(engine, "wide.png", "s1.png"), _job(engine, "square.png", "s2.jpg", photo=photo)],
                        on_log=lambda job, row: logged.append((job.content, row.step)))
-    assert [m.job.content for m in made] == ["wide.png", "square.png", "nothing.png"]
-    wide, square, missing = made
+    assert [m.job.content for m in made] == ["wide.png", "square.png"]
+    wide, square = made
     for m in (wide, square):
         assert m.ok and m.note is None, m.error
         assert m.image.shape[0] == 1 and max(m.image.shape[-2:]) == 32 and m.image.device.type == "cpu"
@@ -58,7 +62,10 @@ def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch)
         assert m.logs[-1].step == m.final.step and [r.step for r in m.logs] == [2, 4]  # log_every 2; the last is final
         assert m.steps == 4
     assert wide.image.shape[-2:] == (20, 32)  # 64x40 at 32 px, aspect kept
-    assert missing.error is not None and missing.error.kind == "unreadable" and missing.image is None
+    # A photo that cannot be read fails at decoding, in the I/O stage, before any job is made of it.
+    with pytest.raises(PairError) as missing:
+        load_photo(s.content / "nothing.png", s.size, s.max_megapixels)
+    assert missing.value.kind == "unreadable"
     assert ("wide.png", 4) in logged and ("square.png", 2) in logged
     # Nothing on disk: not in the working directory, not in OUT, not beside the inputs.
     assert list(empty.iterdir()) == [] and not s.out.exists()
@@ -67,12 +74,11 @@ def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch)
 
 def test_encode_gives_the_bytes_of_the_file_the_runner_would_write(folders):
     t = torch.rand(1, 3, 20, 24)
-    made = Made(Job("c", "s", Path("c"), Path("s")), image=t)
     for fmt, pil in (("png", "PNG"), ("jpg", "JPEG")):
-        enc = encode(made, Settings(format=fmt, quality=90))
+        enc = encode(t, None, Settings(format=fmt, quality=90))
         with Image.open(io.BytesIO(enc.data)) as im, Image.open(io.BytesIO(enc.thumb)) as thumb:
             assert im.format == pil and im.size == (24, 20) and thumb.format == "JPEG"
-    back = to_tensor(Image.open(io.BytesIO(encode(made, Settings()).data)).convert("RGB"), 24)
+    back = to_tensor(Image.open(io.BytesIO(encode(t, None, Settings()).data)).convert("RGB"), 24)
     assert (back - t).abs().max() <= 0.5 / 255 + 1e-6  # PNG is lossless: only the rounding to 8 bits
 
 
@@ -107,24 +113,31 @@ def _two_photos(tmp_path, size=32, batch=2, style_size=None):
     make_image(styles / "s.png", 32, 32, 40)
     s = Settings(content=content, styles=styles, out=tmp_path / "out", size=size, steps=4, log_every=2,
                  scales=(1.0,), device="cpu", layers=LAYERS, batch=batch, style_size=style_size)
-    return s, [Job(f"p{i}.png", "s.png", content / f"p{i}.png", styles / "s.png") for i in range(2)]
+    return s
+
+
+def _jobs(engine: Engine) -> list:
+    s = engine.settings
+    return [path_job(engine, s.content / f"p{i}.png", s.styles / "s.png") for i in range(2)]
 
 
 PLENTY = lambda device: 1 << 40  # noqa: E731  (free memory a test says there is)
 
 
 def test_out_of_memory_splits_a_batch_then_fails_the_pair_as_oom_naming_a_size_that_fits(tmp_path):
-    s, jobs = _two_photos(tmp_path, size=48, style_size=16)  # the style's 256 px always fit
+    s = _two_photos(tmp_path, size=48, style_size=16)  # the style's 256 px always fit
     notes: list[str] = []
 
     # A batch of two 48x32 images (3072 px) is over the budget, one (1536) is not: split, then made as asked.
-    made = _Tight(s, budget=2000).make(jobs, on_note=notes.append)
+    tight = _Tight(s, budget=2000)
+    made = tight.make(_jobs(tight), on_note=notes.append)
     assert all(m.ok and m.note is None and m.image.shape[-2:] == (32, 48) for m in made), made
     assert notes == ["a batch of 2 ran out of memory; making them one at a time"]
 
     # One image is over it too: the pair fails as oom, with no image: never made smaller than its recipe
     # says (it was once made at 34 px, noted, and marked done). The size named has at most half the pixels.
-    made = _Tight(s, budget=1000).make(jobs[:1])
+    tight = _Tight(s, budget=1000)
+    made = tight.make(_jobs(tight)[:1])
     assert isinstance(made[0], Made) and made[0].error.kind == "oom" and made[0].image is None
     msg = str(made[0].error)
     assert msg.startswith("ran out of memory at 48 px (") and msg.endswith("; 32 px would fit; lower 'size'"), msg
@@ -132,14 +145,15 @@ def test_out_of_memory_splits_a_batch_then_fails_the_pair_as_oom_naming_a_size_t
 
 class _Tight(Engine):
     def __init__(self, settings, budget, free_memory=PLENTY):
-        super().__init__(settings, free_memory=free_memory)
+        super().__init__(settings, free_memory=free_memory, style_pixels=StyleImages(settings.max_megapixels))
         self.net = _PixelBudget(self.net, budget)
 
 
 def test_a_pair_predicted_not_to_fit_fails_as_oom_before_it_starts(tmp_path):
-    s, jobs = _two_photos(tmp_path, size=64, batch=1)
+    s = _two_photos(tmp_path, size=64, batch=1)
     free = memory.need(27, 40, 1, "lbfgs", s.steps).bytes  # room for the photo at 40 px, not at 64
-    engine = Engine(s, free_memory=lambda device: free)
+    engine = engine_of(s, free_memory=lambda device: free)
+    jobs = _jobs(engine)
     calls: list[bool] = []
     engine.net = CountingNet(engine.net, calls)
     (m,) = engine.make(jobs[:1])
@@ -151,17 +165,19 @@ def test_a_pair_predicted_not_to_fit_fails_as_oom_before_it_starts(tmp_path):
     assert memory.need(21, 32, 1, "lbfgs", s.steps).bytes <= free < memory.need(32, 48, 1, "lbfgs", s.steps).bytes
     assert fits == memory.largest_fitting(48, 32, free, 1, "lbfgs", s.steps, 64) == 32
     # Made at the size that message names, it runs.
-    (ok,) = Engine(s.replace(size=fits), free_memory=lambda device: free).make(jobs[:1])
+    engine = engine_of(s.replace(size=fits), free_memory=lambda device: free)
+    (ok,) = engine.make(_jobs(engine)[:1])
     assert ok.ok and max(ok.image.shape[-2:]) == 32
 
 
 def test_the_memory_check_counts_the_styles_own_steps(tmp_path):
     """per_style may raise `steps`, and L-BFGS keeps a pair of image-sized vectors per step (up to 100): the
     check counts the style's steps, not the run's (it did, and let a pair start that it says cannot fit)."""
-    s, jobs = _two_photos(tmp_path, size=48, batch=1)  # the run's steps: 4
+    s = _two_photos(tmp_path, size=48, batch=1)  # the run's steps: 4
     free = memory.need(32, 48, 1, "lbfgs", s.steps).bytes  # room for the run's steps at 48x32, exactly
     assert memory.need(32, 48, 1, "lbfgs", 100).bytes > free
-    engine = Engine(s, free_memory=lambda device: free)
+    engine = engine_of(s, free_memory=lambda device: free)
+    jobs = _jobs(engine)
     calls: list[bool] = []
     engine.net = CountingNet(engine.net, calls)
     (m,) = engine.make([dataclasses.replace(jobs[0], overrides=(("steps", 100),))])
@@ -172,10 +188,11 @@ def test_the_memory_check_counts_the_styles_own_steps(tmp_path):
 
 
 def test_a_batch_predicted_not_to_fit_is_made_one_at_a_time(tmp_path):
-    s, jobs = _two_photos(tmp_path)
+    s = _two_photos(tmp_path)
     free = memory.need(21, 32, 1, "lbfgs", s.steps).bytes  # one 32 px image, not two
     notes: list[str] = []
-    made = Engine(s, free_memory=lambda device: free).make(jobs, on_note=notes.append)
+    engine = engine_of(s, free_memory=lambda device: free)
+    made = engine.make(_jobs(engine), on_note=notes.append)
     assert all(m.ok and m.image.shape[-2:] == (21, 32) for m in made)
     assert notes == ["a batch of 2 would not fit in memory; making them one at a time"]
 
@@ -198,11 +215,12 @@ def test_scales_auto_is_resolved_once_from_the_size(folders):
 
 
 def test_the_engine_writes_nothing_it_is_given_no_folder_for(folders, tmp_path, monkeypatch):
-    """A job whose photo is already decoded needs no content file at all: a driver elsewhere can send it."""
+    """A job carries its photo, decoded: the engine needs no content file at all (a driver elsewhere can
+    send it), nor the name of one."""
     monkeypatch.chdir(tmp_path)
     s = _settings(folders)
-    photo = images.load_rgb(s.content / "tall.jpg")
-    gone = Path("no/such/photo.jpg")
-    (m,) = Engine(s).make([Job("photo.jpg", "s1.png", gone, s.styles / "s1.png", image=photo)])
+    photo = to_tensor(images.load_rgb(s.content / "tall.jpg"), s.size)
+    engine = engine_of(s)
+    (m,) = engine.make([path_job(engine, Path("no/such/photo.jpg"), s.styles / "s1.png", photo=photo)])
     assert m.ok and max(m.image.shape[-2:]) == 32
     assert not os.path.exists("no")

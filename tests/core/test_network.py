@@ -20,7 +20,7 @@ from nst_batch.files import images
 from nst_batch.run import lifecycle, runner, training
 from nst_batch.core import network
 from nst_batch.report import pages as report
-from nst_batch.core.engine import Engine, to_tensor
+from nst_batch.files.decode import to_tensor
 from nst_batch.batch.ledger import Ledger
 from nst_batch.run.lifecycle import Interrupted
 from nst_batch.config.manifest import Settings
@@ -29,7 +29,7 @@ from nst_batch.run.progress import Display
 from nst_batch.batch.shards import Shard
 from rich.console import Console
 
-from conftest import cli, make_image
+from conftest import cli, engine_of, make_image, path_job
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
@@ -55,9 +55,10 @@ def tiny(tmp_path_factory):
     make_image(styles / "s1.png", 64, 64, 10)
     s = Settings(content=content, styles=styles, out=root / "out", size=32, steps=4, log_every=2, scales=(1.0,),
                  device="cpu", layers=LAYERS, refine_steps=0)
-    engine = Engine(s)
+    engine = engine_of(s)
     photos = [to_tensor(images.load_rgb(p), s.size) for p in sorted(content.iterdir())]
-    return engine, photos, engine.style_targets(styles / "s1.png", "s1", s.size)
+    engine.style_pixels.add("s1", styles / "s1.png")
+    return engine, photos, engine.style_targets("s1", s.size)
 
 
 def test_training_lowers_the_objective_and_a_resumed_run_equals_an_uninterrupted_one(tiny):
@@ -178,7 +179,7 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     assert f"{training.TRAINING},s1.png," in log  # the training curve, marked as such
     # Refining lowers the loss: the same trained network with refine_steps 0 scores higher.
     engine = tiny[0]  # the same objective and size, refine_steps 0
-    job = runner.Job("p0.png", "s1.png", s.content / "p0.png", s.styles / "s1.png", method="network")
+    job = path_job(engine, s.content / "p0.png", s.styles / "s1.png", method="network")
     state = torch.load(s.out / "models" / "s1.png.pt", weights_only=True)["state"]
     engine.load_model(job, state)
     raw = engine.make([job])[0]

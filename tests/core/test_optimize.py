@@ -24,12 +24,13 @@ from nst_batch.files import images
 from nst_batch.core import losses, vgg
 from nst_batch.run import runner
 from nst_batch.config.objective import Objective, objective_from
-from nst_batch.core.engine import Engine, resolve, to_tensor
+from nst_batch.core.engine import Engine, resolve
+from nst_batch.files.decode import to_tensor
 from nst_batch.batch.ledger import Ledger
 from nst_batch.config.manifest import Settings
 from nst_batch.core.optimize import LogRow, OptimConfig, Result, progress_error
 from nst_batch.core.pyramid import stylize
-from conftest import CountingNet, optim_config
+from conftest import CountingNet, engine_of, optim_config
 from nst_batch.run.progress import Display
 
 from conftest import ROOT
@@ -51,7 +52,7 @@ def quiet() -> Display:
 def start_and_final(settings: Settings) -> dict[tuple[str, str], tuple[float, float, float]]:
     """Per done pair: (loss of the resized photo, loss of the written output, mean |output - photo|),
     both losses measured here, at full size, with the recipe's own objective and a net of our own."""
-    engine = Engine(settings.replace(device="cpu"))
+    engine = engine_of(settings.replace(device="cpu"))
     obj = engine.objective
     ledger = Ledger(settings.out)
     try:
@@ -66,7 +67,8 @@ def start_and_final(settings: Settings) -> dict[tuple[str, str], tuple[float, fl
         assert made.shape == photo.shape
         with torch.no_grad():
             c_tgt = losses.content_targets(obj, engine.net(photo, frozenset(obj.content_layers)))
-            s_tgt = engine.style_targets(Path(r.style_path), r.style, settings.size)
+            engine.style_pixels.add(r.style, Path(r.style_path))
+            s_tgt = engine.style_targets(r.style, settings.size)
 
             def loss(x):
                 return float(losses.compute(obj, engine.net(x, obj.layers), x, c_tgt, s_tgt).total)
@@ -237,8 +239,8 @@ def test_the_cuda_configuration_runs_on_the_cpu(fast_settings, monkeypatch):
     engines, batches = [], []
 
     class CudaConfigOnCpu(Engine):
-        def __init__(self, settings, device=None, config=None):
-            super().__init__(settings, torch.device("cpu"), resolve(settings, "cuda"))
+        def __init__(self, settings, device=None, config=None, **kw):
+            super().__init__(settings, torch.device("cpu"), resolve(settings, "cuda"), **kw)
             engines.append(self)
 
         def make(self, jobs, on_log=None, on_note=None):

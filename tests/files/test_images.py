@@ -9,7 +9,8 @@ from PIL import Image
 
 from conftest import make_image
 from nst_batch.files import images
-from nst_batch.core.engine import to_pil, to_tensor
+from nst_batch.files.decode import to_tensor
+from nst_batch.files.encode import to_pil
 from nst_batch.errors import PairError
 
 

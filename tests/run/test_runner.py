@@ -13,53 +13,53 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from nst_batch.core import engine as engine_mod
-from nst_batch.files import images, losslog
+from nst_batch.core import targets
+from nst_batch.files import losslog, stage
 from nst_batch.run import runner
-from nst_batch.core.engine import Engine, Job
 from nst_batch.core.optimize import LogRow
 from nst_batch.run.progress import Display
 
-from conftest import make_image
+from conftest import engine_of, make_image, path_job
 
 
 def test_each_photo_is_decoded_once_and_ahead_on_the_io_thread(fast_settings, monkeypatch):
     threads: list[str] = []
-    real = images.load_rgb
+    real = stage.load_rgb
 
     def spy(path, *a, **kw):
         threads.append(threading.current_thread().name)
         return real(path, *a, **kw)
 
-    monkeypatch.setattr(images, "load_rgb", spy)
+    monkeypatch.setattr(stage, "load_rgb", spy)  # the I/O stage's decoding, of photos and of styles
     result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6
     content_loads = len(threads) - 2  # each of the 2 styles is decoded once, on the main thread
     prefetched = sum(name.startswith("nst-io") for name in threads)
-    # 3 photos x 2 styles, photo by photo: each photo decoded once for both its styles (issue 10), and all
+    # 3 photos x 2 styles, photo by photo: each photo decoded once for both its styles, and all
     # but the first from the look-ahead (the first has nothing before it to overlap with).
     assert content_loads == 3 and prefetched == 2, threads
 
 
-# -- issue 8: the style cache is bounded, the loss log needs no hard link ----------------------------
+# -- the style cache is bounded, the loss log needs no hard link ------------------------------------
 
 
 def test_style_cache_keeps_at_most_its_bound_and_every_pair_gets_its_own_style(fast_settings, tmp_path, monkeypatch):
     """More styles than the bound, in an order that makes evicted styles come back: the cache never holds
     more than STYLE_CACHE styles, and a style made again after eviction gives the very same image."""
-    monkeypatch.setattr(engine_mod, "STYLE_CACHE", 2)
-    monkeypatch.setattr(engine_mod, "STYLE_IMAGES", 2)
+    monkeypatch.setattr(targets, "STYLE_CACHE", 2)
+    monkeypatch.setattr(stage, "STYLE_IMAGES", 2)
     s = fast_settings.replace(steps=2, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
     styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 200 + i) for i in range(3)]
-    photo = images.load_rgb(s.content / "square.png", s.max_megapixels)
-    engine = Engine(s.replace(size=32))
+    engine = engine_of(s.replace(size=32))
+    photo = stage.load_photo(s.content / "square.png", 32, s.max_megapixels)[0]
     made: dict[str, list[torch.Tensor]] = {}
     order = [0, 1, 2, 0, 1, 0]
     for i in order:
-        (res,) = engine.make([Job("square.png", styles[i].name, s.content / "square.png", styles[i], image=photo)])
+        (res,) = engine.make([path_job(engine, s.content / "square.png", styles[i], photo=photo)])
         made.setdefault(styles[i].name, []).append(res.image)
-        held = set(engine._style_targets)
-        assert len(engine._style_images) <= 2 and len(held) <= 2 and held <= set(engine._style_images)
+        held = set(engine.styles.keys())
+        images_held = engine.style_pixels.held()
+        assert len(images_held) <= 2 and len(held) <= 2 and held <= set(images_held)
     # s0 and s1 were dropped and made again (2 and 1 times); s0's last use found it still held.
     assert engine.style_passes == 5
     for name, outs in made.items():
@@ -111,14 +111,14 @@ def test_loss_log_header_comes_first_whoever_opens_it_first(tmp_path, monkeypatc
 def test_style_targets_outlive_their_decoded_images(fast_settings, tmp_path, monkeypatch):
     """Photo by photo, every style comes back once per photo: its targets stay (up to STYLE_CACHE styles)
     even when its decoded image was dropped, so no style is decoded or passed through VGG twice."""
-    monkeypatch.setattr(engine_mod, "STYLE_IMAGES", 1)
+    monkeypatch.setattr(stage, "STYLE_IMAGES", 1)
     s = fast_settings.replace(steps=2, size=32, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
     styles = [make_image(tmp_path / "many" / f"s{i}.png", 40, 40, 300 + i) for i in range(3)]
-    engine = Engine(s)
+    engine = engine_of(s)
     for name in ("square.png", "wide.png"):  # two photos, each with the three styles
-        photo = images.load_rgb(s.content / name, s.max_megapixels)
-        engine.make([Job(name, st.name, s.content / name, st, image=photo) for st in styles])
-    assert len(engine._style_images) == 1 and len(engine._style_targets) == 3
+        photo = stage.load_photo(s.content / name, s.size, s.max_megapixels)[0]
+        engine.make([path_job(engine, s.content / name, st, photo=photo) for st in styles])
+    assert len(engine.style_pixels.held()) == 1 and len(engine.styles.keys()) == 3
     # square is 32x32, wide 32x20 at full size: the same long side, so one pass per style.
     assert engine.style_passes == 3
 
@@ -145,7 +145,7 @@ def test_a_run_leaves_each_outputs_thumbnail_and_curve_for_the_report(fast_setti
 
 
 def test_a_pair_that_would_not_fit_in_memory_fails_as_oom_and_writes_nothing(fast_settings, monkeypatch):
-    """Print sizes (issue 12): the memory check fails each pair before it starts, naming a size that fits
+    """Print sizes: the memory check fails each pair before it starts, naming a size that fits
     (with this little free, 32 px), and no image, thumbnail or temporary is written for it."""
     from nst_batch.core import memory
 
