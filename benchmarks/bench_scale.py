@@ -70,16 +70,17 @@ def _plan_and_sync(root: Path) -> dict:
     """What runner.run does before its first claim, without the model."""
     from nst_batch.batch.ledger import Ledger
     from nst_batch.batch import plan as planning
+    from nst_batch.files import hashing
 
     s = _settings(root)
     read = []
 
     def counted(path: Path) -> str:
         read.append(path)
-        return planning.file_hash(path)
+        return hashing.file_hash(path)
 
     t0 = time.perf_counter()
-    hashes = planning.HashCache(Ledger.stored_hashes(s.out), counted)
+    hashes = hashing.HashCache(Ledger.stored_hashes(s.out), counted)
     plan = planning.make_plan(s, hashes)
     t1 = time.perf_counter()
     s.out.mkdir(parents=True, exist_ok=True)
