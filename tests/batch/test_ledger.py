@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from nst_batch.errors import ConfigError
-from nst_batch.batch.ledger import FILENAME, SCHEMA_VERSION, Finished, Ledger, worker_id
+from nst_batch.batch.ledger import FILENAME, SCHEMA_VERSION, Finished, Ledger, LedgerSet, worker_id
 from nst_batch.config.manifest import Settings
 from nst_batch.batch.plan import make_plan, recipe_settings
 
@@ -757,3 +757,118 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
         assert led.models()["s.png"]["step"] == 10 and led.models()["s.png"]["curve"] == "[[5,32,1,2,3]]"
     finally:
         led.close()
+
+
+# -- the schema declared once, the states as an enum, the shards read as one --------------------------
+
+
+def test_row_and_the_table_have_the_columns_declared_once(ledger):
+    """Row's fields are the table's columns, in order; the columns later schemas added (not Row fields)
+    follow; each column's type and NOT NULL are what its declaration says."""
+    from dataclasses import fields
+
+    from nst_batch.batch.ledger import COLUMNS, Row
+    from nst_batch.batch.ledger.schema import ADDED, PAIRS
+
+    table = ledger.db.execute("PRAGMA table_info(pairs)").fetchall()
+    names = [r["name"] for r in table]
+    assert [f.name for f in fields(Row)] == list(COLUMNS) == names[:len(COLUMNS)]
+    assert names[len(COLUMNS):] == [c.name for c in ADDED]
+    for r, c in zip(table, PAIRS, strict=True):
+        assert (r["name"], r["type"], bool(r["notnull"])) == (c.name, c.sql.split()[0], "NOT NULL" in c.sql)
+
+
+# The text of sqlite_master of a new ledger, as every nst-batch of schema 5 has written it: a change
+# here means a new ledger differs on disk from one an earlier version wrote.
+_SCHEMA_5_SHA256 = "5dd7a183044f1db3b16de8d4a647565fb277bd6546499f24eb958ad59ea5902c"
+
+
+def test_a_new_ledger_has_the_schema_text_of_schema_5(ledger):
+    import hashlib
+
+    rows = [tuple(r) for r in ledger.db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
+    assert hashlib.sha256(repr(rows).encode()).hexdigest() == _SCHEMA_5_SHA256
+
+
+def test_states_round_trip_through_the_ledger(ledger, out):
+    from nst_batch.batch.ledger import STATES, State
+
+    assert STATES == ("pending", "running", "done", "failed") == tuple(State)
+    ledger.sync([pair(f"{s}.png") for s in State], out, LEASE)
+    for s in State:
+        assert f"{s}" == str(s) == s.value  # as SQL built with f-strings sees it
+        ledger.db.execute("UPDATE pairs SET state=? WHERE content=?", (s, f"{s.value}.png"))  # bound as a str
+    for r in ledger.rows():
+        assert State(r.state) is State(r.content[:-4]) and r.state == State(r.state)
+        assert type(r.state) is str  # what SQLite gives back, equal to its State
+    assert ledger.counts() == dict.fromkeys(STATES, 1)
+    with pytest.raises(sqlite3.IntegrityError):  # the table's CHECK lists every State, and only those
+        ledger.db.execute("UPDATE pairs SET state='paused' WHERE id=1")
+
+
+def _shard_ledgers(out: Path) -> None:
+    """Two shard ledgers of OUT: pairs done, failed, pending and running, a model, settings."""
+    from nst_batch.batch.shards import Shard
+
+    for k in range(2):
+        led = Ledger(Shard(2, k).folder(out))
+        try:
+            led.sync([pair(f"{k}{i}.png", f"s{i % 2}.png") for i in range(6)], out, LEASE)
+            for i in range(4):
+                r = led.claim("w:1", LEASE)
+                if i == 3:
+                    led.fail(r.id, "w:1", "oom", "too big")
+                else:
+                    led.done(Finished(r.id, "w:1", 3, 1.0, 2.0, 0.1, 3.0 + i + k, finished_at=100.0 + 10 * i + k,
+                                      seconds=1.0 + i * 2 + k, method="network" if i == k else "optimize",
+                                      curve=f"[[{k}{i}]]"))
+            led.claim("w:1", LEASE)
+            led.set_model(f"s{k}.png", f"m{k}", 5, 10)
+            led.set_model("s9.png", f"m{k}", 5, 10)  # trained by both: the union shows the first shard's
+            if k == 1:
+                led.store_settings({"size": 32})
+                led.set_meta("skipped", ["x"])
+        finally:
+            led.close()
+
+
+def test_a_ledger_set_forwards_each_reader_and_merges_the_answers(out):
+    """Each reader over two shard ledgers equals the answer made from each shard's by hand: rows with
+    union ids (local id x 2 + K), counts summed, the first shard's model of a style both trained."""
+    from dataclasses import replace
+
+    from nst_batch.batch.ledger import open_ledgers
+    from nst_batch.batch.shards import Shard
+
+    _shard_ledgers(out)
+    parts = [(Shard(2, k), Ledger(Shard(2, k).folder(out), readonly=True)) for k in range(2)]
+    try:
+        def union(rows, k):
+            return [replace(r, id=r.id * 2 + k) for r in rows]
+
+        (_, a), (_, b) = parts
+        with open_ledgers(out) as lset:
+            assert [k for k, _ in lset.parts] == [s for s, _ in parts]
+            assert lset.rows() == sorted(union(a.rows(), 0) + union(b.rows(), 1), key=lambda r: r.id)
+            assert lset.failed_rows() == sorted(union(a.failed_rows(), 0) + union(b.failed_rows(), 1),
+                                                key=lambda r: r.id)
+            both = union(a.top_done("total_loss", 3), 0) + union(b.top_done("total_loss", 3), 1)
+            assert lset.top_done("total_loss", 3) == sorted(both, key=lambda r: (-r.total_loss, r.id))[:3]
+            assert lset.outputs() == a.outputs() + b.outputs()
+            assert lset.counts() == {s: a.counts()[s] + b.counts()[s] for s in a.counts()}
+            assert lset.counts() == {"pending": 2, "running": 2, "done": 6, "failed": 2}
+            assert lset.method_counts() == {"optimize": 4, "network": 2}
+            assert lset.methods() == a.methods() | b.methods() and len(lset.methods()) == 6
+            secs = a.done_seconds()[0] + b.done_seconds()[0]
+            assert lset.done_seconds() == (secs, min(a.done_seconds()[1], b.done_seconds()[1]),
+                                           max(a.done_seconds()[2], b.done_seconds()[2]))
+            assert lset.models() == b.models() | a.models() and lset.models()["s9.png"]["recipe"] == "m0"
+            assert lset.stored_settings() == {"size": 32} == b.stored_settings() and a.stored_settings() == {}
+            assert lset.get_meta("skipped", "dflt") == ["x"] and lset.get_meta("nothing", "dflt") == "dflt"
+            assert lset.live_workers() == []
+            done = [r for r in lset.rows() if r.state == "done"]
+            assert lset.curves(r.id for r in done) == {r.id: f"[[{r.id % 2}{r.id // 2 - 1}]]" for r in done}
+            assert LedgerSet.rows.__doc__ and lset.rows.__name__ == "rows"
+    finally:
+        for _, led in parts:
+            led.close()
