@@ -70,16 +70,17 @@ def _plan_and_sync(root: Path) -> dict:
     """What runner.run does before its first claim, without the model."""
     from nst_batch.batch.ledger import Ledger
     from nst_batch.batch import plan as planning
+    from nst_batch.files import hashing
 
     s = _settings(root)
     read = []
 
     def counted(path: Path) -> str:
         read.append(path)
-        return planning.file_hash(path)
+        return hashing.file_hash(path)
 
     t0 = time.perf_counter()
-    hashes = planning.HashCache(Ledger.stored_hashes(s.out), counted)
+    hashes = hashing.HashCache(Ledger.stored_hashes(s.out), counted)
     plan = planning.make_plan(s, hashes)
     t1 = time.perf_counter()
     s.out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +102,7 @@ def _percentiles(name: str, times: list[float]) -> dict:
 
 
 def phase_claims(root: Path, n: int) -> dict:
-    from nst_batch.batch.ledger import Ledger, worker_id
+    from nst_batch.batch.ledger import Finished, Ledger, worker_id
 
     out = _settings(root).out
     ledger = Ledger(out)
@@ -119,7 +120,7 @@ def phase_claims(root: Path, n: int) -> dict:
                 row = ledger.claim(worker, 120.0, **kw)
                 t1 = time.perf_counter()
                 # Recorded before the next claim, as a worker does: it holds a few claims at a time.
-                ledger.done(row.id, worker, 150, 0.5, 0.3, 0.01, 0.81)
+                ledger.done(Finished(row.id, worker, 150, 0.5, 0.3, 0.01, 0.81))
                 done_s += time.perf_counter() - t1
                 times.append(t1 - t0)
                 ids.append(row.id)
@@ -129,7 +130,7 @@ def phase_claims(root: Path, n: int) -> dict:
         for _ in range(n):
             row = ledger.claim(worker, 120.0)
             ledger.heartbeat(row.id, worker)
-            ledger.done(row.id, worker, 150, 0.5, 0.3, 0.01, 0.81, recipe=row.recipe)
+            ledger.done(Finished(row.id, worker, 150, 0.5, 0.3, 0.01, 0.81, recipe=row.recipe))
             ids.append(row.id)
         res["claim_heartbeat_done_per_s"] = n / (time.perf_counter() - t0)
         # Leave the ledger as it was: these pairs pending again, for the next phases and reruns.

@@ -23,7 +23,7 @@ from ..errors import ConfigError, PairError
 from ..files.layout import thumb_path
 from ..files.stage import IOStage, StyleImages
 from .jobs import job_for, note_for
-from ..batch.ledger import Ledger, Row, worker_id
+from ..batch.ledger import Finished, Ledger, Row, worker_id
 from .lifecycle import Heartbeat, Interrupted, Signals, remove_stale_temporaries
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
@@ -191,8 +191,9 @@ class Books:
         """Record a pair whose image is on disk; False (and a note) when the claim had lapsed meanwhile.
         `seconds`: the compute time when it is not the time since the claim (a pair queued on a Ray actor);
         `curve`: losslog.curve_record of its loss rows, which the report draws."""
-        recorded = self.ledger.done(row.id, self.worker, steps, final.content, final.style, final.tv, final.total,
-                                    note, finished_at, recipe=row.recipe, seconds=seconds, curve=curve, method=method)
+        recorded = self.ledger.done(Finished(row.id, self.worker, steps, final.content, final.style, final.tv,
+                                             final.total, recipe=row.recipe, note=note, finished_at=finished_at,
+                                             seconds=seconds, curve=curve, method=method))
         self.beat.drop(row.id)
         if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
             self.display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "

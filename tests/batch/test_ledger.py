@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from nst_batch.errors import ConfigError
-from nst_batch.batch.ledger import FILENAME, SCHEMA_VERSION, Ledger, worker_id
+from nst_batch.batch.ledger import FILENAME, SCHEMA_VERSION, Finished, Ledger, LedgerSet, worker_id
 from nst_batch.config.manifest import Settings
 from nst_batch.batch.plan import make_plan, recipe_settings
 
@@ -40,7 +40,7 @@ def finish(ledger: Ledger, out: Path, worker: str = "w:1") -> None:
     while (r := ledger.claim(worker, LEASE)) is not None:
         (out / r.output).parent.mkdir(parents=True, exist_ok=True)
         (out / r.output).write_bytes(b"png")
-        ledger.done(r.id, worker, 3, 1.0, 2.0, 0.1, 3.1)
+        ledger.done(Finished(r.id, worker, 3, 1.0, 2.0, 0.1, 3.1))
 
 
 def dead_pid() -> int:
@@ -175,7 +175,7 @@ def test_pairs_gone_from_the_plan_are_dropped_unless_done(ledger, out):
         if what == "done":
             (out / r.output).parent.mkdir(parents=True, exist_ok=True)
             (out / r.output).write_bytes(b"png")
-            ledger.done(r.id, r.worker, 3, 1, 1, 1, 3)
+            ledger.done(Finished(r.id, r.worker, 3, 1, 1, 1, 3))
         elif what == "fail":
             ledger.fail(r.id, r.worker, "unreadable", "x")
     # stale.png: claimed by a worker that died, never finished.
@@ -208,7 +208,7 @@ def test_expired_lease_is_reclaimed(ledger, out):
     assert again is not None and again.id == r.id and again.worker == "w:2" and again.attempts == 2
     # The old worker's late news does not overwrite the new claim.
     ledger.heartbeat(r.id, "elsewhere:123")
-    ledger.done(r.id, "elsewhere:123", 3, 1, 1, 1, 3)
+    ledger.done(Finished(r.id, "elsewhere:123", 3, 1, 1, 1, 3))
     assert ledger.get(r.id).state == "running" and ledger.get(r.id).worker == "w:2"
 
 
@@ -243,7 +243,7 @@ def test_release_puts_a_claim_back_and_never_undoes_done(ledger, out):
     assert a.attempts == 2  # an interrupted attempt stays counted
     (out / a.output).parent.mkdir(parents=True, exist_ok=True)
     (out / a.output).write_bytes(b"png")
-    ledger.done(a.id, "w:1", 3, 1, 1, 1, 3)
+    ledger.done(Finished(a.id, "w:1", 3, 1, 1, 1, 3))
     ledger.release(a.id, "w:1")  # e.g. Ctrl-C landing right after the pair was recorded
     assert ledger.get(a.id).state == "done"
 
@@ -277,8 +277,8 @@ def test_done_is_refused_once_the_claim_was_reset_under_another_recipe(ledger, o
     assert b.id == a.id
     (out / b.output).parent.mkdir(parents=True, exist_ok=True)
     (out / b.output).write_bytes(b"png")
-    assert ledger.done(b.id, "B:2", 3, 1, 1, 1, 3, recipe="r2") is True
-    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1") is False
+    assert ledger.done(Finished(b.id, "B:2", 3, 1, 1, 1, 3, recipe="r2")) is True
+    assert ledger.done(Finished(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1")) is False
     row = ledger.get(a.id)
     assert (row.state, row.recipe, row.worker) == ("pending", "r2", None)
 
@@ -286,9 +286,9 @@ def test_done_is_refused_once_the_claim_was_reset_under_another_recipe(ledger, o
 def test_done_needs_the_recipe_the_pair_was_claimed_under(ledger, out):
     ledger.sync([pair("a.png")], out, LEASE)
     a = ledger.claim("A:1", LEASE)
-    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r2") is False  # made for another recipe
+    assert ledger.done(Finished(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r2")) is False  # made for another recipe
     assert ledger.get(a.id).state == "running"
-    assert ledger.done(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1") is True
+    assert ledger.done(Finished(a.id, "A:1", 3, 1, 1, 1, 3, recipe="r1")) is True
     assert ledger.get(a.id).state == "done"
 
 
@@ -416,7 +416,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
         assert led.rows() == before and led.curves(r.id for r in before) == {}
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
-        assert led.done(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, curve="[[10,32,1,2,3.1]]")
+        assert led.done(Finished(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, curve="[[10,32,1,2,3.1]]"))
         assert led.curves([r.id, 999]) == {r.id: "[[10,32,1,2,3.1]]"}
         assert led.get(r.id).state == "done"  # a Row whatever columns the table has
         led.db.execute("UPDATE pairs SET state='pending' WHERE id=?", (r.id,))
@@ -455,7 +455,7 @@ def test_claim_is_atomic_across_threads(out):
 _CLAIMER = r"""
 import sys, time
 from pathlib import Path
-from nst_batch.batch.ledger import Ledger, worker_id
+from nst_batch.batch.ledger import Finished, Ledger, worker_id
 out, go = Path(sys.argv[1]), Path(sys.argv[2])
 led = Ledger(out)
 while not go.exists():
@@ -463,7 +463,7 @@ while not go.exists():
 ids = []
 while (r := led.claim(worker_id(), 600)) is not None:
     ids.append(r.id)
-    led.done(r.id, worker_id(), 3, 1, 1, 1, 3)  # done: a claim of ours cannot be taken even once we exit
+    led.done(Finished(r.id, worker_id(), 3, 1, 1, 1, 3))  # done: a claim of ours cannot be taken even once we exit
 print(" ".join(map(str, ids)))
 """
 
@@ -697,7 +697,7 @@ def test_summary_from_sql_equals_the_summary_of_all_rows(ledger, out):
         if i % 4 == 3:
             ledger.fail(r.id, "w:1", "oom" if i < 5 else "unreadable", f"{r.content} too big")
         else:  # ties in seconds and loss: the lower id first, as a stable sort of the rows has it
-            ledger.done(r.id, "w:1", 3, 1.0, 2.0, 0.1, [3.5, 2.0, 3.5][i % 3], finished_at=t0 + 10 * i)
+            ledger.done(Finished(r.id, "w:1", 3, 1.0, 2.0, 0.1, [3.5, 2.0, 3.5][i % 3], finished_at=t0 + 10 * i))
             ledger.db.execute("UPDATE pairs SET started_at=?, seconds=? WHERE id=?",
                               (t0 + 10 * i - [7.0, 3.0, 7.0][i % 3], [7.0, 3.0, 7.0][i % 3], r.id))
     ledger.claim("w:1", LEASE)  # one running
@@ -721,7 +721,7 @@ def test_a_long_retry_does_not_reread_the_ids_it_took(ledger, out):
     steps, taken = [], []
     for _ in range(150):  # each made and recorded, as a worker does
         steps.append(_vm_steps(ledger, lambda: taken.append(ledger.claim("w:1", LEASE, only=only)), undo=False))
-        ledger.done(taken[-1].id, "w:1", 3, 1, 1, 1, 3)
+        ledger.done(Finished(taken[-1].id, "w:1", 3, 1, 1, 1, 3))
     assert max(steps[-10:]) < 2 * max(steps[:10]) + 100  # not growing with the ids taken
     ledger.db.execute("UPDATE pairs SET state='pending', worker=NULL WHERE id=?", (first.id,))
     got = []
@@ -749,7 +749,7 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
         assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
-        assert led.done(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, method="network")
+        assert led.done(Finished(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, method="network"))
         assert led.method_counts() == {"optimize": 2, "network": 1}
         assert led.methods()[(r.content, r.style)] == "network"
         led.set_model("s.png", "m1", 5, 10, curve="[[5,32,1,2,3]]")
@@ -757,3 +757,118 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
         assert led.models()["s.png"]["step"] == 10 and led.models()["s.png"]["curve"] == "[[5,32,1,2,3]]"
     finally:
         led.close()
+
+
+# -- the schema declared once, the states as an enum, the shards read as one --------------------------
+
+
+def test_row_and_the_table_have_the_columns_declared_once(ledger):
+    """Row's fields are the table's columns, in order; the columns later schemas added (not Row fields)
+    follow; each column's type and NOT NULL are what its declaration says."""
+    from dataclasses import fields
+
+    from nst_batch.batch.ledger import COLUMNS, Row
+    from nst_batch.batch.ledger.schema import ADDED, PAIRS
+
+    table = ledger.db.execute("PRAGMA table_info(pairs)").fetchall()
+    names = [r["name"] for r in table]
+    assert [f.name for f in fields(Row)] == list(COLUMNS) == names[:len(COLUMNS)]
+    assert names[len(COLUMNS):] == [c.name for c in ADDED]
+    for r, c in zip(table, PAIRS, strict=True):
+        assert (r["name"], r["type"], bool(r["notnull"])) == (c.name, c.sql.split()[0], "NOT NULL" in c.sql)
+
+
+# The text of sqlite_master of a new ledger, as every nst-batch of schema 5 has written it: a change
+# here means a new ledger differs on disk from one an earlier version wrote.
+_SCHEMA_5_SHA256 = "5dd7a183044f1db3b16de8d4a647565fb277bd6546499f24eb958ad59ea5902c"
+
+
+def test_a_new_ledger_has_the_schema_text_of_schema_5(ledger):
+    import hashlib
+
+    rows = [tuple(r) for r in ledger.db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
+    assert hashlib.sha256(repr(rows).encode()).hexdigest() == _SCHEMA_5_SHA256
+
+
+def test_states_round_trip_through_the_ledger(ledger, out):
+    from nst_batch.batch.ledger import STATES, State
+
+    assert STATES == ("pending", "running", "done", "failed") == tuple(State)
+    ledger.sync([pair(f"{s}.png") for s in State], out, LEASE)
+    for s in State:
+        assert f"{s}" == str(s) == s.value  # as SQL built with f-strings sees it
+        ledger.db.execute("UPDATE pairs SET state=? WHERE content=?", (s, f"{s.value}.png"))  # bound as a str
+    for r in ledger.rows():
+        assert State(r.state) is State(r.content[:-4]) and r.state == State(r.state)
+        assert type(r.state) is str  # what SQLite gives back, equal to its State
+    assert ledger.counts() == dict.fromkeys(STATES, 1)
+    with pytest.raises(sqlite3.IntegrityError):  # the table's CHECK lists every State, and only those
+        ledger.db.execute("UPDATE pairs SET state='paused' WHERE id=1")
+
+
+def _shard_ledgers(out: Path) -> None:
+    """Two shard ledgers of OUT: pairs done, failed, pending and running, a model, settings."""
+    from nst_batch.batch.shards import Shard
+
+    for k in range(2):
+        led = Ledger(Shard(2, k).folder(out))
+        try:
+            led.sync([pair(f"{k}{i}.png", f"s{i % 2}.png") for i in range(6)], out, LEASE)
+            for i in range(4):
+                r = led.claim("w:1", LEASE)
+                if i == 3:
+                    led.fail(r.id, "w:1", "oom", "too big")
+                else:
+                    led.done(Finished(r.id, "w:1", 3, 1.0, 2.0, 0.1, 3.0 + i + k, finished_at=100.0 + 10 * i + k,
+                                      seconds=1.0 + i * 2 + k, method="network" if i == k else "optimize",
+                                      curve=f"[[{k}{i}]]"))
+            led.claim("w:1", LEASE)
+            led.set_model(f"s{k}.png", f"m{k}", 5, 10)
+            led.set_model("s9.png", f"m{k}", 5, 10)  # trained by both: the union shows the first shard's
+            if k == 1:
+                led.store_settings({"size": 32})
+                led.set_meta("skipped", ["x"])
+        finally:
+            led.close()
+
+
+def test_a_ledger_set_forwards_each_reader_and_merges_the_answers(out):
+    """Each reader over two shard ledgers equals the answer made from each shard's by hand: rows with
+    union ids (local id x 2 + K), counts summed, the first shard's model of a style both trained."""
+    from dataclasses import replace
+
+    from nst_batch.batch.ledger import open_ledgers
+    from nst_batch.batch.shards import Shard
+
+    _shard_ledgers(out)
+    parts = [(Shard(2, k), Ledger(Shard(2, k).folder(out), readonly=True)) for k in range(2)]
+    try:
+        def union(rows, k):
+            return [replace(r, id=r.id * 2 + k) for r in rows]
+
+        (_, a), (_, b) = parts
+        with open_ledgers(out) as lset:
+            assert [k for k, _ in lset.parts] == [s for s, _ in parts]
+            assert lset.rows() == sorted(union(a.rows(), 0) + union(b.rows(), 1), key=lambda r: r.id)
+            assert lset.failed_rows() == sorted(union(a.failed_rows(), 0) + union(b.failed_rows(), 1),
+                                                key=lambda r: r.id)
+            both = union(a.top_done("total_loss", 3), 0) + union(b.top_done("total_loss", 3), 1)
+            assert lset.top_done("total_loss", 3) == sorted(both, key=lambda r: (-r.total_loss, r.id))[:3]
+            assert lset.outputs() == a.outputs() + b.outputs()
+            assert lset.counts() == {s: a.counts()[s] + b.counts()[s] for s in a.counts()}
+            assert lset.counts() == {"pending": 2, "running": 2, "done": 6, "failed": 2}
+            assert lset.method_counts() == {"optimize": 4, "network": 2}
+            assert lset.methods() == a.methods() | b.methods() and len(lset.methods()) == 6
+            secs = a.done_seconds()[0] + b.done_seconds()[0]
+            assert lset.done_seconds() == (secs, min(a.done_seconds()[1], b.done_seconds()[1]),
+                                           max(a.done_seconds()[2], b.done_seconds()[2]))
+            assert lset.models() == b.models() | a.models() and lset.models()["s9.png"]["recipe"] == "m0"
+            assert lset.stored_settings() == {"size": 32} == b.stored_settings() and a.stored_settings() == {}
+            assert lset.get_meta("skipped", "dflt") == ["x"] and lset.get_meta("nothing", "dflt") == "dflt"
+            assert lset.live_workers() == []
+            done = [r for r in lset.rows() if r.state == "done"]
+            assert lset.curves(r.id for r in done) == {r.id: f"[[{r.id % 2}{r.id // 2 - 1}]]" for r in done}
+            assert LedgerSet.rows.__doc__ and lset.rows.__name__ == "rows"
+    finally:
+        for _, led in parts:
+            led.close()

@@ -23,7 +23,7 @@ from nst_batch.report import pages as report, status
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
-from nst_batch.batch.ledger import Ledger
+from nst_batch.batch.ledger import Finished, Ledger
 from nst_batch.files.losslog import LOSS_COLUMNS, LOSS_LOG
 
 from conftest import make_image
@@ -64,7 +64,7 @@ def run_dir(tmp_path: Path) -> Path:
             row = ledger.claim(WORKER, 60, only={ids[(content, style)]})
             if write:
                 make_image(out / row.output, 40, 32, row.id)
-            ledger.done(row.id, WORKER, 40, 0.5, 0.2, 0.01, total)
+            ledger.done(Finished(row.id, WORKER, 40, 0.5, 0.2, 0.01, total))
 
         finish("c1.png", "s1.png", 0.7)
         finish(ODD, "s1.png", 0.9, write=False)
@@ -354,7 +354,7 @@ def _one_pair_run(tmp_path: Path, content_name: str, settings: dict, content_siz
             ledger.fail(row.id, WORKER, *fail)
         else:
             make_image(out / row.output, 40, 24, 3)
-            ledger.done(row.id, WORKER, 4, 0.5, 0.2, 0.01, 0.7)
+            ledger.done(Finished(row.id, WORKER, 4, 0.5, 0.2, 0.01, 0.7))
     finally:
         ledger.close()
     return out
@@ -572,7 +572,7 @@ def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
     try:  # the running pair of s2 finishes
         row = next(r for r in ledger.rows() if r.state == "running")
         make_image(run_dir / row.output, 40, 32, row.id)
-        ledger.done(row.id, WORKER, 40, 0.5, 0.2, 0.01, 0.8)
+        ledger.done(Finished(row.id, WORKER, 40, 0.5, 0.2, 0.01, 0.8))
     finally:
         ledger.close()
     report.write_report(run_dir)

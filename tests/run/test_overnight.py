@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from nst_batch.batch.ledger import Ledger
+from nst_batch.batch.ledger import Finished, Ledger
 from nst_batch.config.manifest import Settings
 from nst_batch.batch.plan import make_plan
 
@@ -214,12 +214,12 @@ _MEET = """
 import time
 from nst_batch.batch import ledger
 real = ledger.Ledger.done
-def done(self, pair_id, worker, *a, **kw):
+def done(self, made):
     end = time.monotonic() + 200
     while time.monotonic() < end and not self.db.execute(
-            "SELECT 1 FROM pairs WHERE worker IS NOT NULL AND worker != ?", (worker,)).fetchone():
+            "SELECT 1 FROM pairs WHERE worker IS NOT NULL AND worker != ?", (made.worker,)).fetchone():
         time.sleep(0.05)
-    return real(self, pair_id, worker, *a, **kw)
+    return real(self, made)
 ledger.Ledger.done = done
 from nst_batch.cli import app
 app(prog_name="nst-batch")
@@ -443,7 +443,7 @@ def _ledger_all_done(tmp_path: Path, n: int = 2) -> tuple[Settings, Path, Path]:
         led.set_meta("settings", s.to_dict())
         while (r := led.claim("w:1", 60)) is not None:
             make_image(out / r.output, 32, 29, r.id)
-            led.done(r.id, "w:1", 3, 1.0, 1.0, 1.0, 3.0)
+            led.done(Finished(r.id, "w:1", 3, 1.0, 1.0, 1.0, 3.0))
     finally:
         led.close()
     return s, content, styles
