@@ -142,16 +142,7 @@ def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losse
 
     try:
         if cfg.optimizer == "lbfgs":
-            # A strong-Wolfe line search, on the loss divided by the scale's first loss. The tutorial's
-            # L-BFGS (no line search, lr 1) jumps to a far worse point when the objective is badly scaled
-            # (its own weights on Caffe-scaled features: 1e13 at the start) and never comes back, and the
-            # line search's cubic interpolation overflows float32 on losses that large; normalised, it
-            # works for every objective (measured: docs/benchmarks.md, "Recovery").
-            # The closure ends the scale when its budget is spent or the stop rule fires, so L-BFGS's own
-            # limits stay above the budget, and tolerance_grad is off: on a normalised loss its absolute
-            # 1e-7 could stop a large image early.
-            opt = torch.optim.LBFGS([v], lr=1.0, max_iter=cfg.steps + 1, max_eval=cfg.steps + 1,
-                                    tolerance_grad=0.0, history_size=100, line_search_fn="strong_wolfe")
+            opt = _lbfgs(v, cfg.steps)
             opt.step(closure)
         else:
             opt = torch.optim.Adam([v], lr=cfg.lr)
@@ -163,6 +154,18 @@ def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losse
     except _Stop:
         pass
     return ScaleResult(best_x, scale_steps, last[0])
+
+
+def _lbfgs(v: torch.Tensor, steps: int) -> torch.optim.LBFGS:
+    """A strong-Wolfe line search, on the loss divided by the scale's first loss. The tutorial's L-BFGS
+    (no line search, lr 1) jumps to a far worse point when the objective is badly scaled (its own weights
+    on Caffe-scaled features: 1e13 at the start) and never comes back, and the line search's cubic
+    interpolation overflows float32 on losses that large; normalised, it works for every objective
+    (measured: docs/benchmarks.md, "Recovery"). The closure ends the scale when its budget is spent or the
+    stop rule fires, so L-BFGS's own limits stay above the budget, and tolerance_grad is off: on a
+    normalised loss its absolute 1e-7 could stop a large image early."""
+    return torch.optim.LBFGS([v], lr=1.0, max_iter=steps + 1, max_eval=steps + 1, tolerance_grad=0.0,
+                             history_size=100, line_search_fn="strong_wolfe")
 
 
 # A pair is recorded done only when its final loss is at least 0.5% below the loss of doing nothing

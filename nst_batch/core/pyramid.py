@@ -53,6 +53,18 @@ def scale_shapes(height: int, width: int, scales: tuple[float, ...]) -> list[tup
     return shapes
 
 
+def upsampled(prev: torch.Tensor, c_img: torch.Tensor, add_detail: bool) -> torch.Tensor:
+    """A coarser scale's result as the next scale's start. Upsampling blurs, and the fine style layers then
+    start far above where content init would put them: with `add_detail`, the content detail the coarser
+    scale could not hold is put back (one Laplacian-pyramid level); measured, this is what makes
+    coarse-to-fine pay off."""
+    h, w = c_img.shape[-2:]
+    start = resize(prev, h, w)
+    if add_detail:
+        start = start + c_img - resize(resize(c_img, *prev.shape[-2:]), h, w)
+    return start.clamp(0, 1)
+
+
 def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             style_for: Callable[[int, int], Targets], cfg: OptimConfig,
             on_log: Callable[[list[LogRow]], None] | None = None, init: torch.Tensor | None = None) -> Result:
@@ -104,14 +116,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             start = c_img if cfg.init == "content" else torch.rand(c_img.shape, generator=gen).to(device)
             first = start
         else:
-            prev = x.detach()
-            start = resize(prev, h, w)
-            if cfg.init == "content":
-                # Upsampling blurs, and the fine style layers then start far above where content init
-                # would put them. Put back the content detail the coarser scale could not hold (one
-                # Laplacian-pyramid level): measured, this is what makes coarse-to-fine pay off.
-                start = start + c_img - resize(resize(c_img, *prev.shape[-2:]), h, w)
-            start = start.clamp(0, 1)
+            start = upsampled(x.detach(), c_img, cfg.init == "content")
         if (h, w) == shapes[-1]:
             # What doing nothing scores at full size: the photo itself (or the first noise, upsampled).
             # The engine compares the final loss with it, so an optimisation that went nowhere is never
