@@ -388,14 +388,14 @@ def test_a_live_worker_of_another_host_keeps_its_shard(tmp_path):
 
 def test_a_shard_reads_only_the_inputs_of_its_own_pairs(collection, monkeypatch):
     """64 array tasks on one collection: each hashes the files its pairs use, not the whole collection."""
-    from nst_batch.batch import plan as plan_module
+    from nst_batch.files import hashing
     from nst_batch.run import session
 
     content, styles, out, args = collection
     read = []
-    real = plan_module.file_hash
+    real = hashing.file_hash
 
-    class Counting(plan_module.HashCache):
+    class Counting(hashing.HashCache):
         def __init__(self, known=None):
             super().__init__(known, read=lambda p: read.append(p.name) or real(p))
 
