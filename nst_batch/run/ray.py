@@ -187,7 +187,8 @@ class RayBackend(Backend):
                 events += self._lose(slot, why)
                 continue
             slot.pending.popleft()
-            slot.calls, slot.busy_since = len(slot.pending), time.time()  # the next call begins now
+            slot.calls = len(slot.pending)
+            slot.busy_since = time.time() if slot.pending else None  # the next call begins now
             events.append(end)
         return events
 
