@@ -67,7 +67,7 @@ def setup(root: Path, photos: int, styles: int) -> None:
 
 
 def _plan_and_sync(root: Path) -> dict:
-    """What runner.run does before its first claim, without the model."""
+    """What local.run does before its first claim, without the model."""
     from nst_batch.batch.ledger import Ledger
     from nst_batch.batch import plan as planning
     from nst_batch.files import hashing

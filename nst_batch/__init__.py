@@ -1,4 +1,4 @@
-"""nst-batch: batch neural style transfer. Data flows manifest -> plan -> ledger -> engine -> runner
+"""nst-batch: batch neural style transfer. Data flows manifest -> plan -> ledger -> engine -> drive
 (outputs and loss log) -> status/report; cli on top. README "How it works" maps the modules."""
 
 import os

@@ -20,6 +20,7 @@ from .config.reference import default_text
 from .config.settings import SETTINGS
 from .errors import EXIT_OK, EXIT_PAIRS_FAILED, NstError
 from .files.names import printable
+from .run.options import RayOptions
 
 app = typer.Typer(
     help="Batch neural style transfer: every photo in every style, resumable overnight.",
@@ -92,12 +93,12 @@ def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None
          shards: tuple = (None,), ray=None):
     from .run.progress import make_display
     from .run.lifecycle import Interrupted
-    from .run.runner import run
+    from .run.local import run
 
     display = make_display(console, quiet)
     try:
         if ray is not None:
-            from .run.cluster import run_ray
+            from .run.ray import run_ray
 
             result = run_ray(settings, display, ray, only_failed_kinds=retry_kinds, retry=retry)
         else:
@@ -145,11 +146,13 @@ def run(
     ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
                                       help="Compute on Ray actors (pip install 'nst-batch\\[ray]'): a cluster started "
                                            "here, the one `ray start` made, or host:port."),
-    ray_workers: Optional[int] = typer.Option(None, min=1, help="Ray actors. Default: one per GPU (or CPU)."),
+    ray_workers: Optional[int] = typer.Option(RayOptions.workers, min=1,
+                                              help="Ray actors. Default: one per GPU (or CPU)."),
     ray_gpus_per_worker: Optional[float] = typer.Option(
-        None, min=0, help="GPUs per actor. Default 1; 0 (CPU actors) when device is cpu."),
-    ray_cpus_per_worker: float = typer.Option(1.0, min=0.01, help="CPUs per actor; also its torch threads."),
-    ray_pair_timeout: float = typer.Option(3600.0, min=0.1, metavar="SECONDS",
+        RayOptions.gpus_per_worker, min=0, help="GPUs per actor. Default 1; 0 (CPU actors) when device is cpu."),
+    ray_cpus_per_worker: float = typer.Option(RayOptions.cpus_per_worker, min=0.01,
+                                              help="CPUs per actor; also its torch threads."),
+    ray_pair_timeout: float = typer.Option(RayOptions.pair_timeout_s, min=0.1, metavar="SECONDS",
                                            help="A pair still computing after this long: its actor is killed."),
 ) -> None:
     """Stylize every content image in every style. Run it again to resume."""
@@ -166,9 +169,8 @@ def run(
         if picked is not None:
             raise _fail(manifest.ConfigError("--ray and --shard do not go together: a Ray cluster spreads the "
                                              "whole plan itself; a shard is for SLURM or Kubernetes jobs"))
-        from .run.cluster import RayOptions
-
-        opts = RayOptions(ray, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, ray_pair_timeout)
+        opts = RayOptions(ray, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
+                          cpus_per_worker=ray_cpus_per_worker, pair_timeout_s=ray_pair_timeout)
     _run(s, quiet, shards=(picked,), ray=opts)
 
 

@@ -32,7 +32,7 @@ class PairError(Exception):
 
     `kind` is a short stable word (`unreadable`, `too_small`, `too_large`,
     `nonfinite`, `no_progress`, `oom`, `write`, `internal`, `worker_lost`) that `nst-batch retry --kind`
-    filters on. `worker_lost`: the Ray actor computing the pair died or hung 3 times (cluster.LOST_LIMIT).
+    filters on. `worker_lost`: the Ray actor computing the pair died or hung 3 times (run/drive.py, LOST_LIMIT).
     `no_progress`: the final loss is not 0.5% below the loss of the unchanged photo, so the image
     would not be a stylization (optimize.progress_error).
     """

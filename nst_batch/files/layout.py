@@ -6,8 +6,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+from ..errors import PairError
 
 LEDGER = "ledger.sqlite"  # also how the input search recognises an output folder (images.scan)
 SHARDS = "shards"  # OUT/shards/K-of-N/: a shard's ledger and loss log (shards.py)
@@ -55,3 +58,20 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
 
 def write_text_atomic(path: Path, text: str) -> None:
     write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_output(path: Path, data: bytes, thumb: tuple[Path, bytes | None] | None = None) -> float:
+    """An encoded image into place atomically, then its thumbnail (path, JPEG bytes), so the report never
+    decodes the outputs again; the time the image got there. A refused image fails the pair as `write`;
+    a refused thumbnail does not (the report makes it later)."""
+    try:
+        write_atomic(path, lambda f: f.write(data))
+    except OSError as e:
+        raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
+    finished = time.time()  # the pair's end: the ledger may hear of it a little later
+    if thumb is not None and thumb[1] is not None:
+        try:  # after the image: the thumbnail is the newer file, which the report keeps
+            write_atomic(thumb[0], lambda f: f.write(thumb[1]), durable=False)  # a cache: no fsync
+        except OSError:
+            pass
+    return finished

@@ -23,7 +23,7 @@ from ..config.objective import MIN_SIDE
 from ..errors import PairError
 from .decode import PhotoMeta, load_rgb, photo_meta, to_tensor
 from .encode import encode
-from .layout import write_atomic
+from .layout import write_output
 
 # Decoded style images kept, for targets at a size not seen yet (a photo of another shape): 4 bytes a
 # pixel (2.9 MiB for 1071×712, 400 MB at max_megapixels 100), so only a few.
@@ -86,23 +86,6 @@ class StyleImages:
         # short side at MIN_SIDE at least (Gram matrices do not depend on the image size).
         side = max(long_side, math.ceil(MIN_SIDE * max(im.size) / min(im.size)))
         return to_tensor(im, side)
-
-
-def write_output(path: Path, data: bytes, thumb: tuple[Path, bytes] | None = None) -> float:
-    """An encoded image into place atomically, then its thumbnail (path, JPEG bytes), so the report never
-    decodes the outputs again; the time the image got there. A refused image fails the pair as `write`;
-    a refused thumbnail does not (the report makes it later)."""
-    try:
-        write_atomic(path, lambda f: f.write(data))
-    except OSError as e:
-        raise PairError("write", f"cannot write {path}: {e.strerror or e}") from None
-    finished = time.time()  # the pair's end: the ledger may hear of it a little later
-    if thumb is not None:
-        try:  # after the image: the thumbnail is the newer file, which the report keeps
-            write_atomic(thumb[0], lambda f: f.write(thumb[1]), durable=False)  # a cache: no fsync
-        except OSError:
-            pass
-    return finished
 
 
 def encode_and_write(image: torch.Tensor, meta: PhotoMeta | None, settings: Settings, path: Path,

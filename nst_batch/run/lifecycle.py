@@ -1,6 +1,7 @@
 """What a local run does besides computing: stop cleanly on a signal, keep claims alive, tidy up.
 
-- `Signals` turns SIGINT/SIGTERM into `Interrupted`, but only while the engine computes;
+- `Signals` turns SIGINT/SIGTERM into `Interrupted`, but only while the engine computes (a backend
+  marks that span with `interruptible()`);
 - `Heartbeat` keeps this worker's claims (and its registration) alive from a thread of its own;
 - `remove_stale_temporaries` deletes the `.NAME.PID-TOKEN.tmp` files of writers killed mid-write.
 """
@@ -12,6 +13,7 @@ import signal
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
@@ -74,7 +76,12 @@ class Heartbeat:
 class Signals:
     """SIGINT/SIGTERM become `Interrupted`, but only while computing. During ledger bookkeeping
     (a claim just committed, a result being recorded) the signal waits until `check()`, so the
-    ledger never holds a claim that nobody will release."""
+    ledger never holds a claim that nobody will release.
+
+    Signal handlers are the process's: the one Signals installed is `Signals.active`, so a backend
+    marks its computing spans (`interruptible`) without being handed the drive's object."""
+
+    active: "Signals | None" = None
 
     def __init__(self):
         self.computing = False
@@ -82,11 +89,13 @@ class Signals:
 
     def __enter__(self):
         self._old = {sig: signal.signal(sig, self._on) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self._before, Signals.active = Signals.active, self
         return self
 
     def __exit__(self, *exc):
         for sig, h in self._old.items():
             signal.signal(sig, h)
+        Signals.active = self._before
         return False
 
     def _on(self, signum, frame):
@@ -97,6 +106,28 @@ class Signals:
     def check(self) -> None:
         if self.pending is not None:
             raise Interrupted(self.pending)
+
+
+@contextmanager
+def interruptible():
+    """A span where SIGINT/SIGTERM raise `Interrupted` at once (computing, training): nothing the
+    ledger must hear of happens inside it."""
+    s = Signals.active
+    if s is None:
+        yield
+        return
+    s.check()  # one that came before the span: it would otherwise wait for the next check
+    was, s.computing = s.computing, True
+    try:
+        yield
+    finally:
+        s.computing = was
+
+
+def check_signals() -> None:
+    """`Interrupted` if a signal came meanwhile (one a library caught and wrapped is still a Ctrl-C)."""
+    if Signals.active is not None:
+        Signals.active.check()
 
 
 def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float = 600.0,

@@ -22,7 +22,7 @@ from nst_batch.files.images import scan
 from nst_batch.batch.ledger import Ledger, open_ledgers
 from nst_batch.batch.plan import make_plan
 from nst_batch.run.progress import Display
-from nst_batch.run.runner import run
+from nst_batch.run.local import run
 from nst_batch.batch.shards import Shard, shard_of
 
 COUNT_DONE = """
@@ -356,7 +356,7 @@ def test_retry_of_a_sharded_folder(collection):
 def test_a_live_worker_of_another_host_keeps_its_shard(tmp_path):
     """One writer host per shard ledger: a registration that keeps beating is a live host (refused);
     one that stops (a lost node) is waited out, then the shard is taken."""
-    from nst_batch.run.runner import _one_host
+    from nst_batch.run.session import _one_host
 
     folder = Shard(2, 0).folder(tmp_path)
     notes = []
@@ -389,7 +389,7 @@ def test_a_live_worker_of_another_host_keeps_its_shard(tmp_path):
 def test_a_shard_reads_only_the_inputs_of_its_own_pairs(collection, monkeypatch):
     """64 array tasks on one collection: each hashes the files its pairs use, not the whole collection."""
     from nst_batch.files import hashing
-    from nst_batch.run import runner
+    from nst_batch.run import session
 
     content, styles, out, args = collection
     read = []
@@ -399,7 +399,7 @@ def test_a_shard_reads_only_the_inputs_of_its_own_pairs(collection, monkeypatch)
         def __init__(self, known=None):
             super().__init__(known, read=lambda p: read.append(p.name) or real(p))
 
-    monkeypatch.setattr(runner, "HashCache", Counting)
+    monkeypatch.setattr(session, "HashCache", Counting)
     shard = Shard(8, 3)
     mine = {p for p in names(content, styles) if shard.owns(*p)}
     assert mine and len(mine) < 10

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from rich.console import Console
 
-from nst_batch.run import runner
+from nst_batch.run import local
 from nst_batch.core.engine import Engine
 from nst_batch.files.stage import load_photo
 from nst_batch.run.jobs import note_for
@@ -180,11 +180,11 @@ def test_a_blend_members_unusable_profile_is_noted_on_the_pair(folder, engine_of
 def test_a_run_with_a_folder_blend_and_per_style_settings(tmp_path):
     s = _settings(tmp_path, steps=2, per_style={"oils": {"style_weight": 6.0}})
     quiet = Display(Console(quiet=True))
-    assert runner.run(s, quiet).made == 3
+    assert local.run(s, quiet).made == 3
     assert sorted(p.name for p in s.out.iterdir() if p.is_dir() and p.name != "thumbs") == ["a", "b", "oils"]
     assert (s.out / "oils" / "p.png").is_file()
     # Another weight for the blend: only its pair is made again.
-    again = runner.run(s.replace(per_style={"oils": {"style_weight": 7.0}}), quiet)
+    again = local.run(s.replace(per_style={"oils": {"style_weight": 7.0}}), quiet)
     assert again.made == 1 and again.failed == 0
     with Ledger(s.out) as ledger:
         assert {r.style: r.state for r in ledger.rows()} == {"a.png": "done", "b.png": "done", "oils": "done"}

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nst_batch.core import losses, pyramid, vgg
-from nst_batch.run import runner
+from nst_batch.run import local
 from nst_batch.core.engine import Engine
 from nst_batch.errors import WeightsError
 from nst_batch.config.objective import PRESETS, Objective, objective_from
@@ -534,12 +534,12 @@ def test_style_targets_are_computed_once_per_style(fast_settings, monkeypatch):
             super().__init__(*a, **kw)
             engines.append(self)
 
-    monkeypatch.setattr(runner, "Engine", Spy)
+    monkeypatch.setattr(local, "Engine", Spy)
     from rich.console import Console
     import io
 
     s = fast_settings.replace(steps=3, layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})
-    result = runner.run(s, Display(Console(file=io.StringIO())))
+    result = local.run(s, Display(Console(file=io.StringIO())))
     assert result.made == 6 and result.failed == 0  # 3 contents × 2 styles
     assert len(engines) == 1
     assert engines[0].style_passes == 2

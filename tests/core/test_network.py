@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from nst_batch.files import images
-from nst_batch.run import lifecycle, runner, training
+from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
 from nst_batch.report import pages as report
 from nst_batch.files.decode import to_tensor
@@ -161,13 +161,13 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     monkeypatch.setattr(network, "train_steps", spy_train)
     monkeypatch.setattr(training.Trainer, "_save", killed_after_two)
     with pytest.raises(Interrupted):
-        runner.run(s, Display(Console(quiet=True)))
+        local.run(s, Display(Console(quiet=True)))
     with Ledger(s.out) as led:
         assert led.models()["s1.png"]["step"] == 2 and led.counts()["done"] == 0
     assert (s.out / "models" / "s1.png.pt").is_file()
     monkeypatch.setattr(training.Trainer, "_save", real_save)
     killed_at = len(starts)
-    result = runner.run(s, Display(Console(quiet=True)))
+    result = local.run(s, Display(Console(quiet=True)))
     assert result.made == 2 and result.failed == 0, result.failures
     assert starts[killed_at:] == [2, 3]  # trained on from the step-2 checkpoint (one call a checkpoint), not afresh
     with Ledger(s.out) as led:
@@ -188,7 +188,7 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
     assert raw.ok and refined.total_loss < raw.final.total
     # Nothing pending: a run again trains nothing and makes nothing.
     starts.clear()
-    assert runner.run(s, Display(Console(quiet=True))).made == 0 and starts == []
+    assert local.run(s, Display(Console(quiet=True))).made == 0 and starts == []
     # status and the report say which method made each pair, and the report draws the training curve.
     status = cli("status", str(s.out), "--json")
     assert status.returncode == 0, status.stderr
@@ -226,7 +226,7 @@ def test_two_styles_of_one_image_each_train_and_use_their_own_network(tmp_path, 
     shutil.copy(s.styles / "s1.png", s.styles / "s2.png")
     s = s.replace(per_style=(("s2.png", (("style_weight", 30.0),)),))
     trained = _trainings(monkeypatch)
-    runner.run(s, Display(Console(quiet=True)))
+    local.run(s, Display(Console(quiet=True)))
     assert sorted(trained) == [("out", "s1.png"), ("out", "s2.png")]
     with Ledger(s.out) as led:
         models = led.models()
@@ -240,7 +240,7 @@ def test_each_shard_of_one_process_uses_its_own_network(tmp_path, monkeypatch):
     shards = (Shard(2, 0), Shard(2, 1))
     assert all(any(sh.owns(f"p{i}.png", "s1.png") for i in range(4)) for sh in shards)  # both have pairs
     trained = _trainings(monkeypatch)
-    runner.run(s, Display(Console(quiet=True)), shards=shards)
+    local.run(s, Display(Console(quiet=True)), shards=shards)
     assert sorted(trained) == [("0-of-2", "s1.png"), ("1-of-2", "s1.png")]
     assert all((sh.folder(s.out) / "models" / "s1.png.pt").is_file() for sh in shards)
 

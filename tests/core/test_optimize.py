@@ -1,6 +1,6 @@
 """Issue 8: every image marked done is a real stylization of what its recipe says.
 
-End to end through runner.run on tiny images: each output differs from its photo and ends below the
+End to end through local.run on tiny images: each output differs from its photo and ends below the
 loss of doing nothing; the tutorial preset with the default (Caffe) weights no longer returns the photo;
 an optimisation that goes nowhere fails as `no_progress`; the stop rule does not depend on log_every;
 `steps: 1` is one evaluation; and the CUDA configuration (bf16 autocast, channels_last, batch 2) runs
@@ -22,7 +22,7 @@ from torch import nn
 
 from nst_batch.files import images
 from nst_batch.core import losses, vgg
-from nst_batch.run import runner
+from nst_batch.run import local
 from nst_batch.config.objective import Objective, objective_from
 from nst_batch.core.engine import Engine, resolve
 from nst_batch.files.decode import to_tensor
@@ -90,13 +90,13 @@ def copy_data(tmp_path: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("layers, steps, bound", [("tutorial", 20, 0.1), ("gatys", 6, 0.9)])
 def test_every_output_is_a_stylization_end_to_end(tmp_path, layers, steps, bound):
-    """The bundled samples at 48 px through runner.run, default weights (vgg19-caffe), default scales and stop
+    """The bundled samples at 48 px through local.run, default weights (vgg19-caffe), default scales and stop
     rule. With `layers: tutorial` the old optimiser jumped far uphill on its 3rd step, never came back, and
     "keep the best image" kept the photo: every pair was recorded done with its photo as the output."""
     content, styles = copy_data(tmp_path)
     s = Settings(content=content, styles=styles, out=tmp_path / "out", size=48, steps=steps, layers=layers,
                  device="cpu", lease_s=60)
-    result = runner.run(s, quiet())
+    result = local.run(s, quiet())
     assert result.made == 9 and result.failed == 0, result.failures
     for pair, (start, final, moved) in start_and_final(s).items():
         assert moved > 0.01, (pair, moved)  # the output is not the resized photo
@@ -153,7 +153,7 @@ def test_no_progress_fails_the_pair_and_writes_nothing(fast_settings):
     """One step per scale measures the photo and never measures an update: the output would be the photo.
     Before, that was recorded done; now every pair fails as no_progress, with no file written."""
     s = fast_settings.replace(steps=1)
-    result = runner.run(s, quiet())
+    result = local.run(s, quiet())
     assert result.made == 0 and result.failed == 6
     assert {kind for _, kind, _ in result.failures} == {"no_progress"}
     assert all("of its start" in msg and "raise steps" in msg for _, _, msg in result.failures)
@@ -247,7 +247,7 @@ def test_the_cuda_configuration_runs_on_the_cpu(fast_settings, monkeypatch):
             batches.append(len(jobs))
             return super().make(jobs, on_log, on_note)
 
-    monkeypatch.setattr(runner, "Engine", CudaConfigOnCpu)
+    monkeypatch.setattr(local, "Engine", CudaConfigOnCpu)
     # Three photos of one shape, so a style's pairs can share a batch of 2.
     for p in fast_settings.content.iterdir():
         p.unlink()
@@ -256,7 +256,7 @@ def test_the_cuda_configuration_runs_on_the_cpu(fast_settings, monkeypatch):
     for i in range(3):
         make_image(fast_settings.content / f"p{i}.png", 48, 32, 20 + i)
     s = fast_settings.replace(batch=2, precision="auto", steps=6)
-    result = runner.run(s, quiet())
+    result = local.run(s, quiet())
     assert result.made == 6 and result.failed == 0, result.failures
     (engine,) = engines
     assert engine.optim.autocast_dtype == torch.bfloat16 and engine.optim.channels_last

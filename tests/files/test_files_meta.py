@@ -23,7 +23,7 @@ from rich.console import Console
 
 from nst_batch.files.encode import encode
 from nst_batch.files import images
-from nst_batch.run import runner
+from nst_batch.run import local
 from nst_batch.errors import ConfigError
 from nst_batch.batch.ledger import Ledger
 from nst_batch.config.manifest import Settings, apply, load
@@ -337,7 +337,7 @@ def test_a_run_mirrors_the_tree_under_each_style_with_colour_and_metadata(fast_s
     s = fast_settings.replace(content=content, styles=styles, out=tmp_path / "out", size=32, steps=2,
                               layers={"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]})  # a short VGG: fast
     quiet = Display(Console(quiet=True))
-    assert runner.run(s, quiet).made == 4
+    assert local.run(s, quiet).made == 4
     for style in ("s1", "s2"):  # the photo's folders under each style
         assert sorted(p.relative_to(s.out / style).as_posix() for p in (s.out / style).rglob("*.png")) == [
             "top.png", "trip/day1/p3.png"]
@@ -354,7 +354,7 @@ def test_a_run_mirrors_the_tree_under_each_style_with_colour_and_metadata(fast_s
 
     # Another layout and 16-bit files with GPS: every pair is redone (the files differ), at its new place.
     s2 = s.replace(name="{content}/{style}", keep_gps=True, bit_depth=16)
-    assert runner.run(s2, quiet).made == 4
+    assert local.run(s2, quiet).made == 4
     data = (s.out / "trip" / "day1" / "p3" / "s2.png").read_bytes()
     b16, chunks = read_png(data)
     assert chunks["IHDR"][8] == 16 and b16.shape == (32, 19, 3) and not np.all(b16 % 257 == 0)

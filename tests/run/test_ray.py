@@ -220,7 +220,7 @@ def test_auto_on_ray_keeps_the_pairs_a_local_run_made_with_a_network(tmp_path, r
     done under the network's recipe: the Ray run's plain plan sent it back to pending and made it again."""
     from rich.console import Console
 
-    from nst_batch.run import runner
+    from nst_batch.run import local
     from nst_batch.config.manifest import Settings
     from nst_batch.run.progress import Display
 
@@ -236,7 +236,7 @@ def test_auto_on_ray_keeps_the_pairs_a_local_run_made_with_a_network(tmp_path, r
     # recipes are these.
     s = Settings(content=content, styles=styles, out=out, size=48, scales=(1.0,), stop_window=0, device="cpu",
                  steps=40, method="network", network_steps=2, refine_steps=4)
-    assert runner.run(s, Display(Console(quiet=True))).made == 2
+    assert local.run(s, Display(Console(quiet=True))).made == 2
 
     def rows():
         db = sqlite3.connect(out / "ledger.sqlite")

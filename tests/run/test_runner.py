@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nst_batch.core import targets
 from nst_batch.files import losslog, stage
-from nst_batch.run import runner
+from nst_batch.run import local
 from nst_batch.core.optimize import LogRow
 from nst_batch.run.progress import Display
 
@@ -31,7 +31,7 @@ def test_each_photo_is_decoded_once_and_ahead_on_the_io_thread(fast_settings, mo
         return real(path, *a, **kw)
 
     monkeypatch.setattr(stage, "load_rgb", spy)  # the I/O stage's decoding, of photos and of styles
-    result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
+    result = local.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6
     content_loads = len(threads) - 2  # each of the 2 styles is decoded once, on the main thread
     prefetched = sum(name.startswith("nst-io") for name in threads)
@@ -81,7 +81,7 @@ def _log_lines(out: Path) -> list[str]:
 
 def test_loss_log_needs_no_hard_link(fast_settings, monkeypatch):
     _fat_like(monkeypatch)
-    result = runner.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
+    result = local.run(fast_settings.replace(steps=3), Display(Console(quiet=True)))  # 1 step: no_progress
     assert result.made == 6 and result.failed == 0
     lines = _log_lines(fast_settings.out)
     assert lines[0] == ",".join(losslog.LOSS_COLUMNS) and len(lines) > 6
@@ -131,7 +131,7 @@ def test_a_run_leaves_each_outputs_thumbnail_and_curve_for_the_report(fast_setti
     from nst_batch.batch.ledger import Ledger
 
     s = fast_settings.replace(steps=3)
-    assert runner.run(s, Display(Console(quiet=True))).made == 6
+    assert local.run(s, Display(Console(quiet=True))).made == 6
     with Ledger(s.out, readonly=True) as ledger:
         rows = ledger.rows()
         curves = ledger.curves([r.id for r in rows])
@@ -152,7 +152,7 @@ def test_a_pair_that_would_not_fit_in_memory_fails_as_oom_and_writes_nothing(fas
     free = memory.need(32, 32, 1, "lbfgs", fast_settings.steps).bytes  # a 32 px square fits, 48 px does not
     monkeypatch.setattr(memory, "free_bytes", lambda device: free)
     s = fast_settings
-    result = runner.run(s, Display(Console(quiet=True)))
+    result = local.run(s, Display(Console(quiet=True)))
     assert result.made == 0 and result.failed == 6
     assert {kind for _, kind, _ in result.failures} == {"oom"}
     assert all(msg.endswith("32 px would fit; lower 'size'") for _, _, msg in result.failures), result.failures
