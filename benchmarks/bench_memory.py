@@ -38,7 +38,7 @@ def _proc_status(key: str) -> int:
 def child(a: argparse.Namespace) -> dict:
     import torch
 
-    from nst_batch.files import images
+    from nst_batch.files import decode
     from nst_batch.core import memory
     from nst_batch.run.jobs import file_engine, file_job
     from nst_batch.config.manifest import Settings
@@ -49,8 +49,8 @@ def child(a: argparse.Namespace) -> dict:
                  scales=(1.0,), stop_window=0, log_every=1, device=a.device, precision=a.precision)
     engine = file_engine(s, free_memory=lambda device: None)  # measure, do not refuse
     device = engine.device
-    im = images.load_rgb(photo)
-    w, h = images.fit_long_side(*im.size, a.size)
+    im = decode.load_rgb(photo)
+    w, h = decode.fit_long_side(*im.size, a.size)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nst_batch.files import images  # noqa: E402
+from nst_batch.files import decode# noqa: E402
 from nst_batch.core import losses, network
 from nst_batch.run import training
 from nst_batch.core.engine import Engine  # noqa: E402
@@ -51,7 +51,7 @@ def make_photos(folder: Path, n: int, size: int) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i in range(n):
-        im = images.load_rgb(srcs[i % len(srcs)])
+        im = decode.load_rgb(srcs[i % len(srcs)])
         f = rng.uniform(0.6, 1.0)
         w, h = int(im.width * f), int(im.height * f)
         x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
@@ -105,7 +105,7 @@ def main() -> None:
         for px in (512, 1024):
             e = file_engine(settings.replace(size=px), dev)
             e.style_pixels.add("bench", style)
-            ims = [images.load_rgb(p) for p in photos]
+            ims = [decode.load_rgb(p) for p in photos]
             tens_px = [to_tensor(im, px) for im in ims]
             st = e.train(job, tens_px, None, 3)
             sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -131,7 +131,7 @@ def main() -> None:
     photos = make_photos(a.work, 128, a.size)
     sample = photos[:: len(photos) // a.sample][: a.sample]
     score = Scorer(engine, style)
-    tens = {p: to_tensor(images.load_rgb(p), a.size).to(dev) for p in sample}
+    tens = {p: to_tensor(decode.load_rgb(p), a.size).to(dev) for p in sample}
 
     # -- optimize, today's defaults
     opt_t, opt_l, opt_img = [], [], {}
@@ -147,7 +147,7 @@ def main() -> None:
                        "photo_loss": sum(score(tens[p], tens[p]) for p in sample) / len(sample)}
 
     # -- network, trained once on the runner's sample of the 128-photo collection
-    train_on = [to_tensor(images.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
+    train_on = [to_tensor(decode.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
     evals = sorted(int(x) for x in a.eval_at.split(","))
     state, trained_s, curve = None, 0.0, []
     res["network"] = {}

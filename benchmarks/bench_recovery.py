@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.core import losses
 from nst_batch.config.manifest import Settings
 from nst_batch.files.hashing import file_hash
@@ -51,8 +51,8 @@ def evaluate(engine: Engine, img: torch.Tensor, photo: torch.Tensor, style_path:
 
 
 def pairs_of(folder: Path, limit: int | None) -> list[tuple[Path, Path]]:
-    contents = images.discover(folder / "content", skip=None)
-    styles = images.discover(folder / "styles", skip=None)
+    contents = decode.discover(folder / "content", skip=None)
+    styles = decode.discover(folder / "styles", skip=None)
     pairs = [(c, s) for s in styles for c in contents]
     return pairs[:limit] if limit else pairs
 
@@ -81,7 +81,7 @@ def main() -> None:
     print(f"{'folder':<8} {'pair':<58} {'px':>4} {'s':>6} {'steps':>5} {'start':>10} {'final':>10} {'ratio':>8}")
     for folder in folders:
         for c, s in pairs_of(folder, a.limit):
-            im = images.load_rgb(c, 100)
+            im = decode.load_rgb(c, 100)
             for size in (int(x) for x in a.sizes.split(",")):
                 settings = Settings(content=c.parent, styles=s.parent, out=Path("/tmp/nst-bench-recovery"),
                                     size=size, steps=a.steps, layers=a.layers, device="cpu", **extra)

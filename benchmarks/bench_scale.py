@@ -70,7 +70,7 @@ def _plan_and_sync(root: Path) -> dict:
     """What local.run does before its first claim, without the model."""
     from nst_batch.batch.ledger import Ledger
     from nst_batch.batch import plan as planning
-    from nst_batch.files import hashing
+    from nst_batch.files import encode, hashing
 
     s = _settings(root)
     read = []
@@ -192,7 +192,7 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
     (losses.csv being far over its limit) draws no curve. Returns what the runner's part cost a pair."""
     from types import SimpleNamespace
 
-    from nst_batch.files import images, losslog
+    from nst_batch.files import encode, losslog
     from nst_batch.report import pages as report
     from nst_batch.files.layout import thumb_path, write_atomic
     from nst_batch.batch.ledger import Ledger
@@ -232,14 +232,14 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
             with Image.open(out / r.output) as im:
                 im.load()
                 t0 = time.perf_counter()
-                images.write_thumbnail(out / thumb_path("o", r.output), im)
+                encode.write_thumbnail(out / thumb_path("o", r.output), im)
                 t += time.perf_counter() - t0
             data.setdefault(r.style, (out / thumb_path("o", r.output)).read_bytes())
         for r in rows[1000:]:
             b = data.get(r.style)
             if b is None:
                 with Image.open(out / r.output) as im:
-                    b = data[r.style] = images.thumbnail_jpeg(im)
+                    b = data[r.style] = encode.thumbnail_jpeg(im)
             write_atomic(out / thumb_path("o", r.output), lambda f: f.write(b), durable=False)
         res["runner_thumb_ms"] = t / len(first) * 1000
     res["ledger_mb"] = (out / "ledger.sqlite").stat().st_size / 1e6

@@ -56,7 +56,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tutorial_loop, next to this file
 
-from nst_batch.files import images  # noqa: E402
+from nst_batch.files import decode# noqa: E402
 from nst_batch.core import losses
 from nst_batch.config import manifest
 from nst_batch.core.engine import Engine, pick_device, resolve  # noqa: E402
@@ -105,18 +105,18 @@ class Pair:
 
 
 def load_pairs(root: Path, n_content: int, n_style: int, size: int, device: torch.device) -> list[Pair]:
-    contents = images.discover(root / "content")[:n_content]
-    styles = images.discover(root / "styles")[:n_style]
+    contents = decode.discover(root / "content")[:n_content]
+    styles = decode.discover(root / "styles")[:n_style]
     if len(contents) < n_content or len(styles) < n_style:
         raise SystemExit(f"{root} has {len(contents)} content and {len(styles)} style images; "
                          f"--pairs {n_content}x{n_style} needs more")
     out = []
     for s in styles:
-        style_im = images.load_rgb(s)
+        style_im = decode.load_rgb(s)
         for c in contents:
             # .contiguous(): to_tensor returns a permuted (channels-last-strided) view; the tutorial's
             # ToTensor gives a contiguous tensor, and L-BFGS needs one.
-            t = to_tensor(images.load_rgb(c), size).contiguous().to(device)
+            t = to_tensor(decode.load_rgb(c), size).contiguous().to(device)
             out.append(Pair(c, s, t, style_im))
     return out
 
@@ -372,7 +372,7 @@ def batch_experiment(pairs: list[Pair], eval_net: VGGFeatures, device: torch.dev
         print("\n--batch needs two contents (--pairs 2xM)")
         return []
     h, w = first.hw
-    im = images.load_rgb(other.content_path).resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    im = decode.load_rgb(other.content_path).resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
     second = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).unsqueeze(0)
     second = second.float().div_(255.0).contiguous().to(device)
     both = torch.cat([first.content, second])
@@ -418,7 +418,7 @@ def profile_pair(cfg: NstConfig, pair: Pair, eval_net: VGGFeatures, device: torc
         except (KeyError, AttributeError, ValueError):
             continue
     # The floor: the same run on a 32 px image, where the convolutions cost next to nothing.
-    tiny = to_tensor(images.load_rgb(pair.content_path), 32).contiguous().to(device)
+    tiny = to_tensor(decode.load_rgb(pair.content_path), 32).contiguous().to(device)
     tiny_pair = dataclasses.replace(pair, content=tiny)
     tiny_run, _, _ = run_nst(short, tiny_pair, TutorialEvaluator(eval_net, tiny_pair), device)
     ms = run.seconds / run.steps * 1000
@@ -435,7 +435,7 @@ def memory_sweep(cfgs: list[NstConfig], pair: Pair, device: torch.device, sizes:
     for cfg in cfgs:
         optim = dataclasses.replace(cfg.optim, steps=steps, stop_window=0)
         for size in sizes:
-            content = to_tensor(images.load_rgb(pair.content_path), size).contiguous().to(device)
+            content = to_tensor(decode.load_rgb(pair.content_path), size).contiguous().to(device)
             p = dataclasses.replace(pair, content=content)
             row: dict[str, Any] = {"method": cfg.name, "size": size, "hw": list(p.hw)}
             try:

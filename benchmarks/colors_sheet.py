@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nst_batch.files import images  # noqa: E402
+from nst_batch.files import decode# noqa: E402
 from nst_batch.config import manifest
 from nst_batch.files.encode import to_pil  # noqa: E402
 from nst_batch.run.jobs import file_engine, file_job  # noqa: E402
@@ -66,10 +66,10 @@ def main() -> None:
               f"loss {m.final.total:.4g} / start {m.start.total:.4g} = {m.final.total / m.start.total:.3f}")
         made.append((CAPTIONS[mode], to_pil(m.image)))
 
-    photo = images.load_rgb(args.photo)
+    photo = decode.load_rgb(args.photo)
     out = made[0][1]
     box = out.size  # every panel the outputs' shape: the photo's aspect at --size
-    sheet = panels_sheet([("photo", photo), ("style", images.load_rgb(args.style)), *made], box)
+    sheet = panels_sheet([("photo", photo), ("style", decode.load_rgb(args.style)), *made], box)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, quality=88, optimize=True)
     print(f"{args.out}: {sheet.width}x{sheet.height}, {args.out.stat().st_size / 1024:.0f} KB")

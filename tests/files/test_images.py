@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import make_image
-from nst_batch.files import images
+from nst_batch.files import decode, encode
 from nst_batch.files.decode import to_tensor
 from nst_batch.files.encode import to_pil
 from nst_batch.errors import PairError
@@ -29,7 +29,7 @@ def test_exif_orientation_is_applied(tmp_path):
     exif[0x0112] = 6  # Orientation: rotate 90° clockwise to display
     path = tmp_path / "rotated.jpg"
     im.save(path, exif=exif, quality=95)
-    out = images.load_rgb(path)
+    out = decode.load_rgb(path)
     assert out.size == (24, 40)  # transposed
     r, g, b = rgb_at(out, 12, 4)  # the left band is now at the top
     assert b > 150 and r < 100
@@ -44,7 +44,7 @@ def test_heic_orientation_is_applied_once(tmp_path):
     exif[0x0112] = 6  # rotate 90° clockwise to display, as a phone held upright writes it
     path = tmp_path / "rotated.heic"
     pillow_heif.from_pillow(im).save(str(path), exif=exif.tobytes(), quality=95)
-    out = images.load_rgb(path)
+    out = decode.load_rgb(path)
     assert out.size == (24, 40)
     r, g, b = rgb_at(out, 12, 4)  # the left band is now at the top
     assert b > 150 and r < 100
@@ -53,7 +53,7 @@ def test_heic_orientation_is_applied_once(tmp_path):
 def test_grey_L(tmp_path):
     p = tmp_path / "g.png"
     Image.new("L", (20, 20), 100).save(p)
-    assert rgb_at(images.load_rgb(p), 5, 5) == (100, 100, 100)
+    assert rgb_at(decode.load_rgb(p), 5, 5) == (100, 100, 100)
 
 
 def test_grey_alpha_LA_over_white(tmp_path):
@@ -61,7 +61,7 @@ def test_grey_alpha_LA_over_white(tmp_path):
     im = Image.new("LA", (20, 20), (50, 255))
     im.putpixel((0, 0), (50, 0))  # fully transparent
     im.save(p)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 0, 0) == (255, 255, 255)
     assert rgb_at(out, 5, 5) == (50, 50, 50)
 
@@ -71,7 +71,7 @@ def test_palette_P(tmp_path):
     im = Image.new("P", (20, 20), 1)
     im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     im.save(p)
-    assert rgb_at(images.load_rgb(p), 3, 3) == (10, 200, 30)
+    assert rgb_at(decode.load_rgb(p), 3, 3) == (10, 200, 30)
 
 
 def test_palette_with_transparency_over_white(tmp_path):
@@ -80,7 +80,7 @@ def test_palette_with_transparency_over_white(tmp_path):
     im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     im.putpixel((2, 2), 0)
     im.save(p, transparency=0)  # palette index 0 (black) is transparent
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 2, 2) == (255, 255, 255)  # not black
     assert rgb_at(out, 3, 3) == (10, 200, 30)
 
@@ -91,7 +91,7 @@ def test_gif_with_transparency(tmp_path):
     im.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
     im.putpixel((2, 2), 0)
     im.save(p, transparency=0)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 2, 2) == (255, 255, 255)
     assert rgb_at(out, 3, 3) == (10, 200, 30)
 
@@ -102,7 +102,7 @@ def test_rgba_composited_over_white(tmp_path):
     im.putpixel((0, 0), (0, 0, 0, 0))  # fully transparent black
     im.putpixel((1, 0), (0, 0, 0, 128))  # half-transparent black
     im.save(p)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 0, 0) == (255, 255, 255)
     assert all(abs(c - 127) <= 1 for c in rgb_at(out, 1, 0))
     assert rgb_at(out, 5, 5) == (0, 0, 255)
@@ -114,7 +114,7 @@ def test_cmyk(tmp_path):
     im.putpixel((0, 0), (0, 0, 0, 0))  # no ink: white
     im.putpixel((1, 0), (0, 0, 0, 255))  # full black
     im.save(p)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 5, 5) == (0, 255, 255)
     assert rgb_at(out, 0, 0) == (255, 255, 255)
     assert rgb_at(out, 1, 0) == (0, 0, 0)
@@ -123,7 +123,7 @@ def test_cmyk(tmp_path):
 def test_cmyk_jpeg(tmp_path):
     p = tmp_path / "cmyk.jpg"
     Image.new("CMYK", (20, 20), (0, 255, 255, 0)).save(p, quality=100)  # magenta + yellow = red
-    r, g, b = rgb_at(images.load_rgb(p), 5, 5)
+    r, g, b = rgb_at(decode.load_rgb(p), 5, 5)
     assert r > 240 and g < 15 and b < 15
 
 
@@ -140,7 +140,7 @@ def test_16bit_grey_is_scaled_not_clipped(tmp_path):
     a = np.zeros((20, 20))
     a[0, 0], a[0, 1], a[0, 2] = 65535, 32768, 257
     _save16(p, a)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 0, 0) == (255, 255, 255)
     assert rgb_at(out, 1, 0) == (128, 128, 128)
     assert rgb_at(out, 2, 0) == (1, 1, 1)
@@ -153,7 +153,7 @@ def test_dark_16bit_grey_stays_dark(tmp_path):
     a = np.full((20, 20), 255)
     a[0, 0] = 0
     _save16(p, a)
-    out = images.load_rgb(p)
+    out = decode.load_rgb(p)
     assert rgb_at(out, 5, 5) == (1, 1, 1)
 
 
@@ -171,7 +171,7 @@ def test_16bit_rgb_png(tmp_path):
         chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
     p = tmp_path / "rgb16.png"
     p.write_bytes(png)
-    assert rgb_at(images.load_rgb(p), 3, 3) == (255, 0, 128)
+    assert rgb_at(decode.load_rgb(p), 3, 3) == (255, 0, 128)
 
 
 # -- sizes and limits --------------------------------------------------------------------------------------
@@ -206,23 +206,23 @@ def test_to_pil_round_trip():
 def test_too_small(tmp_path, w, h):
     p = make_image(tmp_path / "small.png", w, h, 0)
     with pytest.raises(PairError) as e:
-        images.load_rgb(p)
+        decode.load_rgb(p)
     assert e.value.kind == "too_small" and "small.png" in str(e.value)
 
 
 def test_over_max_megapixels(tmp_path):
     p = make_image(tmp_path / "big.png", 64, 64, 0)
     with pytest.raises(PairError) as e:
-        images.load_rgb(p, max_megapixels=0.001)
+        decode.load_rgb(p, max_megapixels=0.001)
     assert e.value.kind == "too_large" and "big.png" in str(e.value) and "max_megapixels" in str(e.value)
-    assert images.load_rgb(p, max_megapixels=0.005).size == (64, 64)
+    assert decode.load_rgb(p, max_megapixels=0.005).size == (64, 64)
 
 
 def test_decompression_bomb_over_twice_pillows_limit(tmp_path, monkeypatch):
     p = make_image(tmp_path / "bomb.png", 64, 64, 0)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 px > 2 x 1000: Pillow refuses to open it
     with pytest.raises(PairError) as e:
-        images.load_rgb(p)
+        decode.load_rgb(p)
     assert e.value.kind == "too_large" and "bomb.png" in str(e.value)
 
 
@@ -231,9 +231,9 @@ def test_max_megapixels_not_undercut_by_pillows_warning(tmp_path, monkeypatch):
     # Pillow's warning at 3000 px, our limit at 0.005 MP, the image 4096 px.
     p = make_image(tmp_path / "big.png", 64, 64, 0)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)
-    assert images.load_rgb(p, max_megapixels=0.005).size == (64, 64)
+    assert decode.load_rgb(p, max_megapixels=0.005).size == (64, 64)
     with pytest.raises(PairError) as e:
-        images.load_rgb(p, max_megapixels=0.004)
+        decode.load_rgb(p, max_megapixels=0.004)
     assert e.value.kind == "too_large" and "max_megapixels" in str(e.value)
 
 
@@ -242,7 +242,7 @@ def test_corrupt_file_is_unreadable(tmp_path, data):
     p = tmp_path / "broken.jpg"
     p.write_bytes(data)
     with pytest.raises(PairError) as e:
-        images.load_rgb(p)
+        decode.load_rgb(p)
     assert e.value.kind == "unreadable" and "broken.jpg" in str(e.value)
 
 
@@ -251,7 +251,7 @@ def test_truncated_jpeg_is_unreadable(tmp_path):
     cut = tmp_path / "cut.jpg"
     cut.write_bytes(p.read_bytes()[:300])
     with pytest.raises(PairError) as e:
-        images.load_rgb(cut)
+        decode.load_rgb(cut)
     assert e.value.kind == "unreadable"
 
 
@@ -262,7 +262,7 @@ def test_truncated_jpeg_is_unreadable(tmp_path):
 def test_save_atomic_writes_and_leaves_no_temp_file(tmp_path, fmt):
     im = Image.new("RGB", (30, 20), (10, 100, 200))
     path = tmp_path / "sub" / f"out.{fmt}"
-    images.save_atomic(im, path, fmt, quality=95)
+    encode.save_atomic(im, path, fmt, quality=95)
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     with Image.open(path) as back:
         assert back.format == ("PNG" if fmt == "png" else "JPEG")
@@ -271,12 +271,12 @@ def test_save_atomic_writes_and_leaves_no_temp_file(tmp_path, fmt):
 
 def test_save_atomic_failure_leaves_nothing_and_keeps_the_old_file(tmp_path):
     path = tmp_path / "out.jpg"
-    images.save_atomic(Image.new("RGB", (20, 20), (1, 2, 3)), path, "jpg")
+    encode.save_atomic(Image.new("RGB", (20, 20), (1, 2, 3)), path, "jpg")
     before = path.read_bytes()
     with pytest.raises(OSError):
-        images.save_atomic(Image.new("RGBA", (20, 20)), path, "jpg")  # JPEG cannot hold RGBA: raises mid-save
+        encode.save_atomic(Image.new("RGBA", (20, 20)), path, "jpg")  # JPEG cannot hold RGBA: raises mid-save
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out.jpg"]
     with pytest.raises(OSError):
-        images.save_atomic(Image.new("RGBA", (20, 20)), tmp_path / "new.jpg", "jpg")
+        encode.save_atomic(Image.new("RGBA", (20, 20)), tmp_path / "new.jpg", "jpg")
     assert [p.name for p in tmp_path.iterdir()] == ["out.jpg"]  # no partial new.jpg, no temp file

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from nst_batch.files import images, losslog
+from nst_batch.files import encode, losslog
 from nst_batch.report import pages as report, status
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
@@ -486,7 +486,7 @@ def test_the_runner_made_thumbnail_is_used_and_kept(run_dir: Path):
     output = run_dir / "s1" / "c1.png"
     with Image.open(output) as im:
         big = im.resize((480, 300))
-    dst = images.write_thumbnail(run_dir / thumb_path("o", "s1/c1.png"), big)
+    dst = encode.write_thumbnail(run_dir / thumb_path("o", "s1/c1.png"), big)
     assert dst == run_dir / thumb_path("o", "s1/c1.png")
     with Image.open(dst) as im:
         assert im.format == "JPEG" and im.size == (240, 150)  # 240 px on the long side
@@ -495,7 +495,7 @@ def test_the_runner_made_thumbnail_is_used_and_kept(run_dir: Path):
     assert dst.stat().st_mtime_ns == made  # not decoded or written again
     assert f'src="../{thumb_path("o", "s1/c1.png")}"' in _pages(run_dir)["styles/1.html"]
     with Image.open(run_dir / thumb_path("o", "s2/c1.png")) as im:  # made by the report: an older run
-        assert max(im.size) <= images.THUMB_PX
+        assert max(im.size) <= encode.THUMB_PX
 
 
 def test_a_style_with_more_photos_than_a_page_gets_several_and_old_pages_go(run_dir: Path, monkeypatch):
