@@ -279,7 +279,7 @@ def test_avif_is_read_by_pillow_itself(tmp_path):
 
 
 def test_avif_without_pillow_support_is_skipped_with_the_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(images, "avif_support", lambda: False)  # a Pillow built without libavif
+    monkeypatch.setattr(decode, "avif_support", lambda: False)  # a Pillow built without libavif
     content, styles = tmp_path / "c", tmp_path / "s"
     make_image(content / "a.png", 20, 20, 1)
     (content / "p.avif").write_bytes(b"\x00\x00\x00\x20ftypavif" + b"\x00" * 64)

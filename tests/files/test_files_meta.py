@@ -21,7 +21,7 @@ from PIL import ExifTags, Image, ImageCms
 from PIL.TiffImagePlugin import IFDRational
 from rich.console import Console
 
-from nst_batch.files.encode import encode
+
 from nst_batch.files import decode, encode
 from nst_batch.run import local
 from nst_batch.errors import ConfigError
@@ -183,7 +183,7 @@ def test_outputs_carry_srgb_and_the_photos_date_and_camera_and_gps_only_when_ask
     assert photo.size == (20, 30)  # upright
     made = _made(torch.rand(1, 3, 30, 20, generator=torch.Generator().manual_seed(0)), decode.photo_meta(photo))
     for keep_gps in (False, True):
-        enc = encode(*made, Settings(format=fmt, keep_gps=keep_gps))
+        enc = encode.encode(*made, Settings(format=fmt, keep_gps=keep_gps))
         with Image.open(io.BytesIO(enc.data)) as out:
             assert out.format == {"png": "PNG", "jpg": "JPEG"}[fmt]
             assert "sRGB" in profile_description(out.info["icc_profile"])
@@ -197,7 +197,7 @@ def test_outputs_carry_srgb_and_the_photos_date_and_camera_and_gps_only_when_ask
             if keep_gps:
                 assert gps[1] == "N" and [float(x) for x in gps[2]] == [48.0, 51.0, 29.64]
     # A photo with nothing to keep gets no EXIF at all, still the profile.
-    enc = encode(*_made(made[0], decode.PhotoMeta()), Settings())
+    enc = encode.encode(*_made(made[0], decode.PhotoMeta()), Settings())
     with Image.open(io.BytesIO(enc.data)) as out:
         assert "exif" not in out.info and "icc_profile" in out.info
 
@@ -207,7 +207,7 @@ def test_16_bit_png_keeps_the_optimisers_precision(tmp_path):
     t = torch.linspace(0.1, 0.9, 4000, dtype=torch.float32).reshape(1, 1, 40, 100).repeat(1, 3, 1, 1)
     t[:, 1] = 1 - t[:, 1]
     meta = decode.PhotoMeta(taken="2024:07:14 18:03:09", make="Fujifilm", model="X-T5")
-    enc = encode(*_made(t, meta), Settings(bit_depth=16))
+    enc = encode.encode(*_made(t, meta), Settings(bit_depth=16))
     a, chunks = read_png(enc.data)
     expected = (t[0].permute(1, 2, 0).double().numpy() * 65535)
     assert a.dtype != np.uint8 and np.abs(a - expected).max() <= 0.5
