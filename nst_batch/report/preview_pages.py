@@ -112,7 +112,7 @@ def contact_sheet(folder: Path, style: dict, photos: list[dict]) -> bytes:
         x = gap + j * (CELL + gap)
         text = _fit(draw, f"style_weight {_num(c['weight'])}", CELL, small)
         draw.text((x + CELL // 2, HEAD + HEAD // 3), text, font=small, fill="#000", anchor="mm")
-        draw.text((x + CELL // 2, HEAD + 2 * HEAD // 3 + 2), f"x{c['factor']:.3g} of now", font=small, fill="#666",
+        draw.text((x + CELL // 2, HEAD + 2 * HEAD // 3 + 2), f"x{c['factor']:.3g}", font=small, fill="#666",
                   anchor="mm")
     for i, p in enumerate(photos):
         y = HEAD * 2 + gap + i * (CELL + gap)

@@ -25,7 +25,6 @@ from ..config.manifest import Settings
 from ..config.objective import objective_from
 from ..errors import ConfigError, PairError
 from ..files.decode import fit_long_side, load_rgb
-from ..files.encode import encode_to
 from ..files.layout import PREVIEWS, write_atomic, write_text_atomic
 from ..files.names import printable
 from .progress import Display
@@ -165,7 +164,9 @@ def _png(path: Path, long_side: int, max_megapixels: float) -> bytes:
     if (w, h) != im.size:
         im = im.resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
     buf = io.BytesIO()
-    encode_to(im, buf, "png")
+    # Plain PNG, no profile (untagged is sRGB, which load_rgb made it): the sRGB profile lcms writes holds its
+    # creation time, so each preview would write new bytes, new hashes, and remake every cell.
+    im.save(buf, "PNG")
     return buf.getvalue()
 
 
