@@ -120,6 +120,7 @@ def test_preview_end_to_end(folders, tmp_path):
     with sqlite3.connect(out / "ledger.sqlite") as db:
         pairs = set(db.execute("SELECT content, style FROM pairs").fetchall())
     assert pairs == {(c, s) for c in ("square.png", "tall.jpg", "wide.png") for s in ("s1.png", "s2.jpg", "s3.png")}
+    assert 'href="previews/index.html"' in (out / "report.html").read_text()  # the run's report links them
 
 
 def test_named_photos_and_strengths(folders, tmp_path):
