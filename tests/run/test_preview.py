@@ -199,3 +199,29 @@ def test_parse_strengths():
     for bad in ("", "a", "0", "1,1", "inf"):
         with pytest.raises(ConfigError):
             pv.parse_strengths(bad)
+
+
+def test_help_states_the_preview_defaults():
+    """The CLI states them without importing torch (a quick --help): it must say what run/preview.py does."""
+    r = cli("preview", "--help", timeout=60)
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())
+    assert f"Default: {pv.SIZE}." in text and f"Default: {pv.STEPS}." in text
+    assert "Default: " + ",".join(f"{f:.3g}" for f in pv.STRENGTHS) + "." in text
+
+
+def test_the_runs_cleanup_leaves_previews_alone(tmp_path):
+    """OUT/previews is a run of its own: the run's sweep of dead writers' temporaries does not judge its files."""
+    import os
+    import time
+
+    from nst_batch.run.lifecycle import remove_stale_temporaries
+
+    theirs = tmp_path / "previews" / "out" / "models" / ".s.pt.999999999-ab12.tmp"
+    ours = tmp_path / "models" / ".s.pt.999999999-ab12.tmp"
+    for p in (theirs, ours):
+        p.parent.mkdir(parents=True)
+        p.write_bytes(b"x")
+        os.utime(p, (time.time() - 3600, time.time() - 3600))
+    assert remove_stale_temporaries(tmp_path, []) == 1
+    assert theirs.exists() and not ours.exists()
