@@ -1,4 +1,4 @@
-"""The `nst-batch` command. Thin: parse options, call the runner or the report, map errors to exit codes.
+"""The `nst-batch` command. Thin: parse options, call the run, the preview or the report, map errors to exit codes.
 
 Exit codes: 0 every pair done; 1 the run finished but some pairs failed; 2 usage, manifest
 or input-folder error; 3 model weights unavailable; 130 interrupted (Ctrl-C); 143 SIGTERM.
@@ -92,17 +92,26 @@ def _write_report(out: Path, quiet: bool) -> None:
 def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None = None, retry: bool = False,
          shards: tuple = (None,), ray=None):
     from .run.progress import make_display
-    from .run.lifecycle import Interrupted
     from .run.local import run
 
     display = make_display(console, quiet)
-    try:
-        if ray is not None:
-            from .run.ray import run_ray
+    if ray is not None:
+        from .run.ray import run_ray
 
-            result = run_ray(settings, display, ray, only_failed_kinds=retry_kinds, retry=retry)
-        else:
-            result = run(settings, display, only_failed_kinds=retry_kinds, retry=retry, shards=shards)
+        result = _computing(settings, lambda: run_ray(settings, display, ray, only_failed_kinds=retry_kinds,
+                                                      retry=retry))
+    else:
+        result = _computing(settings, lambda: run(settings, display, only_failed_kinds=retry_kinds, retry=retry,
+                                                  shards=shards))
+    _finish(result, settings.out, quiet, shards[0] if len(shards) == 1 else None)
+
+
+def _computing(settings: manifest.Settings, call):
+    """call(), with what can go wrong while pairs are made mapped to one line and an exit code."""
+    from .run.lifecycle import Interrupted
+
+    try:
+        return call()
     except Interrupted as e:
         err.print(f"interrupted ({e}): finished pairs are kept; run the same command again to resume", highlight=False)
         raise typer.Exit(e.exit_code)
@@ -112,7 +121,6 @@ def _run(settings: manifest.Settings, quiet: bool, retry_kinds: list[str] | None
         # The output folder or its ledger as a whole (a pair's own write failure fails that pair only):
         # one line and exit 2, not a traceback and the exit code of "some pairs failed".
         raise _fail(NstError(f"cannot use the output folder {settings.out}: {e}"))
-    _finish(result, settings.out, quiet, shards[0] if len(shards) == 1 else None)
 
 
 def _setting(key: str, retry: bool = False) -> Any:
@@ -172,6 +180,51 @@ def run(
         opts = RayOptions(ray, workers=ray_workers, gpus_per_worker=ray_gpus_per_worker,
                           cpus_per_worker=ray_cpus_per_worker, pair_timeout_s=ray_pair_timeout)
     _run(s, quiet, shards=(picked,), ray=opts)
+
+
+@app.command()
+def preview(
+    manifest_path: Optional[Path] = typer.Argument(None, metavar="[MANIFEST]",
+                                                   help="Pipeline file. Default: ./pipeline.yaml if present."),
+    content: Optional[Path] = _setting("content"),
+    styles: Optional[Path] = _setting("styles"),
+    out: Optional[Path] = _setting("out"),
+    device: Optional[str] = _setting("device"),
+    weights: Optional[str] = _setting("weights"),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
+    photos: int = typer.Option(3, "--photos", metavar="N", help="Sample photos, chosen to differ (brightness, "
+                               "colour, portrait or landscape)."),
+    photo: list[str] = typer.Option([], "--photo", metavar="NAME", help="This photo (path in the content folder, "
+                                    "file name or stem) instead of chosen ones; repeatable."),
+    strengths: Optional[str] = typer.Option(None, "--strengths", metavar="F,F,...",
+                                            help="Factors of each style's current style_weight. Default: 0.333,1,3."),
+    size: Optional[int] = typer.Option(None, "--size", help="Long side of the previews (not the run's). "
+                                       "Default: 112."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Steps of each preview (not the run's). Default: 12."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per cell."),
+) -> None:
+    """A few photos in every style at a few style weights, small and quick: pick each painting's weight
+    before the night. Written to OUT/previews/ (index.html); the run's own pairs are untouched."""
+    from .config.settings import check
+    from .report.preview_pages import write_pages
+    from .run import preview as pv
+    from .run.progress import make_display
+
+    try:
+        s = _settings(manifest_path, dict(content=content, styles=styles, out=out, device=device,
+                                          weights=weights), set_)
+        opts = pv.PreviewOptions(
+            photos=check("steps", photos, "--photos", name="--photos"), names=tuple(photo),
+            strengths=pv.parse_strengths(strengths) if strengths is not None else pv.STRENGTHS,
+            size=check("size", size, "--size") if size is not None else pv.SIZE,
+            steps=check("steps", steps, "--steps") if steps is not None else pv.STEPS)
+    except NstError as e:
+        raise _fail(e)
+    _computing(s, lambda: pv.make_preview(s, make_display(console, quiet), opts))
+    index, missing = _computing(s, lambda: write_pages(s.out))
+    console.print(printable(f"preview: {index}" + (f" ({missing} cell(s) not made)" if missing else "")),
+                  markup=False, highlight=False)
+    raise typer.Exit(EXIT_PAIRS_FAILED if missing else EXIT_OK)
 
 
 def _stored_settings(out: Path) -> manifest.Settings:

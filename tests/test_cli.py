@@ -80,7 +80,7 @@ def test_missing_weights_exit_3(folders, tmp_path):
 
 
 @pytest.mark.parametrize("args", [("--help",), ("run", "--help"), ("retry", "--help"), ("status", "--help"),
-                                  ("report", "--help")])
+                                  ("report", "--help"), ("preview", "--help")])
 def test_help(args):
     r = cli(*args, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
-from ..files.layout import CONTACT_SHEET, MODELS, SHARDS, SHEETS, STYLES, THUMBS
+from ..files.layout import CONTACT_SHEET, MODELS, PREVIEWS, SHARDS, SHEETS, STYLES, THUMBS
 from ..files.decode import scan
 from ..files.hashing import file_hash
 from ..config.manifest import Member, Overrides, Settings, check_folders
@@ -244,9 +244,10 @@ def _with_overrides(settings: Settings, styles: list[_Style]) -> list[_Style]:
 
 # -- output names ----------------------------------------------------------------------------------
 
-# OUT's own folders (the report's thumbnails, pages and sheets; shards' ledgers; learned networks): an output inside one
-# could be taken for, or deleted as, one of their files (the report removes sheets it did not write).
-RESERVED = {THUMBS, STYLES, SHEETS, SHARDS, MODELS}
+# OUT's own folders (the report's thumbnails, pages and sheets; shards' ledgers; learned networks; the
+# previews, a run of their own): an output inside one could be taken for, or deleted as, one of their files
+# (the report removes sheets it did not write; a preview removes sample photos it no longer uses).
+RESERVED = {THUMBS, STYLES, SHEETS, SHARDS, MODELS, PREVIEWS}
 
 
 def output_namer(template: str, fmt: str) -> Callable[[str, str], Callable[[str], str]]:

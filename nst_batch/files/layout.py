@@ -21,6 +21,7 @@ CONTACT_SHEET = "contact_sheet.jpg"
 THUMBS = "thumbs"
 STYLES = "styles"  # the report's per-style pages
 SHEETS = "contact_sheets"  # per-style contact sheets, for runs one sheet cannot show
+PREVIEWS = "previews"  # OUT/previews/: `nst-batch preview`'s own inputs, ledger, outputs and pages (run/preview.py)
 
 
 def thumb_path(kind: str, source: str) -> str:

@@ -47,6 +47,7 @@ from urllib.parse import quote
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from ..files.layout import CONTACT_SHEET, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path, write_atomic, write_text_atomic
+from ..files.layout import PREVIEWS
 from ..batch.ledger import LedgerSet, Row, open_ledgers, output_exists
 from ..files.encode import THUMB_PX, shrink
 from ..files.losslog import CURVE_MAX_POINTS, LOSS_LOG, Point, parse_curve, read_curves, thin
@@ -703,6 +704,7 @@ def _front_context(out: Path, grid: _Grid, settings: dict, s: Summary, thumbs: T
         "skipped_open": len(s.skipped) <= OPEN_SECTIONS_UP_TO, "list_max": FRONT_LIST_MAX,
         "settings": [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in settings.items()],
         "series": _SERIES, "methods": method_line(s.method_counts),
+        "previews": f"{PREVIEWS}/index.html" if (out / PREVIEWS / "index.html").is_file() else None,
     }
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import EXIT_SIGINT, EXIT_SIGTERM
-from ..files.layout import CONTACT_SHEET, MODELS, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path
+from ..files.layout import CONTACT_SHEET, MODELS, PREVIEWS, REPORT_HTML, SHEETS, STYLES, SUMMARY_CSV, THUMBS, thumb_path
 from ..batch.ledger import Ledger
 from ..files.losslog import LOSS_LOG
 
@@ -150,6 +150,8 @@ def remove_stale_temporaries(out: Path, outputs: Iterable[str], min_age_s: float
         target, _, tag = tmp.name[1:-4].rpartition(".")
         pid = tag.partition("-")[0]  # PID-TOKEN (files.write_atomic), or a bare PID (older versions)
         rel = tmp.parent.relative_to(out) / target
+        if rel.parts[0] == PREVIEWS:  # a preview is a run of its own, with its own ledger: its writers are its to judge
+            continue
         folder = rel.parent.as_posix()
         if not (rel.as_posix() in ours or (folder in (THUMBS, SHEETS) and target.endswith(".jpg"))
                 or (folder == STYLES and target.endswith(".html"))
