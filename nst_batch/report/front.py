@@ -1,0 +1,86 @@
+"""report.html, the front page: counts, rates, failures and how to retry them, skipped inputs,
+one line per style (counts, mean seconds and loss, links to its pages), settings."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from ..files.layout import CONTACT_SHEET, SUMMARY_CSV
+from ..files.names import printable, skipped_line
+from . import pages
+from .grid import Grid
+from .pages import href, num, opt_href, page_path
+from .sheets import SHEET_MAX_SIDE, SHEET_STYLE_MAX, Sheets
+from .status import Summary, duration, method_line, retry_commands
+from .summary import STATE_ORDER
+from .thumbs import Thumbs
+
+FRONT_LIST_MAX = 1000  # failures and skipped inputs listed on the front page (summary.csv has them all)
+OPEN_SECTIONS_UP_TO = 100  # skipped inputs: more than this and their list starts closed
+
+
+def front_context(out: Path, grid: Grid, settings: dict, s: Summary, thumbs: Thumbs, n_pages: int,
+                  sheets: Sheets, counts: dict[str, dict[str, int]]) -> dict:
+    """Everything front.html shows. `n_pages`: the pages each style has (every style has as many);
+    `counts`: summary.counts_by_style."""
+    stats = _style_stats(grid, counts)
+    styles = [{"k": k, "name": style, "thumb": opt_href(thumbs.style.get(style)), **stats[style],
+               "pages": [(n, href(page_path(k, n))) for n in range(1, n_pages + 1)],
+               "sheet": href(sheets.per_style[k]) if k in sheets.per_style else None}
+              for k, style in enumerate(grid.styles, 1)]
+    layout = sheets.layout
+    return {
+        "title": f"nst-batch report: {out.resolve().name}", "out": str(out.resolve()),
+        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "summary_csv": SUMMARY_CSV,
+        "contact_sheet": CONTACT_SHEET, "s": s, "c": s.counts, "states": STATE_ORDER,
+        "n_contents": len(grid.contents), "n_styles": len(grid.styles),
+        "compute": duration(s.seconds_total), "mean": f"{s.seconds_mean:.1f} s" if s.seconds_mean else "-",
+        "rate": f"{s.pairs_per_hour:.1f}" if s.pairs_per_hour else "-", "eta": duration(s.eta_s),
+        "refresh": f"nst-batch report {shlex.quote(str(out))}",
+        "sheet_partial": (layout.contents, layout.styles) != (len(grid.contents), len(grid.styles)),
+        "layout": layout, "sheet_max": SHEET_MAX_SIDE, "per_style_sheets": bool(sheets.per_style),
+        "sheet_style_max": SHEET_STYLE_MAX, "page_rows": pages.PAGE_ROWS, "styles": styles,
+        **_failures(out, grid, s), **_skipped(s),
+        "settings": [(k, v if isinstance(v, str) else json.dumps(v)) for k, v in settings.items()],
+        "methods": method_line(s.method_counts),
+    }
+
+
+def _style_stats(grid: Grid, counts: dict[str, dict[str, int]]) -> dict[str, dict]:
+    """Per style: its counts by state, mean seconds and mean final total loss of its done pairs. One
+    pass over the pairs, not one per style."""
+    acc = {style: [counts[style], 0.0, 0, 0.0, 0] for style in grid.styles}
+    for r in grid.cells.values():
+        a = acc[r.style]
+        if r.state == "done":
+            if r.seconds is not None:
+                a[1] += r.seconds
+                a[2] += 1
+            if r.total_loss is not None:
+                a[3] += r.total_loss
+                a[4] += 1
+    return {style: {"counts": c, "seconds": num(secs / n_secs if n_secs else None, "{:.1f}"),
+                    "total": num(loss / n_loss if n_loss else None)}
+            for style, (c, secs, n_secs, loss, n_loss) in acc.items()}
+
+
+def _failures(out: Path, grid: Grid, s: Summary) -> dict:
+    pos = {c: i for i, c in enumerate(grid.contents)}
+    k_of = {style: k for k, style in enumerate(grid.styles, 1)}
+    kinds: dict[str, int] = {}
+    for f in s.failures:
+        kinds[f["kind"] or ""] = kinds.get(f["kind"] or "", 0) + 1
+    listed = [{**f, "page": pages.card_href(k_of[f["style"]], pos[f["content"]],
+                                            grid.cells[(f["content"], f["style"])].id)}
+              for f in s.failures[:FRONT_LIST_MAX]]
+    return {"failures": listed, "kinds": sorted(kinds.items()),
+            "retry": retry_commands(out, s.failures) if s.failures else [], "list_max": FRONT_LIST_MAX}
+
+
+def _skipped(s: Summary) -> dict:
+    return {"skipped_line": skipped_line(s.skipped) if s.skipped else "",
+            "skipped": [{"key": k.key, "path": printable(k.path), "why": k.why} for k in s.skipped[:FRONT_LIST_MAX]],
+            "skipped_open": len(s.skipped) <= OPEN_SECTIONS_UP_TO}
