@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.files import images, losslog
-from nst_batch.report import build, curves, pages, sheets, status, summary
+from nst_batch.report import build, curves, front, pages, sheets, status, summary
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
@@ -148,9 +148,10 @@ def test_html_parses_and_every_relative_link_resolves(run_dir: Path):
     assert paths[0] == run_dir / "report.html"
     assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}
     imgs = _check_links(run_dir)
-    # Front page: the 2 styles. Each style page: its painting, 2 photos (broken.jpg has none), its outputs
-    # on disk (s1: c1, the odd name's output is gone; s2: c1).
-    assert len(imgs) == 2 + (1 + 2 + 1) * 2
+    # Front page, the results grid: the 2 styles, 2 photos (broken.jpg has none), the 2 outputs on disk
+    # (s1: c1, the odd name's output is gone; s2: c1). Each style page: its painting, the 2 photos, its
+    # output on disk.
+    assert len(imgs) == (2 + 2 + 2) + (1 + 2 + 1) * 2
     assert all(img["loading"] == "lazy" for img in imgs)
 
 
@@ -335,7 +336,7 @@ def test_pages_render_in_headless_chromium(run_dir: Path, tmp_path: Path):
         images[rel] = body.get("data-images")
         assert json.loads(body["data-broken"]) == [], rel
         assert json.loads(body["data-errors"]) == [], rel
-    assert images == {"report.html": "2", "styles/1.html": "4", "styles/2.html": "4"}
+    assert images == {"report.html": "6", "styles/1.html": "4", "styles/2.html": "4"}
 
 
 # -- input limits, skipped inputs, hostile names ------------------------------------------------------
@@ -581,3 +582,86 @@ def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
     _store_curve(run_dir, "c1.png", "s1.png", [(10, 32), (40, 64)], 1.0)  # a stored curve changes page 1
     build.write_report(run_dir)
     assert page1.stat().st_mtime_ns != made[0]
+
+
+# -- the front page: pictures first ----------------------------------------------------------------
+
+def _front(out: Path) -> str:
+    return (out / "report.html").read_text()
+
+
+def test_a_small_run_opens_on_its_results_grid_and_folds_the_settings(run_dir: Path):
+    build.write_report(run_dir)
+    text = _front(run_dir)
+    # The grid of results comes first: before the styles table, the failures and the settings.
+    assert text.index('id="results"') < text.index('id="styles"') < text.index('id="failures"') \
+        < text.index('id="settings"')
+    start = text.index('<table class="results"')
+    grid = text[start:text.index("</table>", start)]
+    assert grid.count("<tr>") == 1 + 3  # the styles' row, then a row per photo
+    # Each output on disk: its thumbnail, linked to the full image.
+    for output in ("s1/c1.png", "s2/c1.png"):
+        thumb = thumb_path("o", output)
+        assert f'<a href="{output}" title=' in grid and f'<img src="{thumb}"' in grid
+    # The failed pair shows its kind and reason and links to its card; the others say what they are.
+    assert 'class="err" href="styles/1.html#p' in grid and "<b>unreadable</b>" in grid
+    assert "not an image &lt;Pillow&gt; can decode" in grid
+    assert "output missing" in grid and "st-running" in grid and "st-pending" in grid
+    # Every style's column header links to its page; the settings are there, folded away.
+    assert 'href="styles/1.html"' in grid and 'href="styles/2.html"' in grid
+    assert re.search(r'<details id="settings"><summary>Settings \(4\)</summary>', text)
+    assert "<th>size</th>" in text[text.index('id="settings"'):]
+
+
+def _collection(tmp_path: Path, n_contents: int, styles: int, failed_every: int) -> Path:
+    """A synthetic ledger (no VGG): n_contents × styles pairs, every failed_every-th pair failed, the
+    others done with a small output on disk (the runner would have written it)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    photo = make_image(src / "c" / "p.png", 40, 30, 1)
+    paints = [make_image(src / "s" / f"s{j}.png", 30, 30, 10 + j) for j in range(styles)]
+    pairs = [Pair(f"p{i:03d}.png", s.name, photo, s, f"{s.stem}/p{i:03d}.png", "r", "")
+             for s in paints for i in range(n_contents)]
+    ledger = Ledger(out)
+    try:
+        ledger.sync(pairs, out, lease_s=60)
+        ledger.set_meta("settings", {"size": 64, "steps": 20})
+        for r in ledger.rows():
+            if r.id % failed_every == 0:
+                ledger.db.execute("UPDATE pairs SET state='failed', attempts=1, error_kind='oom', "
+                                  "error_message=? WHERE id=?", (f"out of memory at 512 px ({r.content})", r.id))
+            else:
+                ledger.db.execute("UPDATE pairs SET state='done', attempts=1, seconds=2.0, started_at=?, "
+                                  "finished_at=?, steps=20, total_loss=1.5 WHERE id=?", (r.id, r.id + 2.0, r.id))
+                make_image(out / r.output, 16, 12, r.id)
+    finally:
+        ledger.close()
+    return out
+
+
+def test_a_large_run_opens_on_a_sample_per_style_and_lists_every_failure(tmp_path: Path):
+    n_contents, n_styles = 26, 4  # 104 pairs: over the small-run grid's 100
+    assert n_contents * n_styles > front.FRONT_GRID_MAX_PAIRS
+    out = _collection(tmp_path, n_contents, n_styles, failed_every=9)
+    build.write_report(out)
+    text = _front(out)
+    assert 'class="results"' not in text  # no grid of every pair
+    sections = re.findall(r'<section class="sample" id="style-(\d)">(.*?)</section>', text, re.S)
+    assert [k for k, _ in sections] == ["1", "2", "3", "4"]
+    rows = _ledger_rows(out)
+    for k, body in sections:
+        style = f"s{int(k) - 1}.png"
+        done = [r for r in rows if r.style == style and r.state == "done"]
+        strip = body[body.index('class="strip"'):]
+        # The style's first outputs, in plan order, each linked to its card on the style's page.
+        cards = re.findall(r'<a href="(styles/[^"]+)" title="[^"]*"><img src="(thumbs/[^"]+)"', strip)
+        assert cards == [(f"styles/{k}.html#p{r.id}", thumb_path("o", r.output)) for r in done[:front.FRONT_SAMPLE]]
+        assert f'href="styles/{k}.html"' in body  # the style's page
+    failed = [r for r in rows if r.state == "failed"]
+    assert len(failed) == 104 // 9
+    failures = text[text.index('id="failures"'):text.index('id="settings"')]
+    for r in failed:  # every one, with its reason and a link to its card
+        assert f"out of memory at 512 px ({r.content})" in failures
+        assert f'#p{r.id}"' in failures
+    assert text.index('class="sample"') < text.index('id="failures"')  # pictures first
+    assert re.search(r"<details id=\"settings\"><summary>Settings \(2\)</summary>", text)
+    _check_links(out)
