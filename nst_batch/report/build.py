@@ -34,8 +34,8 @@ def write_report(out: Path) -> list[Path]:
     read = read_ledger(out)
     rows, settings = read.rows, read.settings
     limit = settings.get("max_megapixels")
-    thumbs = make_thumbnails(out, rows, limit if isinstance(limit, (int, float)) else MAX_MEGAPIXELS)
     grid = Grid.of(out, rows)
+    thumbs = make_thumbnails(out, rows, grid.on_disk, limit if isinstance(limit, (int, float)) else MAX_MEGAPIXELS)
     written = [out / SUMMARY_CSV]
     write_text_atomic(written[0], summary_csv(rows, read.methods))
     sheets = write_sheets(out, grid, thumbs)

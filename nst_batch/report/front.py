@@ -86,7 +86,7 @@ def _cell(grid: Grid, thumbs: Thumbs, r: Row | None, k: int, position: int) -> d
     on_disk = r.id in grid.on_disk
     msg = r.error_message or ""
     return {"state": r.state, "name": f"{r.style} × {r.content}", "card": pages.card_href(k, position, r.id),
-            "href": href(r.output) if on_disk else None, "thumb": thumbs.output.get(r.id) if on_disk else None,
+            "href": href(r.output) if on_disk else None, "thumb": opt_href(thumbs.output.get(r.id)) if on_disk else None,
             "kind": r.error_kind or "failed", "message": msg, "short": msg if len(msg) <= 90 else msg[:87] + "…"}
 
 
@@ -104,7 +104,7 @@ def _sample(grid: Grid, thumbs: Thumbs, k: int, style: str) -> list[dict]:
     for i, content in enumerate(grid.contents):
         r = grid.cells.get((content, style))
         if r is not None and r.id in grid.on_disk and r.id in thumbs.output:
-            got.append({"name": f"{style} × {content}", "thumb": thumbs.output[r.id],
+            got.append({"name": f"{style} × {content}", "thumb": href(thumbs.output[r.id]),
                         "card": pages.card_href(k, i, r.id)})
             if len(got) == FRONT_SAMPLE:
                 break

@@ -183,8 +183,8 @@ def _card(job: PageJob, r: Row, points: dict[int, list]) -> dict:
         "id": anchor(r.id), "content": r.content, "state": r.state, "name": f"{r.style} × {r.content}",
         "kind": r.error_kind or "failed", "message": msg, "short": msg if len(msg) <= 160 else msg[:157] + "…",
         "href": href(r.output, 1) if on_disk else None,
-        # Thumbnail names are ours (hex digits): nothing to percent-encode.
-        "thumb": "../" + thumb if on_disk and thumb else None, "src": "../" + src if src else None,
+        # A source's thumbnail name is ours (hex digits); an output's may be the output itself.
+        "thumb": href(thumb, 1) if on_disk and thumb else None, "src": "../" + src if src else None,
         "note": r.note,
         "meta": (f"{shown(r, 'method', job.methods)} · " if r.state == "done" else "")
                 + f"attempts {r.attempts} · steps {num(shown(r, 'steps'), '{}') or '-'} · "

@@ -63,9 +63,20 @@ def csv_cell(v: object) -> object:
 
 
 def summary_csv(rows: list[Row], methods: dict[tuple[str, str], str] | None = None) -> str:
+    """SUMMARY_COLUMNS of each pair, as `shown` gives them, written out column by column: this runs for
+    every pair of a collection."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(SUMMARY_COLUMNS)
+    methods = methods or {}
+    cell = csv_cell
     for r in rows:
-        w.writerow([csv_cell(shown(r, c, methods)) for c in SUMMARY_COLUMNS])
+        done = r.state == "done"
+        w.writerow((cell(r.content), cell(r.style), r.state, r.attempts,
+                    *((r.content_loss, r.style_loss, r.tv_loss, r.total_loss) if done else _NO_LOSSES),
+                    r.seconds if done or r.state == "failed" else None, cell(r.output), cell(r.error_kind),
+                    cell(r.error_message), methods.get((r.content, r.style), "optimize") if done else None))
     return buf.getvalue()
+
+
+_NO_LOSSES = (None, None, None, None)

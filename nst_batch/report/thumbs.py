@@ -6,9 +6,13 @@ any that is missing or older than its image (older runs), so re-running the repo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import secrets
+import struct
 import warnings
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,74 +21,156 @@ from PIL import Image
 from ..batch.ledger import Row
 from ..config.manifest import Settings
 from ..files.images import THUMB_PX, shrink
-from ..files.layout import THUMBS, thumb_path, write_atomic
+from ..files.layout import THUMBS, thumb_path
 
 MAX_MEGAPIXELS = Settings.max_megapixels  # the manifest's default, for a ledger that stored no settings
+PROCESSES_FROM = 2000  # thumbnails to make: from this many they are made in worker processes
 
 
 @dataclass(frozen=True)
 class Thumbs:
-    """Thumbnail paths relative to OUT; a missing key means no preview (no output yet, or undecodable)."""
+    """Thumbnail paths relative to OUT; a missing key means no preview (no output yet, or undecodable).
+    An output's may be the output itself (a user's name: links to it are percent-encoded)."""
     content: dict[str, str]
     style: dict[str, str]
     output: dict[int, str]  # by ledger row id
 
 
-def _fresh(src: Path, dst: Path) -> bool | None:
+def _fresh(src: str, dst: str) -> bool | None:
     """True: dst is there and not older than src; False: it is to be made; None: no src."""
     try:
-        src_mtime = src.stat().st_mtime
+        src_mtime = os.stat(src).st_mtime
     except OSError:
         return None
     try:
-        return dst.stat().st_mtime >= src_mtime
+        return os.stat(dst).st_mtime >= src_mtime
     except FileNotFoundError:
         return False
 
 
-def _make_thumbnail(src: Path, dst: Path, max_pixels: float) -> bool:
+_TOKEN = None  # this process's part of a temporary name (layout.write_atomic's form)
+
+
+def _write_cache(dst: str, data: bytes) -> None:
+    """write_atomic without the fsync, the parent mkdir and a random token per file: a thumbnail is a
+    cache, thumbs/ exists, and each name is written by one thread only. A crash leaves a temporary
+    (lifecycle removes those), never a cut thumbnail that later reports would take as fresh."""
+    global _TOKEN
+    if _TOKEN is None:
+        _TOKEN = f"{os.getpid()}-{secrets.token_hex(4)}"
+    head, name = os.path.split(dst)
+    tmp = os.path.join(head, f".{name}.{_TOKEN}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _make_thumbnail(src: str, dst: str, max_pixels: float) -> bool:
     """False when src is missing, cannot be decoded, or has more than `max_pixels` (read from the
     header: such an image is never decoded)."""
-    from ..files.images import heif_support
-
-    heif_support()  # HEIC sources get a preview too, when the run could read them
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our limit is the one below
-            with Image.open(src) as im:  # reads the header only
-                if im.width * im.height > max_pixels:
-                    return False
-                im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a fraction of full size, much faster
-                rgb = shrink(im)
+        with Image.open(src) as im:  # reads the header only
+            if im.width * im.height > max_pixels:
+                return False
+            im.draft("RGB", (THUMB_PX, THUMB_PX))  # JPEG: decode at a fraction of full size, much faster
+            rgb = shrink(im)
+        buf = io.BytesIO()
+        rgb.save(buf, "JPEG", quality=85)
     except Exception:  # Pillow raises many kinds for bad files; any of them means "no preview"
         return False
-    write_atomic(dst, lambda f: rgb.save(f, "JPEG", quality=85), durable=False)  # a cache: no fsync
+    _write_cache(dst, buf.getvalue())
     return True
 
 
-def make_thumbnails(out: Path, rows: list[Row], max_megapixels: float = MAX_MEGAPIXELS) -> Thumbs:
-    """Thumbnails of every source and output, made only where missing or older than their image (the
-    runner writes an output's own as it writes the output). A source over the run's max_megapixels (a
-    pair the run failed as too_large) gets none: decoding it, on every core at once, is what the limit
-    prevents."""
+def _make_batch(jobs: list[tuple[str, str, float]]) -> list[bool]:
+    """_make_thumbnail of each job. Our own limit (max_pixels) is the one that counts: Pillow's
+    DecompressionBombWarning is silenced around the whole batch, not once per image."""
+    from ..files.images import heif_support
+
+    heif_support()  # HEIC sources get a preview too, when the run could read them
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return [_make_thumbnail(*job) for job in jobs]
+
+
+def _run_batches(jobs: list[tuple[str, str, float]]) -> list[bool]:
+    """Every job, on every core. Pillow releases the GIL while it decodes, resizes and encodes, but a
+    small image costs more in Python (opening, header parsing, saving) than in those: thousands of
+    them go to worker processes, a few to threads of this one."""
+    workers = os.cpu_count() or 1
+    if workers == 1 or len(jobs) < PROCESSES_FROM:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            batches = [jobs[i::workers] for i in range(workers)]
+            done = list(pool.map(_make_batch, batches))
+        got = [False] * len(jobs)
+        for i, part in enumerate(done):
+            got[i::workers] = part
+        return got
+    size = max(64, min(2048, len(jobs) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
+        return [ok for part in pool.map(_make_batch, [jobs[i:i + size] for i in range(0, len(jobs), size)])
+                for ok in part]
+
+
+def _context():
+    """fork where there is one: the workers start at once, with what this process has imported."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _small_png(path: str) -> bool:
+    """Is `path` a PNG no larger than a thumbnail? Its first 24 bytes say (IHDR: width, height)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return False
+    if len(head) < 24 or head[:8] != _PNG or head[12:16] != b"IHDR":
+        return False
+    return max(struct.unpack(">II", head[16:24])) <= THUMB_PX
+
+
+def make_thumbnails(out: Path, rows: list[Row], on_disk: set[int], max_megapixels: float = MAX_MEGAPIXELS) -> Thumbs:
+    """Thumbnails of every source and of every output on disk (`on_disk`: their ids), made only where
+    missing or older than their image (the runner writes an output's own as it writes the output). A
+    source over the run's max_megapixels (a pair the run failed as too_large) gets none: decoding it,
+    on every core at once, is what the limit prevents."""
     (out / THUMBS).mkdir(exist_ok=True)
     content, style, output = {}, {}, {}
     for r in rows:
         content[r.content] = thumb_path("c", r.content_path)
         style[r.style] = thumb_path("s", r.style_path)
-        if r.state == "done":
+        if r.id in on_disk:
             output[r.id] = thumb_path("o", r.output)
     limit = max_megapixels * 1e6
-    sources = {content[r.content]: (Path(r.content_path), limit) for r in rows}
-    sources |= {style[r.style]: (Path(r.style_path), limit) for r in rows}
+    root = str(out)
+    sources = {content[r.content]: (r.content_path, limit) for r in rows}
+    sources |= {style[r.style]: (r.style_path, limit) for r in rows}
     # Outputs: this run's own files, as large as 'size' makes them (the limit is about inputs).
-    sources |= {output[r.id]: (out / r.output, float("inf")) for r in rows if r.id in output}
-    # First only the dates (two stats each): at 200,000 pairs nearly all are fresh, and a thread pool
-    # handed every one of them would cost more than the stats.
-    ok = {name: _fresh(src, out / name) for name, (src, _) in sources.items()}
-    todo = [name for name, fresh in ok.items() if fresh is False]
-    # Decoding, resizing and encoding release the GIL: threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        ok |= dict(zip(todo, pool.map(lambda name: _make_thumbnail(sources[name][0], out / name, sources[name][1]),
-                                      todo)))
-    return Thumbs(*({k: name for k, name in d.items() if ok[name]} for d in (content, style, output)))
+    sources |= {output[r.id]: (os.path.join(root, r.output), float("inf")) for r in rows if r.id in output}
+    # One listing of thumbs/ says which exist: only those have dates to compare (two stats each). At
+    # 200,000 pairs nearly all are fresh in a report run again, and none there in a first one.
+    with os.scandir(out / THUMBS) as it:
+        there = {f"{THUMBS}/{e.name}" for e in it}
+    ok = {name: _fresh(src, os.path.join(root, name)) if name in there else False
+          for name, (src, _) in sources.items()}
+    # An output with no thumbnail that already fits one (a PNG of a run at 'size' 240 or less) is shown
+    # as it is: re-encoding it would give the same pixels, 200,000 times over in a small-size collection.
+    own = {r.id: r.output for r in rows if r.id in output and ok[output[r.id]] is False
+           and _small_png(sources[output[r.id]][0])}
+    skip = {output[i] for i in own}
+    todo = [name for name, fresh in ok.items() if fresh is False and name not in skip]
+    ok |= dict(zip(todo, _run_batches([(sources[n][0], os.path.join(root, n), sources[n][1]) for n in todo])))
+    found = Thumbs(*({k: name for k, name in d.items() if ok[name]} for d in (content, style, output)))
+    found.output.update(own)
+    return found

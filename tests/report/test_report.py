@@ -62,8 +62,8 @@ def run_dir(tmp_path: Path) -> Path:
 
         def finish(content: str, style: str, total: float, write: bool = True) -> None:
             row = ledger.claim(WORKER, 60, only={ids[(content, style)]})
-            if write:
-                make_image(out / row.output, 40, 32, row.id)
+            if write:  # larger than a thumbnail: the report makes one (see the large run for small ones)
+                make_image(out / row.output, 320, 256, row.id)
             ledger.done(row.id, WORKER, 40, 0.5, 0.2, 0.01, total)
 
         finish("c1.png", "s1.png", 0.7)
@@ -205,6 +205,12 @@ def test_summary_csv(run_dir: Path):
     assert by[("c1.png", "s2.jpg")]["attempts"] == "2" and float(by[("c1.png", "s2.jpg")]["total_loss"]) == 1.2
     assert by[("broken.jpg", "s1.png")]["error_kind"] == "unreadable"
     assert sorted(r["state"] for r in rows) == ["done", "done", "done", "failed", "pending", "running"]
+    # Written column by column for speed, it says what `shown` says of each cell.
+    ledger_rows = _ledger_rows(run_dir)
+    ref = io.StringIO()
+    csv.writer(ref).writerows([summary.SUMMARY_COLUMNS] + [[summary.csv_cell(summary.shown(r, c))
+                                                            for c in summary.SUMMARY_COLUMNS] for r in ledger_rows])
+    assert summary.summary_csv(ledger_rows) == ref.getvalue()
 
 
 def test_a_failed_retry_does_not_show_the_losses_of_an_earlier_success(run_dir: Path):
@@ -652,9 +658,10 @@ def test_a_large_run_opens_on_a_sample_per_style_and_lists_every_failure(tmp_pat
         style = f"s{int(k) - 1}.png"
         done = [r for r in rows if r.style == style and r.state == "done"]
         strip = body[body.index('class="strip"'):]
-        # The style's first outputs, in plan order, each linked to its card on the style's page.
-        cards = re.findall(r'<a href="(styles/[^"]+)" title="[^"]*"><img src="(thumbs/[^"]+)"', strip)
-        assert cards == [(f"styles/{k}.html#p{r.id}", thumb_path("o", r.output)) for r in done[:front.FRONT_SAMPLE]]
+        # The style's first outputs, in plan order, each linked to its card on the style's page. They are
+        # smaller than a thumbnail: shown as they are, no thumbnail made.
+        cards = re.findall(r'<a href="(styles/[^"]+)" title="[^"]*"><img src="([^"]+)"', strip)
+        assert cards == [(f"styles/{k}.html#p{r.id}", r.output) for r in done[:front.FRONT_SAMPLE]]
         assert f'href="styles/{k}.html"' in body  # the style's page
     failed = [r for r in rows if r.state == "failed"]
     assert len(failed) == 104 // 9
@@ -663,5 +670,7 @@ def test_a_large_run_opens_on_a_sample_per_style_and_lists_every_failure(tmp_pat
         assert f"out of memory at 512 px ({r.content})" in failures
         assert f'#p{r.id}"' in failures
     assert text.index('class="sample"') < text.index('id="failures"')  # pictures first
+    assert not list((out / "thumbs").glob("o-*"))
+    assert f'src="../{done[0].output}"' in (out / "styles" / "4.html").read_text()
     assert re.search(r"<details id=\"settings\"><summary>Settings \(2\)</summary>", text)
     _check_links(out)
