@@ -15,15 +15,17 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, NamedTuple
 from urllib.parse import quote
+
+from markupsafe import Markup
 
 from ..batch.ledger import Row, open_ledgers
 from ..files.layout import REPORT_HTML, SHEETS, STYLES, write_text_atomic
 from ..files.losslog import parse_curve
-from .curves import SERIES, Curves, chart
+from .curves import SERIES, Curves, chart, chart_svg
 from .grid import Grid
-from .summary import STATE_ORDER, shown
+from .summary import STATE_ORDER
 from .thumbs import Thumbs
 
 PAGE_ROWS = 500  # photos on a style's page: about 1.5 MB of HTML with their curves
@@ -174,24 +176,42 @@ def remove_stale(out: Path, written: set[str]) -> None:
                 Path(e.path).unlink(missing_ok=True)
 
 
-def _card(job: PageJob, r: Row, points: dict[int, list]) -> dict:
+class Card(NamedTuple):
+    """One pair on its style's page. A tuple, not a dict: the template reads ~20 fields of each of
+    200,000 cards, and Jinja tries an attribute before an item."""
+    id: str
+    content: str
+    state: str
+    name: str
+    kind: str
+    message: str
+    short: str
+    href: str | None
+    thumb: str | None
+    src: str | None
+    note: str | None
+    meta: str
+    losses: str
+    svg: Markup | None
+
+
+def _card(job: PageJob, r: Row, points: dict[int, list]) -> Card:
     msg = r.error_message or ""
     on_disk = r.id in job.grid.on_disk
     thumb = job.thumbs.output.get(r.id)
     src = job.thumbs.content.get(r.content)
-    return {
-        "id": anchor(r.id), "content": r.content, "state": r.state, "name": f"{r.style} × {r.content}",
-        "kind": r.error_kind or "failed", "message": msg, "short": msg if len(msg) <= 160 else msg[:157] + "…",
-        "href": href(r.output, 1) if on_disk else None,
+    done = r.state == "done"
+    seconds = r.seconds if done or r.state == "failed" else None  # as summary.shown gives them
+    return Card(
+        anchor(r.id), r.content, r.state, f"{r.style} × {r.content}", r.error_kind or "failed", msg,
+        msg if len(msg) <= 160 else msg[:157] + "…", href(r.output, 1) if on_disk else None,
         # A source's thumbnail name is ours (hex digits); an output's may be the output itself.
-        "thumb": href(thumb, 1) if on_disk and thumb else None, "src": "../" + src if src else None,
-        "note": r.note,
-        "meta": (f"{shown(r, 'method', job.methods)} · " if r.state == "done" else "")
-                + f"attempts {r.attempts} · steps {num(shown(r, 'steps'), '{}') or '-'} · "
-                f"{num(shown(r, 'seconds'), '{:.1f}') or '-'} s",
-        "losses": " · ".join(f"{name} {v}" for name, col in _LOSSES if (v := num(shown(r, col)))),
-        "chart": chart(points.get(r.id, [])),
-    }
+        href(thumb, 1) if on_disk and thumb else None, "../" + src if src else None, r.note,
+        (f"{job.methods.get((r.content, r.style), 'optimize')} · " if done else "")
+        + f"attempts {r.attempts} · steps {num(r.steps if done else None, '{}') or '-'} · "
+        f"{num(seconds, '{:.1f}') or '-'} s",
+        " · ".join(f"{name} {v}" for name, col in _LOSSES if (v := num(getattr(r, col)))) if done else "",
+        chart_svg(points.get(r.id, [])))
 
 
 def _style_context(job: PageJob, page: StylePage, rows: list[Row], points: dict[int, list]) -> dict:
