@@ -15,14 +15,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable
 from urllib.parse import quote
 
-from markupsafe import Markup
-
 from ..batch.ledger import Row, open_ledgers
-from ..files.layout import REPORT_HTML, SHEETS, STYLES, write_text_atomic
+from ..files.layout import REPORT_HTML, SHEETS, STYLES, write_atomic
 from ..files.losslog import parse_curve
+from .cards import Card, cards_html
 from .curves import SERIES, Curves, chart, chart_svg
 from .grid import Grid
 from .summary import STATE_ORDER
@@ -42,7 +41,7 @@ def _env():
 
 def render(template: str, **context) -> str:
     """Render one of the templates with autoescaping on: every value is escaped unless it is marked
-    safe, and nothing here marks user data safe."""
+    safe, and nothing marks user data safe unescaped (the style pages' cards come escaped: cards.py)."""
     return _env().get_template(template).render(**context)
 
 
@@ -121,8 +120,10 @@ def write_pages(job: PageJob, which: Iterable[int]) -> list[Path]:
             key = _page_key(job, page, rows, stored, curves.csv_signature(rows, stored))
             path = job.out / page.path
             if key_of(path) != key:
-                write_text_atomic(path, render("style.html", key=key, **_style_context(
-                    job, page, rows, curves.of(rows, stored))))
+                html = render("style.html", key=key, **_style_context(job, page, rows, curves.of(rows, stored)))
+                # No fsync: a page lost to a power cut is written again by the next report (400 fsyncs
+                # were seconds of a collection's first report).
+                write_atomic(path, lambda f: f.write(html.encode()), durable=False)
             written.append(path)
         return written
     finally:
@@ -176,25 +177,6 @@ def remove_stale(out: Path, written: set[str]) -> None:
                 Path(e.path).unlink(missing_ok=True)
 
 
-class Card(NamedTuple):
-    """One pair on its style's page. A tuple, not a dict: the template reads ~20 fields of each of
-    200,000 cards, and Jinja tries an attribute before an item."""
-    id: str
-    content: str
-    state: str
-    name: str
-    kind: str
-    message: str
-    short: str
-    href: str | None
-    thumb: str | None
-    src: str | None
-    note: str | None
-    meta: str
-    losses: str
-    svg: Markup | None
-
-
 def _card(job: PageJob, r: Row, points: dict[int, list]) -> Card:
     msg = r.error_message or ""
     on_disk = r.id in job.grid.on_disk
@@ -227,7 +209,7 @@ def _style_context(job: PageJob, page: StylePage, rows: list[Row], points: dict[
         "sheet": href(job.sheets[page.k], 1) if page.k in job.sheets else None,
         "counts": job.counts[page.style], "states": STATE_ORDER, "first": first + 1,
         "last": first + len(page.contents), "n_contents": len(grid.contents),
-        "cards": [_card(job, r, points) for r in rows], "series": SERIES,
+        "cards": cards_html([_card(job, r, points) for r in rows]), "series": SERIES,
         # The style's network (method network): how far it trained, and its training curve (each point
         # the mean of the steps since the one before: training.WindowMean), drawn like a pair's.
         "model": None if model is None else {

@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.files import images, losslog
-from nst_batch.report import build, curves, front, pages, sheets, status, summary
+from nst_batch.report import build, cards, curves, front, pages, sheets, status, summary
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
@@ -567,6 +567,13 @@ def test_hostile_style_and_photo_names_are_escaped_on_every_page(tmp_path: Path)
         assert "<img src=x" not in text and "<b>bad" not in text, rel
         assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34; &#39;s&#39;.png" in text, rel
     _check_links(out)
+
+
+def test_cards_escape_as_the_templates_do():
+    import markupsafe
+
+    for text in (HOSTILE, '<img src=x onerror=alert(1)> & "q" \'s\'.png', ODD, "plain.png", "&amp;", ""):
+        assert cards.esc(text) == str(markupsafe.escape(text))
 
 
 def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
