@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,13 +81,17 @@ def write_sheets(out: Path, grid: Grid, thumbs: Thumbs) -> Sheets:
     if not layout_is_readable(layout, len(grid.contents), len(grid.styles)):
         per_style = {k: f"{SHEETS}/{k}-{slug(style)}.jpg" for k, style in enumerate(grid.styles, 1)}
     shape = style_sheet_shape(len(grid.contents))
-    for k, rel in per_style.items():
+
+    def style_sheet(k: int) -> None:
         style = grid.styles[k - 1]
         cells = [(c, style) for c in grid.contents[:shape[0] * shape[1]]]
         key = _sheet_key(out, grid, thumbs, cells, (SHEET_STYLE_CELL_PX, shape, style), [thumbs.style.get(style)])
-        _sheet_unless_same(out / rel, key, lambda: _style_sheet(out, grid, style, thumbs))
-        written.append(out / rel)
-    return Sheets(layout, per_style, written)
+        _sheet_unless_same(out / per_style[k], key, lambda: _style_sheet(out, grid, style, thumbs))
+
+    # Decoding, scaling and drawing release the GIL: a collection's 20 sheets are drawn side by side.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(pool.map(style_sheet, per_style))
+    return Sheets(layout, per_style, written + [out / rel for rel in per_style.values()])
 
 
 def _paste_thumb(sheet: Image.Image, path: Path, x: int, y: int, cell: int) -> bool:

@@ -140,6 +140,16 @@ def _small_png(path: str) -> bool:
     return max(struct.unpack(">II", head[16:24])) <= THUMB_PX
 
 
+def _own_thumbnails(candidates: dict[int, tuple[str, str]]) -> dict[int, str]:
+    """id -> output (relative to OUT) of the candidates (id -> (output, its path)) that are small PNGs.
+    Read by threads: 200,000 small reads wait on the disk, not on the GIL."""
+    ids = list(candidates)
+    chunks = [ids[i:i + 1000] for i in range(0, len(ids), 1000)]  # a future each chunk, not each file
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        small = pool.map(lambda chunk: [i for i in chunk if _small_png(candidates[i][1])], chunks)
+        return {i: candidates[i][0] for part in small for i in part}
+
+
 def make_thumbnails(out: Path, rows: list[Row], on_disk: set[int], max_megapixels: float = MAX_MEGAPIXELS) -> Thumbs:
     """Thumbnails of every source and of every output on disk (`on_disk`: their ids), made only where
     missing or older than their image (the runner writes an output's own as it writes the output). A
@@ -147,9 +157,11 @@ def make_thumbnails(out: Path, rows: list[Row], on_disk: set[int], max_megapixel
     on every core at once, is what the limit prevents."""
     (out / THUMBS).mkdir(exist_ok=True)
     content, style, output = {}, {}, {}
-    for r in rows:
-        content[r.content] = thumb_path("c", r.content_path)
-        style[r.style] = thumb_path("s", r.style_path)
+    for r in rows:  # a photo's and a style's name hashed once, not once a pair
+        if r.content not in content:
+            content[r.content] = thumb_path("c", r.content_path)
+        if r.style not in style:
+            style[r.style] = thumb_path("s", r.style_path)
         if r.id in on_disk:
             output[r.id] = thumb_path("o", r.output)
     limit = max_megapixels * 1e6
@@ -166,8 +178,8 @@ def make_thumbnails(out: Path, rows: list[Row], on_disk: set[int], max_megapixel
           for name, (src, _) in sources.items()}
     # An output with no thumbnail that already fits one (a PNG of a run at 'size' 240 or less) is shown
     # as it is: re-encoding it would give the same pixels, 200,000 times over in a small-size collection.
-    own = {r.id: r.output for r in rows if r.id in output and ok[output[r.id]] is False
-           and _small_png(sources[output[r.id]][0])}
+    own = _own_thumbnails({r.id: (r.output, sources[output[r.id]][0]) for r in rows
+                           if r.id in output and ok[output[r.id]] is False})
     skip = {output[i] for i in own}
     todo = [name for name, fresh in ok.items() if fresh is False and name not in skip]
     ok |= dict(zip(todo, _run_batches([(sources[n][0], os.path.join(root, n), sources[n][1]) for n in todo])))
