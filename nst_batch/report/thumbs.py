@@ -101,28 +101,25 @@ def _make_batch(jobs: list[tuple[str, str, float]]) -> list[bool]:
 def _run_batches(jobs: list[tuple[str, str, float]]) -> list[bool]:
     """Every job, on every core. Pillow releases the GIL while it decodes, resizes and encodes, but a
     small image costs more in Python (opening, header parsing, saving) than in those: thousands of
-    them go to worker processes, a few to threads of this one."""
-    workers = os.cpu_count() or 1
-    if workers == 1 or len(jobs) < PROCESSES_FROM:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            batches = [jobs[i::workers] for i in range(workers)]
-            done = list(pool.map(_make_batch, batches))
-        got = [False] * len(jobs)
-        for i, part in enumerate(done):
-            got[i::workers] = part
-        return got
-    size = max(64, min(2048, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_context()) as pool:
-        return [ok for part in pool.map(_make_batch, [jobs[i:i + size] for i in range(0, len(jobs), size)])
-                for ok in part]
-
-
-def _context():
-    """fork where there is one: the workers start at once, with what this process has imported."""
+    them go to forked worker processes, a few to threads of this one. Threads too when this process
+    runs other threads (a heartbeat, at the end of `nst-batch run`): forking it could copy a lock held
+    mid-use into a child; and where there is no fork (spawning re-runs __main__, not always a file)."""
     import multiprocessing
+    import threading
 
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
+    workers = os.cpu_count() or 1
+    if (len(jobs) >= PROCESSES_FROM and workers > 1 and threading.active_count() == 1
+            and "fork" in multiprocessing.get_all_start_methods()):
+        size = max(64, min(2048, len(jobs) // (workers * 8)))
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            return [ok for part in pool.map(_make_batch, [jobs[i:i + size] for i in range(0, len(jobs), size)])
+                    for ok in part]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        done = list(pool.map(_make_batch, [jobs[i::workers] for i in range(workers)]))
+    got = [False] * len(jobs)
+    for i, part in enumerate(done):
+        got[i::workers] = part
+    return got
 
 
 _PNG = b"\x89PNG\r\n\x1a\n"

@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.files import images, losslog
-from nst_batch.report import build, cards, curves, front, pages, sheets, status, summary
+from nst_batch.report import build, cards, curves, front, pages, sheets, status, summary, thumbs
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
@@ -255,6 +255,17 @@ def test_thumbnails_are_reused_until_the_output_changes(run_dir: Path):
     build.write_report(run_dir)
     changed = [p for p in (run_dir / "thumbs").iterdir() if p.stat().st_mtime_ns != thumbs[p]]
     assert len(changed) == 1 and changed[0].name.startswith("o-")
+
+
+def test_thumbnails_made_in_worker_processes_are_the_same(run_dir: Path, monkeypatch):
+    # A collection's thousands of thumbnails go to forked processes (a few, as here, to threads).
+    monkeypatch.setattr(thumbs, "PROCESSES_FROM", 1)
+    build.write_report(run_dir)
+    names = sorted(p.name for p in (run_dir / "thumbs").iterdir())
+    assert len(names) == 4 + 2 and all(not n.startswith(".") for n in names)  # no temporaries left
+    for p in (run_dir / "thumbs").iterdir():
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and max(im.size) <= images.THUMB_PX
 
 
 def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
