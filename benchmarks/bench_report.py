@@ -100,7 +100,7 @@ def main() -> None:
     synthesize(out, args.contents, args.styles)
     print(f"{'setup (not part of the report)':<44} {time.perf_counter() - t0:6.2f} s")
     try:
-        _time("write_report, first (makes every thumbnail)", lambda: report.write_report(out))
+        _time("write_report, first (no thumbnails yet)", lambda: report.write_report(out))
         _time("write_report, again (thumbnails reused)", lambda: report.write_report(out))
         html = out / REPORT_HTML
         print(f"{'report.html size':<44} {html.stat().st_size / 1e6:6.2f} MB")
