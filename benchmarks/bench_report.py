@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from nst_batch.report import pages as report
+from nst_batch.report import build as report
 from nst_batch.batch.plan import Pair
 from nst_batch.batch.ledger import Ledger
+from nst_batch.files.layout import CONTACT_SHEET, REPORT_HTML
 from nst_batch.files.losslog import LOSS_COLUMNS, LOSS_LOG
 
 
@@ -99,11 +100,11 @@ def main() -> None:
     synthesize(out, args.contents, args.styles)
     print(f"{'setup (not part of the report)':<44} {time.perf_counter() - t0:6.2f} s")
     try:
-        _time("write_report, first (makes every thumbnail)", lambda: report.write_report(out))
+        _time("write_report, first (no thumbnails yet)", lambda: report.write_report(out))
         _time("write_report, again (thumbnails reused)", lambda: report.write_report(out))
-        html = out / report.REPORT_HTML
+        html = out / REPORT_HTML
         print(f"{'report.html size':<44} {html.stat().st_size / 1e6:6.2f} MB")
-        print(f"{'contact_sheet.jpg':<44} {Image.open(out / report.CONTACT_SHEET).size}")
+        print(f"{'contact_sheet.jpg':<44} {Image.open(out / CONTACT_SHEET).size}")
         chromium = shutil.which("chromium")
         if chromium:
             _time("chromium --headless --dump-dom report.html", lambda: subprocess.run(

@@ -192,14 +192,14 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
     (losses.csv being far over its limit) draws no curve. Returns what the runner's part cost a pair."""
     from types import SimpleNamespace
 
-    from nst_batch.files import encode, losslog
-    from nst_batch.report import pages as report
+    from nst_batch.files import encode, layout, losslog
+    from nst_batch.report import build as report
     from nst_batch.files.layout import thumb_path, write_atomic
     from nst_batch.batch.ledger import Ledger
     from nst_batch.files.losslog import LOSS_COLUMNS, LOSS_LOG
 
     rng = np.random.default_rng(1)
-    for folder in (report.THUMBS, report.STYLES, report.SHEETS):
+    for folder in (layout.THUMBS, layout.STYLES, layout.SHEETS):
         shutil.rmtree(out / folder, ignore_errors=True)  # a first build: nothing left from a previous one
     log = [SimpleNamespace(step=step, px=32 if step <= 150 else 64, content=0.5, style=3 / step, total=0.51 + 3 / step)
            for step in range(5, 301, 5)]  # 60 rows, as a 300-step run logging every 5 steps writes them
@@ -247,7 +247,8 @@ def _finish_all(out: Path, runner_side: bool) -> dict:
 
 
 def phase_report(root: Path, runner_side: bool = True) -> dict:
-    from nst_batch.report import pages as report
+    from nst_batch.report import build as report
+    from nst_batch.files import layout
 
     out = _settings(root).out
     t0 = time.perf_counter()
@@ -259,13 +260,13 @@ def phase_report(root: Path, runner_side: bool = True) -> dict:
     t0 = time.perf_counter()
     report.write_report(out)
     again = time.perf_counter() - t0
-    pages = [out / report.REPORT_HTML, *(out / report.STYLES).glob("*.html")]
+    pages = [out / layout.REPORT_HTML, *(out / layout.STYLES).glob("*.html")]
     largest = max(pages, key=lambda p: p.stat().st_size)
-    sheets = [out / report.CONTACT_SHEET, *(out / report.SHEETS).glob("*.jpg")]
+    sheets = [out / layout.CONTACT_SHEET, *(out / layout.SHEETS).glob("*.jpg")]
     return {"setup_not_timed_s": prep, **setup, "report_first_s": first, "report_again_s": again,
             "pages": len(pages), "largest_page": largest.relative_to(out).as_posix(),
             "largest_page_mb": largest.stat().st_size / 1e6,
-            "front_page_mb": (out / report.REPORT_HTML).stat().st_size / 1e6,
+            "front_page_mb": (out / layout.REPORT_HTML).stat().st_size / 1e6,
             "all_pages_mb": sum(p.stat().st_size for p in pages) / 1e6, "sheets": len(sheets),
             "largest_sheet_mb": max(p.stat().st_size for p in sheets) / 1e6}
 

@@ -78,7 +78,7 @@ def _all_settled(out: Path, count: int) -> bool:
 
 
 def _write_report(out: Path, quiet: bool) -> None:
-    from .report import pages as report
+    from .report import build as report
 
     try:
         paths = report.write_report(out)

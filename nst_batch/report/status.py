@@ -17,9 +17,10 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from ..batch.ledger import STATES, Ledger, LedgerSet, Row, open_ledgers
+from ..batch.ledger import Ledger, LedgerSet, Row, open_ledgers
 from ..batch.shards import Shard
 from ..files.names import Skipped, printable, skipped_from, skipped_line
+from .summary import count_states
 
 TOP_N = 5
 
@@ -51,9 +52,7 @@ def _top(rows: Iterable[Row], key: str) -> list[dict]:
 def summarize(rows: list[Row], skipped: list[Skipped] | None = None,
               methods: dict[tuple[str, str], str] | None = None) -> Summary:
     """`methods`: Ledger.methods(), the method of each done pair (none given: every done pair optimize)."""
-    counts = dict.fromkeys(STATES, 0)
-    for r in rows:
-        counts[r.state] += 1
+    counts = count_states(rows)
     done = [r for r in rows if r.state == "done" and r.seconds is not None]
     span = (min(r.started_at for r in done), max(r.finished_at for r in done)) if done else (None, None)
     by_method: dict[str, int] = {}
@@ -105,7 +104,8 @@ def retry_commands(out: Path, failures: list[dict]) -> list[str]:
     return [base] + ([f"{base} --kind {shlex.quote(k)}" for k in kinds] if len(kinds) > 1 else [])
 
 
-def _dur(s: float | None) -> str:
+def duration(s: float | None) -> str:
+    """'12m05s', '3h07m', '-' for unknown: the terminal and report.html write times the same way."""
     if s is None:
         return "-"
     s = int(round(s))
@@ -121,8 +121,8 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
                   f"[{'red' if c['failed'] else 'default'}]{c['failed']} failed[/]")
     rate = f"{summary.pairs_per_hour:.1f} pairs/hour" if summary.pairs_per_hour else "rate unknown yet"
     mean = f"{summary.seconds_mean:.1f} s/pair" if summary.seconds_mean else "-"
-    console.print(f"{rate}, {mean} on average, {_dur(summary.seconds_total)} of compute in total, "
-                  f"ETA {_dur(summary.eta_s)}")
+    console.print(f"{rate}, {mean} on average, {duration(summary.seconds_total)} of compute in total, "
+                  f"ETA {duration(summary.eta_s)}")
     if summary.method_counts:
         console.print(method_line(summary.method_counts), markup=False, highlight=False)
     if summary.failures:

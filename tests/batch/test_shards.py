@@ -207,7 +207,7 @@ def test_report_shows_every_shard(collection):
     for k in range(2):
         run_here(settings_of(content, styles, out), Shard(2, k))
     from nst_batch.batch.ledger import open_ledgers
-    from nst_batch.report.pages import write_report
+    from nst_batch.report.build import write_report
     write_report(out)
     text = (out / "summary.csv").read_text()
     assert all(f"{c},{s},done" in text for c, s in names(content, styles))

@@ -19,7 +19,7 @@ from PIL import Image
 from nst_batch.files import decode
 from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
-from nst_batch.report import pages as report
+from nst_batch.report import build as report
 from nst_batch.files.decode import to_tensor
 from nst_batch.batch.ledger import Ledger
 from nst_batch.run.lifecycle import Interrupted

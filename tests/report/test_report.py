@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.files import encode, losslog
-from nst_batch.report import pages as report, status
+from nst_batch.report import build, cards, curves, front, pages, sheets, status, summary, thumbs
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
@@ -62,8 +62,8 @@ def run_dir(tmp_path: Path) -> Path:
 
         def finish(content: str, style: str, total: float, write: bool = True) -> None:
             row = ledger.claim(WORKER, 60, only={ids[(content, style)]})
-            if write:
-                make_image(out / row.output, 40, 32, row.id)
+            if write:  # larger than a thumbnail: the report makes one (see the large run for small ones)
+                make_image(out / row.output, 320, 256, row.id)
             ledger.done(Finished(row.id, WORKER, 40, 0.5, 0.2, 0.01, total))
 
         finish("c1.png", "s1.png", 0.7)
@@ -144,18 +144,19 @@ def _check_links(out: Path) -> list[dict]:
 
 
 def test_html_parses_and_every_relative_link_resolves(run_dir: Path):
-    paths = report.write_report(run_dir)
+    paths = build.write_report(run_dir)
     assert paths[0] == run_dir / "report.html"
     assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}
     imgs = _check_links(run_dir)
-    # Front page: the 2 styles. Each style page: its painting, 2 photos (broken.jpg has none), its outputs
-    # on disk (s1: c1, the odd name's output is gone; s2: c1).
-    assert len(imgs) == 2 + (1 + 2 + 1) * 2
+    # Front page, the results grid: the 2 styles, 2 photos (broken.jpg has none), the 2 outputs on disk
+    # (s1: c1, the odd name's output is gone; s2: c1). Each style page: its painting, the 2 photos, its
+    # output on disk.
+    assert len(imgs) == (2 + 2 + 2) + (1 + 2 + 1) * 2
     assert all(img["loading"] == "lazy" for img in imgs)
 
 
 def test_states_failures_and_escaping(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     pages = _pages(run_dir)
     front, text = pages["report.html"], "".join(pages.values())
     assert "broken.jpg: not an image &lt;Pillow&gt; can decode" in front  # in the failures table
@@ -169,7 +170,7 @@ def test_states_failures_and_escaping(run_dir: Path):
 
 
 def test_abandoned_attempt_is_not_drawn(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     rows = _ledger_rows(run_dir)
     curves = losslog.read_curves(run_dir / LOSS_LOG, rows)
     assert [(p.step, p.px) for p in curves[("c1.png", "s2.jpg")]] == [(10, 32), (20, 32), (30, 64), (40, 64)]
@@ -195,15 +196,21 @@ def test_curves_of_failed_and_running_pairs_but_not_of_pending_ones(run_dir: Pat
 
 
 def test_summary_csv(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     with open(run_dir / "summary.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == list(report.SUMMARY_COLUMNS)
+    assert list(rows[0]) == list(summary.SUMMARY_COLUMNS)
     assert len(rows) == 6
     by = {(r["content"], r["style"]): r for r in rows}
     assert by[("c1.png", "s2.jpg")]["attempts"] == "2" and float(by[("c1.png", "s2.jpg")]["total_loss"]) == 1.2
     assert by[("broken.jpg", "s1.png")]["error_kind"] == "unreadable"
     assert sorted(r["state"] for r in rows) == ["done", "done", "done", "failed", "pending", "running"]
+    # Written column by column for speed, it says what `shown` says of each cell.
+    ledger_rows = _ledger_rows(run_dir)
+    ref = io.StringIO()
+    csv.writer(ref).writerows([summary.SUMMARY_COLUMNS] + [[summary.csv_cell(summary.shown(r, c))
+                                                            for c in summary.SUMMARY_COLUMNS] for r in ledger_rows])
+    assert summary.summary_csv(ledger_rows) == ref.getvalue()
 
 
 def test_a_failed_retry_does_not_show_the_losses_of_an_earlier_success(run_dir: Path):
@@ -216,46 +223,57 @@ def test_a_failed_retry_does_not_show_the_losses_of_an_earlier_success(run_dir: 
         ledger.fail(row.id, WORKER, "internal", "RuntimeError: boom")
     finally:
         ledger.close()
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     with open(run_dir / "summary.csv", newline="") as f:
         got = next(r for r in csv.DictReader(f) if (r["content"], r["style"]) == ("c1.png", "s1.png"))
     assert got["state"] == "failed" and got["total_loss"] == "" and got["seconds"] != ""
 
 
 def test_contact_sheet_is_rows_by_columns_cells(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     with Image.open(run_dir / "contact_sheet.jpg") as im:
-        assert im.size == (3 * report.SHEET_CELL_PX, 4 * report.SHEET_CELL_PX)  # header + 2 styles, header + 3
+        assert im.size == (3 * sheets.SHEET_CELL_PX, 4 * sheets.SHEET_CELL_PX)  # header + 2 styles, header + 3
 
 
 def test_sheet_layout_rule():
-    assert report.sheet_layout(3, 2) == report.SheetLayout(180, 3, 2)
-    assert report.sheet_layout(60, 10) == report.SheetLayout(131, 60, 10)
-    assert report.sheet_layout(500, 10) == report.SheetLayout(64, 124, 10)
-    big = report.sheet_layout(500, 500)
-    assert (big.contents + 1) * big.cell <= report.SHEET_MAX_SIDE
+    assert sheets.sheet_layout(3, 2) == sheets.SheetLayout(180, 3, 2)
+    assert sheets.sheet_layout(60, 10) == sheets.SheetLayout(131, 60, 10)
+    assert sheets.sheet_layout(500, 10) == sheets.SheetLayout(64, 124, 10)
+    big = sheets.sheet_layout(500, 500)
+    assert (big.contents + 1) * big.cell <= sheets.SHEET_MAX_SIDE
 
 
 def test_thumbnails_are_reused_until_the_output_changes(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     thumbs = {p: p.stat().st_mtime_ns for p in (run_dir / "thumbs").iterdir()}
     assert len(thumbs) == 4 + 2  # c1, odd, s1, s2 + the two outputs on disk
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "thumbs").iterdir()} == thumbs
     output = run_dir / "s1" / "c1.png"
     later = time.time() + 5
     os.utime(output, (later, later))
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     changed = [p for p in (run_dir / "thumbs").iterdir() if p.stat().st_mtime_ns != thumbs[p]]
     assert len(changed) == 1 and changed[0].name.startswith("o-")
 
 
+def test_thumbnails_made_in_worker_processes_are_the_same(run_dir: Path, monkeypatch):
+    # A collection's thousands of thumbnails go to forked processes (a few, as here, to threads).
+    monkeypatch.setattr(thumbs, "PROCESSES_FROM", 1)
+    build.write_report(run_dir)
+    names = sorted(p.name for p in (run_dir / "thumbs").iterdir())
+    assert len(names) == 4 + 2 and all(not n.startswith(".") for n in names)  # no temporaries left
+    for p in (run_dir / "thumbs").iterdir():
+        with Image.open(p) as im:
+            assert im.format == "JPEG" and max(im.size) <= encode.THUMB_PX
+
+
 def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
     (run_dir / LOSS_LOG).unlink()
-    assert "loss curves" in report.write_report(run_dir)[0].read_text()
+    assert "loss curves" in build.write_report(run_dir)[0].read_text()
     assert "<polyline" not in "".join(_pages(run_dir).values())
     with pytest.raises(ConfigError):
-        report.write_report(tmp_path / "nowhere")
+        build.write_report(tmp_path / "nowhere")
 
 
 def test_terminal_report(run_dir: Path):
@@ -317,7 +335,7 @@ def test_pages_render_in_headless_chromium(run_dir: Path, tmp_path: Path):
         if os.environ.get("CI") == "true":
             pytest.fail("chromium is not installed; CI must install it (apt-get install -y chromium)")
         pytest.skip("chromium is not installed")
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     images = {}
     for rel, text in _pages(run_dir).items():
         # Lazy images below the fold never load in a headless dump; the check wants them all, so load
@@ -335,7 +353,7 @@ def test_pages_render_in_headless_chromium(run_dir: Path, tmp_path: Path):
         images[rel] = body.get("data-images")
         assert json.loads(body["data-broken"]) == [], rel
         assert json.loads(body["data-errors"]) == [], rel
-    assert images == {"report.html": "2", "styles/1.html": "4", "styles/2.html": "4"}
+    assert images == {"report.html": "6", "styles/1.html": "4", "styles/2.html": "4"}
 
 
 # -- input limits, skipped inputs, hostile names ------------------------------------------------------
@@ -365,7 +383,7 @@ def test_a_source_over_max_megapixels_is_not_decoded_for_a_thumbnail(tmp_path: P
     # decode it either (at full size, on every core at once, is what the limit is there to prevent).
     out = _one_pair_run(tmp_path, "huge.png", {"max_megapixels": 0.0024},
                         fail=("too_large", "huge.png: 64x40 is over the 0.0024 MP limit (key 'max_megapixels')"))
-    report.write_report(out)  # reads the limit from the settings stored in the ledger
+    build.write_report(out)  # reads the limit from the settings stored in the ledger
     row = _ledger_rows(out)[0]
     assert not (out / thumb_path("c", row.content_path)).exists()
     assert (out / thumb_path("s", row.style_path)).exists()  # 48×48 = 2304 px: within it
@@ -376,7 +394,7 @@ def test_a_source_over_max_megapixels_is_not_decoded_for_a_thumbnail(tmp_path: P
                                   "\tx.png", "\rx.png"])
 def test_summary_csv_cells_never_start_a_formula(tmp_path: Path, name: str):
     out = _one_pair_run(tmp_path, name, {}, fail=("unreadable", f"{name}: not an image Pillow can decode"))
-    report.write_report(out)
+    build.write_report(out)
     with open(out / "summary.csv", newline="") as f:
         row = next(csv.DictReader(f))
     assert row["content"] == "'" + name and row["error_message"] == "'" + name + ": not an image Pillow can decode"
@@ -394,7 +412,7 @@ def test_skipped_inputs_are_listed_in_the_report_and_the_summary(tmp_path: Path)
     finally:
         ledger.close()
     line = "3 input files skipped: 1 hidden, 1 not an image, 1 HEIC/HEIF (install nst-batch[heif])"
-    text = report.write_report(out)[0].read_text()
+    text = build.write_report(out)[0].read_text()
     assert "notes &lt;1&gt;.txt" in text and "IMG_0001.HEIC" in text and ".DS_Store" in text
     assert "install nst-batch[heif]" in text and _e(line) in text and 'href="#skipped"' in text
     summary = status.load_summary(out)
@@ -472,13 +490,13 @@ def _polylines(out: Path, page: str) -> list[str]:
 def test_curves_come_from_the_ledger_and_from_losses_csv_only_for_pairs_without_one(run_dir: Path, monkeypatch):
     # c1 × s1 has 4 steps in losses.csv; the ledger's curve (what the runner stores) has 2 and wins.
     _store_curve(run_dir, "c1.png", "s1.png", [(10, 32), (40, 64)], 1.0)
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert sorted(len(p.split()) for p in _polylines(run_dir, "styles/1.html")) == [2] * 3
     # c1 × s2 has no stored curve: drawn from losses.csv (4 steps of attempt 2), the odd name's too (1).
     assert sorted(len(p.split()) for p in _polylines(run_dir, "styles/2.html")) == [1] * 3 + [4] * 3
     # A losses.csv over the limit is not read: only stored curves are drawn.
-    monkeypatch.setattr(report, "CURVE_CSV_MAX_BYTES", 10)
-    report.write_report(run_dir)
+    monkeypatch.setattr(curves, "CURVE_CSV_MAX_BYTES", 10)
+    build.write_report(run_dir)
     assert len(_polylines(run_dir, "styles/1.html")) == 3 and _polylines(run_dir, "styles/2.html") == []
 
 
@@ -491,7 +509,7 @@ def test_the_runner_made_thumbnail_is_used_and_kept(run_dir: Path):
     with Image.open(dst) as im:
         assert im.format == "JPEG" and im.size == (240, 150)  # 240 px on the long side
     made = dst.stat().st_mtime_ns
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert dst.stat().st_mtime_ns == made  # not decoded or written again
     assert f'src="../{thumb_path("o", "s1/c1.png")}"' in _pages(run_dir)["styles/1.html"]
     with Image.open(run_dir / thumb_path("o", "s2/c1.png")) as im:  # made by the report: an older run
@@ -499,47 +517,47 @@ def test_the_runner_made_thumbnail_is_used_and_kept(run_dir: Path):
 
 
 def test_a_style_with_more_photos_than_a_page_gets_several_and_old_pages_go(run_dir: Path, monkeypatch):
-    monkeypatch.setattr(report, "PAGE_ROWS", 2)
-    report.write_report(run_dir)
+    monkeypatch.setattr(pages, "PAGE_ROWS", 2)
+    build.write_report(run_dir)
     assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/1-2.html", "styles/2.html",
                                     "styles/2-2.html"}
     _check_links(run_dir)  # the pager, the front page's links to each page, failures' links to their card
-    pages = _pages(run_dir)
+    written = _pages(run_dir)
     for k in (1, 2):  # each pair on exactly one page of its style, in plan order
-        ids = [re.findall(r'<div class="card [^"]*" id="(p\d+)"', pages[p]) for p in (f"styles/{k}.html",
+        ids = [re.findall(r'<div class="card [^"]*" id="(p\d+)"', written[p]) for p in (f"styles/{k}.html",
                                                                                    f"styles/{k}-2.html")]
         assert [len(i) for i in ids] == [2, 1]
-    assert 'href="styles/1-2.html#p' in pages["report.html"]  # broken.jpg × s1 failed: 3rd photo, page 2
-    monkeypatch.setattr(report, "PAGE_ROWS", 500)
-    report.write_report(run_dir)
+    assert 'href="styles/1-2.html#p' in written["report.html"]  # broken.jpg × s1 failed: 3rd photo, page 2
+    monkeypatch.setattr(pages, "PAGE_ROWS", 500)
+    build.write_report(run_dir)
     assert set(_pages(run_dir)) == {"report.html", "styles/1.html", "styles/2.html"}  # stale pages removed
 
 
 def test_the_contact_sheet_rule():
-    assert report.layout_is_readable(report.sheet_layout(82, 20), 82, 20)
-    assert not report.layout_is_readable(report.sheet_layout(83, 20), 83, 20)  # cells under 96 px
-    assert not report.layout_is_readable(report.sheet_layout(10, 200), 10, 200)
-    assert report.style_sheet_shape(3) == (3, 1)
-    assert report.style_sheet_shape(10_000) == (report.SHEET_STYLE_COLUMNS,
-                                                report.SHEET_STYLE_MAX // report.SHEET_STYLE_COLUMNS)
+    assert sheets.layout_is_readable(sheets.sheet_layout(82, 20), 82, 20)
+    assert not sheets.layout_is_readable(sheets.sheet_layout(83, 20), 83, 20)  # cells under 96 px
+    assert not sheets.layout_is_readable(sheets.sheet_layout(10, 200), 10, 200)
+    assert sheets.style_sheet_shape(3) == (3, 1)
+    assert sheets.style_sheet_shape(10_000) == (sheets.SHEET_STYLE_COLUMNS,
+                                                sheets.SHEET_STYLE_MAX // sheets.SHEET_STYLE_COLUMNS)
 
 
 def test_per_style_contact_sheets_when_one_sheet_would_be_unreadable(run_dir: Path, monkeypatch):
-    monkeypatch.setattr(report, "SHEET_LABEL_PX", report.SHEET_CELL_PX + 1)  # as if cells had to shrink
-    paths = report.write_report(run_dir)
-    sheets = sorted(p.relative_to(run_dir).as_posix() for p in paths if p.parent.name == "contact_sheets")
-    assert sheets == ["contact_sheets/1-s1.jpg", "contact_sheets/2-s2.jpg"]
-    cell = report.SHEET_STYLE_CELL_PX
-    for rel in sheets:
+    monkeypatch.setattr(sheets, "SHEET_LABEL_PX", sheets.SHEET_CELL_PX + 1)  # as if cells had to shrink
+    paths = build.write_report(run_dir)
+    drawn = sorted(p.relative_to(run_dir).as_posix() for p in paths if p.parent.name == "contact_sheets")
+    assert drawn == ["contact_sheets/1-s1.jpg", "contact_sheets/2-s2.jpg"]
+    cell = sheets.SHEET_STYLE_CELL_PX
+    for rel in drawn:
         with Image.open(run_dir / rel) as im:
             assert im.size == (3 * cell, 2 * cell)  # 3 photos in a row, under the painting's row
     _check_links(run_dir)
     assert 'href="contact_sheets/1-s1.jpg"' in _pages(run_dir)["report.html"]
-    made = (run_dir / sheets[0]).stat().st_mtime_ns
-    report.write_report(run_dir)
-    assert (run_dir / sheets[0]).stat().st_mtime_ns == made  # nothing changed: not drawn again
+    made = (run_dir / drawn[0]).stat().st_mtime_ns
+    build.write_report(run_dir)
+    assert (run_dir / drawn[0]).stat().st_mtime_ns == made  # nothing changed: not drawn again
     monkeypatch.undo()
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert not (run_dir / "contact_sheets" / "1-s1.jpg").exists()  # one sheet is enough again
 
 
@@ -555,18 +573,25 @@ def test_hostile_style_and_photo_names_are_escaped_on_every_page(tmp_path: Path)
         ledger.fail(row.id, WORKER, "unreadable", f"{hostile}: <b>bad</b>")
     finally:
         ledger.close()
-    report.write_report(out)
+    build.write_report(out)
     for rel, text in _pages(out).items():
         assert "<img src=x" not in text and "<b>bad" not in text, rel
         assert "&lt;img src=x onerror=alert(1)&gt; &amp; &#34;q&#34; &#39;s&#39;.png" in text, rel
     _check_links(out)
 
 
+def test_cards_escape_as_the_templates_do():
+    import markupsafe
+
+    for text in (HOSTILE, '<img src=x onerror=alert(1)> & "q" \'s\'.png', ODD, "plain.png", "&amp;", ""):
+        assert cards.esc(text) == str(markupsafe.escape(text))
+
+
 def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     page1, page2 = run_dir / "styles" / "1.html", run_dir / "styles" / "2.html"
     made = page1.stat().st_mtime_ns, page2.stat().st_mtime_ns
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert (page1.stat().st_mtime_ns, page2.stat().st_mtime_ns) == made
     ledger = Ledger(run_dir)
     try:  # the running pair of s2 finishes
@@ -575,9 +600,95 @@ def test_a_page_is_written_again_only_when_what_it_shows_changed(run_dir: Path):
         ledger.done(Finished(row.id, WORKER, 40, 0.5, 0.2, 0.01, 0.8))
     finally:
         ledger.close()
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert page1.stat().st_mtime_ns == made[0] and page2.stat().st_mtime_ns != made[1]
     assert 'class="st st-running"' not in page2.read_text()
     _store_curve(run_dir, "c1.png", "s1.png", [(10, 32), (40, 64)], 1.0)  # a stored curve changes page 1
-    report.write_report(run_dir)
+    build.write_report(run_dir)
     assert page1.stat().st_mtime_ns != made[0]
+
+
+# -- the front page: pictures first ----------------------------------------------------------------
+
+def _front(out: Path) -> str:
+    return (out / "report.html").read_text()
+
+
+def test_a_small_run_opens_on_its_results_grid_and_folds_the_settings(run_dir: Path):
+    build.write_report(run_dir)
+    text = _front(run_dir)
+    # The grid of results comes first: before the styles table, the failures and the settings.
+    assert text.index('id="results"') < text.index('id="styles"') < text.index('id="failures"') \
+        < text.index('id="settings"')
+    start = text.index('<table class="results"')
+    grid = text[start:text.index("</table>", start)]
+    assert grid.count("<tr>") == 1 + 3  # the styles' row, then a row per photo
+    # Each output on disk: its thumbnail, linked to the full image.
+    for output in ("s1/c1.png", "s2/c1.png"):
+        thumb = thumb_path("o", output)
+        assert f'<a href="{output}" title=' in grid and f'<img src="{thumb}"' in grid
+    # The failed pair shows its kind and reason and links to its card; the others say what they are.
+    assert 'class="err" href="styles/1.html#p' in grid and "<b>unreadable</b>" in grid
+    assert "not an image &lt;Pillow&gt; can decode" in grid
+    assert "output missing" in grid and "st-running" in grid and "st-pending" in grid
+    # Every style's column header links to its page; the settings are there, folded away.
+    assert 'href="styles/1.html"' in grid and 'href="styles/2.html"' in grid
+    assert re.search(r'<details id="settings"><summary>Settings \(4\)</summary>', text)
+    assert "<th>size</th>" in text[text.index('id="settings"'):]
+
+
+def _collection(tmp_path: Path, n_contents: int, styles: int, failed_every: int) -> Path:
+    """A synthetic ledger (no VGG): n_contents × styles pairs, every failed_every-th pair failed, the
+    others done with a small output on disk (the runner would have written it)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    photo = make_image(src / "c" / "p.png", 40, 30, 1)
+    paints = [make_image(src / "s" / f"s{j}.png", 30, 30, 10 + j) for j in range(styles)]
+    pairs = [Pair(f"p{i:03d}.png", s.name, photo, s, f"{s.stem}/p{i:03d}.png", "r", "")
+             for s in paints for i in range(n_contents)]
+    ledger = Ledger(out)
+    try:
+        ledger.sync(pairs, out, lease_s=60)
+        ledger.set_meta("settings", {"size": 64, "steps": 20})
+        for r in ledger.rows():
+            if r.id % failed_every == 0:
+                ledger.db.execute("UPDATE pairs SET state='failed', attempts=1, error_kind='oom', "
+                                  "error_message=? WHERE id=?", (f"out of memory at 512 px ({r.content})", r.id))
+            else:
+                ledger.db.execute("UPDATE pairs SET state='done', attempts=1, seconds=2.0, started_at=?, "
+                                  "finished_at=?, steps=20, total_loss=1.5 WHERE id=?", (r.id, r.id + 2.0, r.id))
+                make_image(out / r.output, 16, 12, r.id)
+    finally:
+        ledger.close()
+    return out
+
+
+def test_a_large_run_opens_on_a_sample_per_style_and_lists_every_failure(tmp_path: Path):
+    n_contents, n_styles = 26, 4  # 104 pairs: over the small-run grid's 100
+    assert n_contents * n_styles > front.FRONT_GRID_MAX_PAIRS
+    out = _collection(tmp_path, n_contents, n_styles, failed_every=9)
+    build.write_report(out)
+    text = _front(out)
+    assert 'class="results"' not in text  # no grid of every pair
+    sections = re.findall(r'<section class="sample" id="style-(\d)">(.*?)</section>', text, re.S)
+    assert [k for k, _ in sections] == ["1", "2", "3", "4"]
+    rows = _ledger_rows(out)
+    for k, body in sections:
+        style = f"s{int(k) - 1}.png"
+        done = [r for r in rows if r.style == style and r.state == "done"]
+        strip = body[body.index('class="strip"'):]
+        # The style's first outputs, in plan order, each linked to its card on the style's page. They are
+        # smaller than a thumbnail: shown as they are, no thumbnail made.
+        cards = re.findall(r'<a href="(styles/[^"]+)" title="[^"]*"><img src="([^"]+)"', strip)
+        assert cards == [(f"styles/{k}.html#p{r.id}", r.output) for r in done[:front.FRONT_SAMPLE]]
+        assert f'href="styles/{k}.html"' in body  # the style's page
+    failed = [r for r in rows if r.state == "failed"]
+    assert len(failed) == 104 // 9
+    failures = text[text.index('id="failures"'):text.index('id="settings"')]
+    for r in failed:  # every one, with its reason and a link to its card
+        assert f"out of memory at 512 px ({r.content})" in failures
+        assert f'#p{r.id}"' in failures
+    assert text.index('class="sample"') < text.index('id="failures"')  # pictures first
+    assert not list((out / "thumbs").glob("o-*"))
+    assert f'src="../{done[0].output}"' in (out / "styles" / "4.html").read_text()
+    assert re.search(r"<details id=\"settings\"><summary>Settings \(2\)</summary>", text)
+    _check_links(out)
