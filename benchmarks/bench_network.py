@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Learned per-style networks vs optimisation (issue 13), one style, on this machine, by hand:
+"""Learned per-style networks vs optimisation, one style, on this machine, by hand:
 
     python benchmarks/bench_network.py --size 128 --train-steps 300      # from the repository root
     python benchmarks/bench_network.py --device cuda --gpu-only          # per-step GPU figures (gpu.sh)

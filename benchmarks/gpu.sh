@@ -65,7 +65,7 @@ want 1024 && bench 120 gpu_1024 --size 1024 --pairs 1x2 --no-default-row \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16-c2f:precision=bf16;scales=[0.5,1.0];steps=250;stop_window=0"
 if want network; then
-    echo "== network (limit 60s) =="  # issue 13: a training step and a forward pass at 512 and 1024 px
+    echo "== network (limit 60s) =="  # learned networks: a training step and a forward pass at 512 and 1024 px
     timeout 60 "$py" benchmarks/bench_network.py --device cuda --gpu-only --json "$out/network.json" 2>&1 \
         | tee "$out/network.txt"
 fi

@@ -37,7 +37,7 @@ def gram(f: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, C, C) Gram matrices / (C·H·W), in fp32 whatever the feature dtype."""
     b, c, h, w = f.shape
     flat = f.reshape(b, c, h * w).float()
-    # Autocast would run bmm in bf16 again, whatever the input dtype (the runner builds style targets inside it).
+    # Autocast would run bmm in bf16 again, whatever the input dtype (the engine builds style targets inside it).
     with torch.autocast(f.device.type, enabled=False):
         return _Gram.apply(flat) / (c * h * w)
 

@@ -1,10 +1,10 @@
-"""Learned per-style networks (issue 13): a feed-forward transformer trained once per style with the run's
+"""Learned per-style networks: a feed-forward transformer trained once per style with the run's
 own objective, then one forward pass a photo (Johnson, Alahi and Fei-Fei 2016, with the instance
 normalisation of Ulyanov et al. 2016 and upsample-then-convolve instead of transposed convolutions).
 
 Pure compute, like the engine: `train_steps` takes a `TrainState` (weights, Adam state, step, RNG) and
 returns the next one; `state_dict`/`from_state_dict` turn it into plain tensors and back, and the
-driver (runner) writes them to OUT/models/<style>.pt. Resuming from a state gives the same weights an
+driver (run/training.py) writes them to OUT/models/<style>.pt. Resuming from a state gives the same weights an
 uninterrupted run has at the same step (the crops come from the state's own generator).
 """
 

@@ -118,7 +118,7 @@ def thumbnail_jpeg(im: Image.Image) -> bytes:
 
 
 def write_thumbnail(dst: Path, im: Image.Image) -> Path:
-    """Write an output's thumbnail from the image in memory (the runner does, right after the output), so
+    """Write an output's thumbnail from the image in memory (the I/O stage does, right after the output), so
     the report never decodes the outputs of a collection again. Written after the output, the thumbnail
     is the newer file, and the report keeps it until the output changes."""
     data = thumbnail_jpeg(im)

@@ -1,4 +1,4 @@
-"""OUT/losses.csv, the loss log: its format written (`LossLog`, by the runner) and read
+"""OUT/losses.csv, the loss log: its format written (`LossLog`, by the drive) and read
 (`read_curves`, by the report) in this one file.
 
 One line per logged optimisation step: LOSS_COLUMNS. `step` counts over all scales, `px` is the long

@@ -149,7 +149,7 @@ def _own_thumbnails(candidates: dict[int, tuple[str, str]]) -> dict[int, str]:
 
 def make_thumbnails(out: Path, rows: list[Row], on_disk: set[int], max_megapixels: float = MAX_MEGAPIXELS) -> Thumbs:
     """Thumbnails of every source and of every output on disk (`on_disk`: their ids), made only where
-    missing or older than their image (the runner writes an output's own as it writes the output). A
+    missing or older than their image (a run writes an output's own as it writes the output). A
     source over the run's max_megapixels (a pair the run failed as too_large) gets none: decoding it,
     on every core at once, is what the limit prevents."""
     (out / THUMBS).mkdir(exist_ok=True)

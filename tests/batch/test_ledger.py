@@ -248,7 +248,7 @@ def test_release_puts_a_claim_back_and_never_undoes_done(ledger, out):
     assert ledger.get(a.id).state == "done"
 
 
-# -- workers with other settings (issue 8) ------------------------------------------------------------
+# -- workers with other settings ---------------------------------------------------------------------
 
 
 def test_a_worker_never_claims_a_pair_stored_under_another_recipe(ledger, out):
@@ -520,7 +520,7 @@ def test_missing_ledger_without_create(out):
     assert not out.exists()
 
 
-# -- whole collections (issue 10): claims by index, sync that writes only what changed ----------------
+# -- whole collections: claims by index, sync that writes only what changed ----------------
 
 
 def _ledger_of(out: Path, n: int, styles: int = 4) -> Ledger:
@@ -731,7 +731,7 @@ def test_a_long_retry_does_not_reread_the_ids_it_took(ledger, out):
 
 
 def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_writers(out):
-    """Schema 4 is schema 5 without pairs.method and the models table (issue 13): readers count its done
+    """Schema 4 is schema 5 without pairs.method and the models table: readers count its done
     pairs as optimised and see no models; a worker adds both, and a pair records what made it."""
     led = Ledger(out)
     led.sync([pair("a.png"), pair("b.png")], out, LEASE)

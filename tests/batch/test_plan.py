@@ -25,7 +25,7 @@ def settings(content: Path, styles: Path, out: Path, **kw) -> Settings:
 
 
 def test_count_and_photo_major_order(folders):
-    # Photo by photo: a worker decodes each photo once for all its styles (issue 10).
+    # Photo by photo: a worker decodes each photo once for all its styles.
     content, styles, out = folders
     pairs = make_plan(settings(content, styles, out))
     assert len(pairs) == 3 * 2
@@ -311,7 +311,7 @@ def test_a_name_that_is_not_utf8_is_skipped_not_a_crash(tmp_path):
         ledger.close()
 
 
-# -- input hashes kept between plans (issue 10) --------------------------------------------------------
+# -- input hashes kept between plans -----------------------------------------------------------------
 
 
 HOUR_NS = 3600 * 10**9

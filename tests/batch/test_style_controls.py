@@ -1,4 +1,4 @@
-"""Issue 12's style controls: per-style settings, style blends, style size as a fraction of the output.
+"""Style controls: per-style settings, style blends, style size as a fraction of the output.
 
 Plans are checked without a model; the engine on a short real VGG19 (relu1_1, relu2_1) at <= 48 px."""
 

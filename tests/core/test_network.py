@@ -1,4 +1,4 @@
-"""Learned per-style networks (issue 13): the transformer, its training, resuming it, and the methods in a run."""
+"""Learned per-style networks: the transformer, its training, resuming it, and the methods in a run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 8: every image marked done is a real stylization of what its recipe says.
+"""Every image marked done is a real stylization of what its recipe says.
 
 End to end through local.run on tiny images: each output differs from its photo and ends below the
 loss of doing nothing; the tutorial preset with the default (Caffe) weights no longer returns the photo;

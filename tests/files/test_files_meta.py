@@ -1,4 +1,4 @@
-"""Issue 12: colour-managed, metadata-keeping files, and output names.
+"""Colour-managed, metadata-keeping files, and output names.
 
 Inputs with an ICC profile are converted to sRGB (checked against the textbook Display P3 -> sRGB
 matrix, with a P3 profile built here: Pillow has no P3 builder and no system profile is relied on);

@@ -1,4 +1,4 @@
-"""Overnight-safe runs, end to end through the CLI in subprocesses (issue 3): kill -9 and resume,
+"""Overnight-safe runs, end to end through the CLI in subprocesses: kill -9 and resume,
 Ctrl-C / SIGTERM, two workers on one folder, failures that stay local, what a second run redoes,
 exit codes, and `status` while a run is going.
 
@@ -271,7 +271,7 @@ def test_two_workers_share_one_folder_then_a_second_run_redoes_exactly_what_chan
     check_outputs(out, third)
 
 
-# -- a worker with other settings (issue 8) ----------------------------------------------------------
+# -- a worker with other settings -----------------------------------------------------------------
 
 # The CLI, except that after its first pair the worker touches GATE.waiting and waits for the file GATE
 # (named first on the command line) before it claims another: until then it is live, heartbeat going,
