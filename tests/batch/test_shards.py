@@ -25,6 +25,8 @@ from nst_batch.run.progress import Display
 from nst_batch.run.local import run
 from nst_batch.batch.shards import Shard, shard_of
 
+pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
+
 COUNT_DONE = """
 CREATE TABLE IF NOT EXISTS done_log (content TEXT, style TEXT);
 CREATE TRIGGER IF NOT EXISTS count_done AFTER UPDATE OF state ON pairs

@@ -29,6 +29,8 @@ from nst_batch.batch.plan import make_plan
 
 from conftest import make_image
 
+pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
 FAST = ("--size", "32", "--steps", "3", "--device", "cpu", "--quiet")
 LOSS_FIELDS = 10

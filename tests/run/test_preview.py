@@ -18,6 +18,8 @@ from nst_batch.errors import ConfigError
 from nst_batch.files.hashing import file_hash
 from nst_batch.run import preview as pv
 
+pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
+
 FACTORS = (1 / 3, 1.0, 3.0)
 
 

@@ -23,6 +23,8 @@ from PIL import Image
 
 from conftest import ROOT, cli, make_image
 
+pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
+
 FAST = ["--device", "cpu", "--size", "48", "--set", "scales=[1.0]", "--set", "stop_window=0", "-q"]
 
 

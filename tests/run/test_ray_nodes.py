@@ -9,6 +9,8 @@ import pytest
 
 from test_ray import FAST, count_done, each_done_once, ledger_rows, popen, temporaries, wait_for
 
+pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
+
 
 def test_a_node_removed_mid_run_loses_no_pair_and_makes_none_twice(folders):
     cluster_utils = pytest.importorskip("ray.cluster_utils")
