@@ -132,15 +132,18 @@ def _setting(key: str, retry: bool = False) -> Any:
     return typer.Option(None, s.cli, help=escape(f"{s.help} Default: {default}."), show_default=False)
 
 
+# What `run` and `preview` read their settings from, besides the options of single keys.
+_MANIFEST = typer.Argument(None, metavar="[MANIFEST]", help="Pipeline file. Default: ./pipeline.yaml if present.")
+_SET = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable.")
+
 _SHARD_HELP = ("K/N: make only shard K (0..N-1) of N; each shard keeps its own ledger in OUT/shards/K-of-N/. "
                "auto: K and N from SLURM_ARRAY_TASK_ID/_COUNT (SLURM array) or JOB_COMPLETION_INDEX and "
-               "NST_SHARD_COUNT (Kubernetes indexed Job). See README, Many machines.")
+               "NST_SHARD_COUNT (Kubernetes indexed Job). See docs/many-machines.md.")
 
 
 @app.command()
 def run(
-    manifest_path: Optional[Path] = typer.Argument(None, metavar="[MANIFEST]",
-                                                   help="Pipeline file. Default: ./pipeline.yaml if present."),
+    manifest_path: Optional[Path] = _MANIFEST,
     content: Optional[Path] = _setting("content"),
     styles: Optional[Path] = _setting("styles"),
     out: Optional[Path] = _setting("out"),
@@ -148,7 +151,7 @@ def run(
     steps: Optional[int] = _setting("steps"),
     device: Optional[str] = _setting("device"),
     weights: Optional[str] = _setting("weights"),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
+    set_: list[str] = _SET,
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live display: one line per pair."),
     shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N|auto", help=_SHARD_HELP),
     ray: Optional[str] = typer.Option(None, "--ray", metavar="local|auto|ADDRESS",
@@ -184,14 +187,13 @@ def run(
 
 @app.command()
 def preview(
-    manifest_path: Optional[Path] = typer.Argument(None, metavar="[MANIFEST]",
-                                                   help="Pipeline file. Default: ./pipeline.yaml if present."),
+    manifest_path: Optional[Path] = _MANIFEST,
     content: Optional[Path] = _setting("content"),
     styles: Optional[Path] = _setting("styles"),
     out: Optional[Path] = _setting("out"),
     device: Optional[str] = _setting("device"),
     weights: Optional[str] = _setting("weights"),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE", help="Set any manifest key; repeatable."),
+    set_: list[str] = _SET,
     photos: int = typer.Option(3, "--photos", metavar="N", help="Sample photos, chosen to differ (brightness, "
                                "colour, portrait or landscape)."),
     photo: list[str] = typer.Option([], "--photo", metavar="NAME", help="This photo (path in the content folder, "
