@@ -17,27 +17,12 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ConfigError
 from ..files.layout import PREVIEWS, write_atomic, write_text_atomic
+from .pages import render
 
 PREVIEW_JSON = "preview.json"
 INDEX = "index.html"
 CELL = 160  # px a cell on pages and sheets: previews are small; shown a little larger they read better
 HEAD = 44  # the sheet's column-label band
-
-_ENV = None
-
-
-def _render(template: str, **context) -> str:
-    """Autoescaped, like the report's pages: names and labels are user data."""
-    global _ENV
-    if _ENV is None:
-        import jinja2
-
-        loader = jinja2.ChoiceLoader([jinja2.PackageLoader("nst_batch.report", "preview_templates"),
-                                      jinja2.PackageLoader("nst_batch.report", "templates")])  # base.html, css
-        _ENV = jinja2.Environment(loader=loader, autoescape=True, undefined=jinja2.StrictUndefined,
-                                  trim_blocks=True, lstrip_blocks=True)
-    return _ENV.get_template(template).render(**context)
-
 
 def _num(v: float) -> str:
     return f"{v:.4g}"
@@ -66,12 +51,12 @@ def write_pages(out: Path) -> tuple[Path, int]:
     views = [_style_view(k, st, photos, folder) for k, st in enumerate(grid["styles"], 1)]
     missing = sum(cell is None for v in views for row in v["rows"] for cell in row["cells"])
     for k, v in enumerate(views, 1):
-        write_text_atomic(folder / v["page"], _render("preview_style.html", title=f"Preview: {v['name']}", st=v,
+        write_text_atomic(folder / v["page"], render("preview_style.html", title=f"Preview: {v['name']}", st=v,
                                                       cell=CELL))
         sheet = contact_sheet(folder, grid["styles"][k - 1], photos)
         write_atomic(folder / v["sheet"], lambda f, s=sheet: f.write(s))
     index = folder / INDEX
-    write_text_atomic(index, _render("preview_index.html", title="Previews: style weights", styles=views,
+    write_text_atomic(index, render("preview_index.html", title="Previews: style weights", styles=views,
                                      n_photos=len(photos), n_strengths=len(grid["styles"][0]["columns"]) if views
                                      else 0, size=grid["size"], steps=grid["steps"], missing=missing))
     return index, missing
