@@ -12,7 +12,7 @@ import os
 import secrets
 import struct
 import warnings
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from ..batch.ledger import Row
 from ..config.manifest import Settings
 from ..files.encode import THUMB_PX, shrink
 from ..files.layout import THUMBS, thumb_path
+from . import parallel
 
 MAX_MEGAPIXELS = Settings.max_megapixels  # the manifest's default, for a ledger that stored no settings
 PROCESSES_FROM = 2000  # thumbnails to make: from this many they are made in worker processes
@@ -101,24 +102,17 @@ def _make_batch(jobs: list[tuple[str, str, float]]) -> list[bool]:
 def _run_batches(jobs: list[tuple[str, str, float]]) -> list[bool]:
     """Every job, on every core. Pillow releases the GIL while it decodes, resizes and encodes, but a
     small image costs more in Python (opening, header parsing, saving) than in those: thousands of
-    them go to forked worker processes, a few to threads of this one. Threads too when this process
-    runs other threads (a heartbeat, at the end of `nst-batch run`): forking it could copy a lock held
-    mid-use into a child; and where there is no fork (spawning re-runs __main__, not always a file)."""
-    import multiprocessing
-    import threading
-
-    workers = os.cpu_count() or 1
-    if (len(jobs) >= PROCESSES_FROM and workers > 1 and threading.active_count() == 1
-            and "fork" in multiprocessing.get_all_start_methods()):
-        size = max(64, min(2048, len(jobs) // (workers * 8)))
-        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            return [ok for part in pool.map(_make_batch, [jobs[i:i + size] for i in range(0, len(jobs), size)])
-                    for ok in part]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        done = list(pool.map(_make_batch, [jobs[i::workers] for i in range(workers)]))
+    them go to forked worker processes (parallel.py says when that is safe), a few to threads."""
+    n = parallel.workers()
+    if len(jobs) >= PROCESSES_FROM and parallel.can_fork():
+        size = max(64, min(2048, len(jobs) // (n * 8)))
+        return [ok for part in parallel.fork_map(_make_batch, [jobs[i:i + size] for i in range(0, len(jobs), size)])
+                for ok in part]
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        done = list(pool.map(_make_batch, [jobs[i::n] for i in range(n)]))
     got = [False] * len(jobs)
     for i, part in enumerate(done):
-        got[i::workers] = part
+        got[i::n] = part
     return got
 
 

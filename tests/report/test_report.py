@@ -19,7 +19,7 @@ from PIL import Image
 from rich.console import Console
 
 from nst_batch.files import encode, losslog
-from nst_batch.report import build, cards, curves, front, pages, sheets, status, summary, thumbs
+from nst_batch.report import build, cards, parallel, curves, front, pages, sheets, status, summary, thumbs
 from nst_batch.files.layout import thumb_path
 from nst_batch.errors import ConfigError
 from nst_batch.batch.plan import Pair
@@ -266,6 +266,21 @@ def test_thumbnails_made_in_worker_processes_are_the_same(run_dir: Path, monkeyp
     for p in (run_dir / "thumbs").iterdir():
         with Image.open(p) as im:
             assert im.format == "JPEG" and max(im.size) <= encode.THUMB_PX
+
+
+def test_style_pages_written_by_worker_processes_are_the_same(run_dir: Path, monkeypatch):
+    # A collection's 400 style pages are shared out between forked workers; each page as one process writes it.
+    build.write_report(run_dir)
+    alone = {k: v for k, v in _pages(run_dir).items() if k.startswith("styles/")}  # the front page has the time
+    shutil.rmtree(run_dir / "styles")  # else the pages already there are not written again
+    monkeypatch.setattr(build, "PAGES_IN_PROCESSES_FROM", 1)
+    monkeypatch.setattr(parallel, "workers", lambda: 2)
+    forked, real = [], parallel.fork_map
+    monkeypatch.setattr(parallel, "fork_map", lambda fn, parts, inherit=None: forked.append(fn) or real(fn, parts, inherit))
+    written = build.write_report(run_dir)
+    assert build._pages_part in forked
+    assert {k: v for k, v in _pages(run_dir).items() if k.startswith("styles/")} == alone and len(alone) == 2
+    assert [p for p in written if p.parent.name == "styles"] == sorted((run_dir / "styles").glob("*.html"))
 
 
 def test_without_loss_log_or_ledger(run_dir: Path, tmp_path: Path):
