@@ -23,15 +23,16 @@ Evaluate = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # The first step, as the mean change of a pixel value: a bf16 forward pass cannot see moves much
 # smaller than this (the image is cast to bf16 at the first conv), so the first trial must be visible.
 FIRST_STEP = 0.01
-# Curvature pairs kept per image. Measured at 128 px, gatys, 100 evaluations, 4 pairs
-# (benchmarks/lbfgs-results.md): m = 10 and 20 end within 1% of each other, m = 5 is worse; 10
-# costs half the memory of 20 (m·B·N floats twice: 38 MiB per 1024 px image at m = 10).
+# Curvature pairs kept per image. Measured at 128 px, 100 evaluations (benchmarks/lbfgs-results.md):
+# m = 5, 10 and 20 end within 0.1% of each other on 2 gatys pairs and within 10% (at losses near 1e-3
+# of the start) on 3 tutorial-weights pairs, and m = 10 already matches torch's LBFGS with 100 pairs on
+# gatys. 10 is the usual choice; each pair costs 2·N floats an image (m = 10: 190 MB at 1024x768).
 HISTORY = 10
-# A rejected trial's step is multiplied by this. Measured as above: 0.5 and 0.25 end within noise
-# of each other; 0.5 wastes the least when the unit step was only slightly too long.
+# A rejected trial's step is multiplied by this. Measured as above: 0.25 and 0.5 end alike (gatys
+# rejects almost no unit step); 0.5 wastes the least when the unit step was only slightly too long.
 SHRINK = 0.5
-# Armijo's sufficient-decrease constant: the usual 1e-4 (Nocedal & Wright). Measured as above:
-# 1e-4 and 0.1 end alike; a large one rejects good unit steps on this nearly quadratic objective.
+# Armijo's sufficient-decrease constant: the usual 1e-4 (Nocedal & Wright). Measured as above: 0.1
+# ends alike; a small one accepts every step that decreases the loss, which keeps the one evaluation.
 ARMIJO = 1e-4
 # A curvature pair is kept only when the cosine between s and y exceeds this: scale-free (it does
 # not depend on the image size or the loss units), and it keeps the inverse-Hessian estimate positive definite.
