@@ -1,4 +1,4 @@
-"""The batched per-image L-BFGS (nst_batch/lbfgs.py): convergence, independence of batch companions, no host
+"""The batched per-image L-BFGS (nst_batch/core/lbfgs.py): convergence, independence of batch companions, no host
 read inside a chunk, the masks, NaN isolation, and two tiny runs on the real VGG."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nst_batch import lbfgs, losses
-from nst_batch.objective import PRESETS
-from nst_batch.vgg import load_vgg19
+from nst_batch.config.objective import PRESETS
+from nst_batch.core import lbfgs, losses
+from nst_batch.core.vgg import load_vgg19
 
 SHAPE = (1, 2, 4, 4)
 
