@@ -2,8 +2,8 @@
 
 A pair's peak is at its finest scale: VGG19's forward and backward up to the objective's last layer
 (activations kept for the gradient, at every layer's resolution: a fixed number of bytes per pixel of
-the image), the optimiser's state (L-BFGS keeps two image-sized vectors per step of history, up to
-100), and a constant. Measured on the CPU (benchmarks/bench_memory.py, docs/benchmarks.md "Print
+the image), the optimiser's state (core/lbfgs.py keeps two image-sized vectors per curvature pair, at
+most HISTORY = 10 pairs and one an iteration, and a few more per image), and a constant. Measured on the CPU (benchmarks/bench_memory.py, docs/benchmarks.md "Print
 sizes"); a GPU with bf16 autocast keeps some activations in half the bytes, so the fp32 figure
 over-predicts there, which errs on the side of running.
 
@@ -32,8 +32,10 @@ GiB = 1 << 30
 # taken out first). Objectives ending earlier need less: this bound serves them all.
 VGG_BYTES_PER_PX = 2250
 CONSTANT_BYTES = 400 * MiB
-LBFGS_HISTORY = 100  # optimize.py's history_size: pairs of (step, gradient change) kept
 VECTOR_BYTES_PER_PX = 3 * 4  # one RGB float32 image-sized vector
+# lbfgs.State's other image-sized vectors per image: x, g, d, best_x, and the trial point, its gradient,
+# the step and the gradient change of an iteration.
+LBFGS_STATE_VECTORS = 8
 
 
 @dataclass(frozen=True)
@@ -47,9 +49,14 @@ class Need:
 
 
 def optimiser_bytes_per_px(optimizer: str, steps: int) -> int:
-    """L-BFGS: two vectors per history entry, at most one entry a step; Adam: two moments."""
-    vectors = 2 * min(steps, LBFGS_HISTORY) if optimizer == "lbfgs" else 2
-    return vectors * VECTOR_BYTES_PER_PX
+    """L-BFGS: 2·m vectors (m = the pairs optimize._lbfgs_scale allocates: one an iteration, at most
+    lbfgs.HISTORY) and its state's own; Adam: two moments."""
+    if optimizer != "lbfgs":
+        return 2 * VECTOR_BYTES_PER_PX
+    from .lbfgs import HISTORY  # imports torch: only once a need is asked for (this module stays light)
+
+    m = max(1, min(HISTORY, steps - 1))
+    return (2 * m + LBFGS_STATE_VECTORS) * VECTOR_BYTES_PER_PX
 
 
 def need(height: int, width: int, batch: int, optimizer: str, steps: int) -> Need:

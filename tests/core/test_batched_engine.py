@@ -1,0 +1,145 @@
+"""The engine's L-BFGS is core/lbfgs.py: each image of a batch on its own, the host read once a chunk.
+
+Through Engine.make: an image's output does not depend on its batch companions; a whole make reads the
+host at most 0.25 times per evaluation (the old optimiser read it 8.5 times); the tutorial preset still
+converges; the CUDA configuration (bf16 autocast) on the CPU still moves the image in its first steps;
+the memory model counts m = 10 curvature pairs, not 100.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from nst_batch.config.manifest import Settings
+from nst_batch.core import memory, optimize
+from nst_batch.core.engine import Engine, resolve
+from nst_batch.core.lbfgs import HISTORY
+from nst_batch.run.jobs import file_engine
+
+from conftest import ROOT, CountingNet, make_image, path_job
+
+LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _settings(tmp_path: Path, n: int, **kw) -> Settings:
+    content, styles = tmp_path / "content", tmp_path / "styles"
+    for i in range(n):
+        make_image(content / f"p{i}.png", 48, 32, 30 + i)
+    make_image(styles / "s.png", 48, 48, 9)
+    base = dict(content=content, styles=styles, out=tmp_path / "out", size=48, steps=12, log_every=4,
+                scales=(1.0,), device="cpu", layers=LAYERS)
+    return Settings(**{**base, **kw})
+
+
+def _jobs(engine: Engine, names: list[str]):
+    s = engine.settings
+    return [path_job(engine, s.content / f"{n}.png", s.styles / "s.png") for n in names]
+
+
+def test_an_image_does_not_depend_on_its_batch_companions(tmp_path):
+    """p0 made in a batch of 3 with p1 and p2, then with p3 and p4: the same image. Before, the batch's
+    losses were summed into one objective with one line search and one history: p0's result moved with
+    its companions."""
+    s = _settings(tmp_path, 5, batch=3)
+    engine = file_engine(s)
+    calls: list[bool] = []
+    engine.net = CountingNet(engine.net, calls)
+    first = engine.make(_jobs(engine, ["p0", "p1", "p2"]))
+    assert calls.count(True) == s.steps  # one batch of 3: each evaluation evaluates all three
+    second = engine.make(_jobs(engine, ["p0", "p3", "p4"]))
+    assert all(m.ok for m in first + second), [m.error for m in first + second]
+    assert (first[0].image - second[0].image).abs().max() * 255 <= 2
+    assert (first[0].image - first[1].image).abs().max() * 255 > 10  # the images themselves differ
+    assert first[0].final.total == pytest.approx(second[0].final.total, rel=1e-3)
+
+
+class HostReads:
+    """Counts every call that reads a tensor on the host (a GPU would wait for its queue at each)."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(*args, _orig=orig, **kw):
+                self.count += 1
+                return _orig(*args, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_a_whole_make_reads_the_host_at_most_once_per_four_evaluations(tmp_path, monkeypatch):
+    s = _settings(tmp_path, 1, steps=30, scales=(0.5, 1.0), log_every=5)
+    engine = file_engine(s)
+    calls: list[bool] = []
+    engine.net = CountingNet(engine.net, calls)
+    jobs = _jobs(engine, ["p0"])
+    reads = HostReads(monkeypatch)
+    (m,) = engine.make(jobs)
+    monkeypatch.undo()
+    assert m.ok, m.error
+    evaluations = calls.count(True)
+    assert evaluations == m.steps == 60  # 30 a scale: the stop rule is off by default
+    assert reads.count / evaluations <= 0.25, reads.count
+    assert [r.step for r in m.logs] == list(range(5, 61, 5))  # every log_every steps, read a chunk at a time
+
+
+def test_the_tutorial_preset_still_converges_at_48_px():
+    """The tutorial weights on Caffe-scaled features (losses near 1e13 at the start): no no_progress."""
+    s = Settings(content=ROOT / "data/content", styles=ROOT / "data/styles", size=48, steps=20, layers="tutorial",
+                 device="cpu")
+    engine = file_engine(s)
+    (m,) = engine.make([path_job(engine, ROOT / "data/content/chelsea.jpg", ROOT / "data/styles/composition_vii.jpg")])
+    assert m.ok, m.error
+    assert m.final.total < 0.1 * m.start.total
+
+
+def test_the_cuda_configuration_moves_the_image_in_its_first_steps(tmp_path):
+    """resolve(settings, "cuda") on the CPU: bf16 autocast on the forward, channels_last. The first step moves
+    pixel values by about 1%, which a bf16 forward sees: the loss falls from the second evaluation on."""
+    s = _settings(tmp_path, 1, steps=8, log_every=1, precision="auto")
+    from nst_batch.files.stage import StyleImages
+
+    engine = Engine(s, torch.device("cpu"), resolve(s, "cuda"), style_pixels=StyleImages(s.max_megapixels))
+    assert engine.optim.autocast_dtype == torch.bfloat16 and engine.optim.channels_last
+    (m,) = engine.make(_jobs(engine, ["p0"]))
+    assert m.ok, m.error
+    rows = m.logs
+    assert rows[0].step == 1 and rows[1].total < 0.98 * rows[0].total  # rows[0]: the photo itself
+    assert m.final.total < 0.8 * m.start.total
+
+
+def test_the_memory_model_counts_ten_curvature_pairs():
+    per = memory.VECTOR_BYTES_PER_PX
+    assert HISTORY == 10
+    assert memory.optimiser_bytes_per_px("lbfgs", 300) == (2 * HISTORY + memory.LBFGS_STATE_VECTORS) * per
+    assert memory.optimiser_bytes_per_px("lbfgs", 300) == memory.optimiser_bytes_per_px("lbfgs", 11)
+    assert memory.optimiser_bytes_per_px("lbfgs", 4) == (2 * 3 + memory.LBFGS_STATE_VECTORS) * per  # 3 iterations
+    assert memory.optimiser_bytes_per_px("adam", 300) == 2 * per
+    # 1024x768 at 300 steps: the optimiser's share is 28 vectors (was 200), about 264 MB an image.
+    assert memory.optimiser_bytes_per_px("lbfgs", 300) * 1024 * 768 == pytest.approx(264e6, rel=0.01)
+
+
+def test_a_recorder_writes_its_evaluations_from_slot_zero():
+    """What a CUDA graph of one chunk replays: the same slots each chunk (optimize.Recorder)."""
+    def terms(x):
+        from nst_batch.core.losses import LossTerms
+
+        v = (x - 0.25).pow(2).flatten(1).sum(1)
+        return LossTerms(v, 2 * v, torch.zeros_like(v))
+
+    rec = optimize.Recorder(terms, 2, torch.device("cpu"))
+    f, g = rec(torch.full((2, 3, 2, 2), 0.5))
+    assert rec.slot == 1 and torch.equal(rec.rec[0, 3], f) and torch.allclose(g, torch.full_like(g, 1.5))
