@@ -51,6 +51,9 @@ class DeviceConfig:
     settings: Settings  # precision resolved to fp32 or bf16, scales to a list: what the plan's recipe records
     optim: OptimConfig  # including bf16 autocast and channels_last
     cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
+    # L-BFGS's chunks replayed as CUDA graphs (core/graphs.py): on for CUDA, where the host's kernel launches
+    # left an H200 97% idle; never captured on another device, whatever this says (a test builds it on a CPU).
+    cuda_graphs: bool = False
 
 
 def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
@@ -62,4 +65,4 @@ def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -
     scales = auto_scales(settings.size) if settings.scales == "auto" else settings.scales
     resolved = settings.replace(precision="bf16" if bf16 else "fp32", scales=scales)
     # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
-    return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda)
+    return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda, cuda_graphs=cuda)

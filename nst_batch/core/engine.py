@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from . import colors, losses, memory, network
+from . import colors, graphs, losses, memory, network
 from ..config.manifest import PER_STYLE_KEYS, Overrides, Settings
 from ..config.objective import MIN_SIDE, Objective, objective_from
 from ..errors import PairError
 from .device import DeviceConfig, optim_config, pick_device, resolve  # noqa: F401  (the engine's API)
 from .models import Models
-from .optimize import LogRow, OptimConfig, Result, progress_error
+from .optimize import EagerChunks, LogRow, OptimConfig, Result, progress_error
 from .pyramid import stylize
 from .targets import STYLE_CACHE, StylePixels, StyleTargets  # noqa: F401
 
@@ -134,6 +134,10 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         if s.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
+        self._on_note: Callable[[str], None] = lambda _: None  # the note of the make() in progress
+        # How L-BFGS's chunks run: CUDA graphs where the config says so (they fall back to eager by themselves).
+        self.chunks = (graphs.GraphChunks(lambda msg: self._on_note(msg)) if config.cuda_graphs
+                       else EagerChunks())
         self.style_pixels = style_pixels or _no_styles  # the driver's, which also knows what decoding noted
         self.styles = StyleTargets(self.style_pixels, self._targets_of, self.device)
         self.models = Models(self.device)
@@ -189,6 +193,7 @@ class Engine:
         every loss row as it is made (the rows are in Made.logs too); `on_note` hears what the
         out-of-memory policy did."""
         made: list[Made | None] = [None] * len(jobs)
+        self._on_note = on_note or (lambda _: None)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
@@ -234,12 +239,13 @@ class Engine:
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
             res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
-                          init=network.apply(self.models.get(self._model_key(job)), content))
+                          init=network.apply(self.models.get(self._model_key(job)), content), runner=self.chunks)
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
             # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
             # back at the end, at full size. pyramid.stylize itself never knows about colours.
-            res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged)
+            res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged,
+                          runner=self.chunks)
             res.images = colors.finish(res.images, content.float().cpu(), mode)
         made = []
         for i, job in enumerate(jobs):

@@ -99,7 +99,7 @@ def _nonfinite(step: int, value: float) -> PairError:
 
 
 def optimize_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.LossTerms], cfg: OptimConfig,
-                   log: Log, steps_before: int = 0, runner: "ChunkRunner | None" = None) -> ScaleResult:
+                   log: Log, steps_before: int = 0, runner: ChunkRunner | None = None) -> ScaleResult:
     """Optimise the pixels of `start` (B, 3, h, w) for at most `cfg.steps` steps, or until the stop rule
     fires. `evaluate(img)` gives the weighted loss terms; `log(values, steps so far)` is called every
     `log_every` steps (steps counted from `steps_before`, over all scales). Returns the best image seen.
@@ -130,12 +130,18 @@ class Recorder:
         return terms.total.detach().float(), g
 
 
-def eager_chunk(st: lbfgs.State, fn: Recorder, n: int, window: int, tolerance: float) -> None:
-    """n L-BFGS iterations as they come: the default runner, and always the CPU's."""
-    lbfgs.run_chunk(st, fn, n, window=window, tolerance=tolerance)
+class EagerChunks:
+    """How a chunk of L-BFGS iterations runs: as they come, the default and always the CPU's
+    (graphs.GraphChunks replays a CUDA graph instead)."""
+
+    def __call__(self, st: lbfgs.State, fn: Recorder, n: int, window: int, tolerance: float) -> None:
+        lbfgs.run_chunk(st, fn, n, window=window, tolerance=tolerance)
+
+    def release(self) -> None:
+        """The scale is over: drop whatever was kept for it."""
 
 
-ChunkRunner = Callable[[lbfgs.State, Recorder, int, int, float], None]
+ChunkRunner = EagerChunks
 
 
 def _lbfgs_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.LossTerms], cfg: OptimConfig,
@@ -143,7 +149,7 @@ def _lbfgs_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.
     """lbfgs.State per image (its own step, history and stop rule), CHUNK iterations between host reads.
     The first chunk holds the first evaluation and CHUNK - 1 iterations, every later one CHUNK iterations,
     so each fills `rec` from slot 0 (what a CUDA graph of one chunk replays)."""
-    runner = runner or eager_chunk
+    runner = runner or EagerChunks()
     B = start.shape[0]
     fn = Recorder(evaluate, B, start.device)
     # At most one curvature pair an iteration: a short run needs no more slots (and the memory model counts them).
@@ -173,6 +179,7 @@ def _lbfgs_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.
                 log(values, steps_before + step)
         if made >= cfg.steps or all(done):
             break
+    runner.release()
     return ScaleResult(st.best_x.view(st.shape), scale_steps, last)
 
 
