@@ -142,6 +142,7 @@ class Engine:
         self.styles = StyleTargets(self.style_pixels, self._targets_of, self.device)
         self.models = Models(self.device)
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
+        self._auto_batch: dict[tuple, int] = {}  # batch: auto, per (height, width, optimizer, steps)
         self._setups: dict[Overrides, Setup] = {(): Setup(s, self.objective, self.optim)}
         self._objectives: dict[Objective, Objective] = {self.objective: self.objective}  # one per distinct weights
 
@@ -199,8 +200,8 @@ class Engine:
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
             key = (job.style_key, job.members, job.overrides, tuple(job.photo.shape[-2:]), job.method, job.model)
             groups.setdefault(key, []).append(i)
-        batch = self.settings.batch
         for group in groups.values():
+            batch = self.batch_size(jobs[group[0]])
             for k in range(0, len(group), batch):
                 part = group[k:k + batch]
                 try:
@@ -212,6 +213,20 @@ class Engine:
                     made[i] = m
         assert all(m is not None for m in made)
         return made  # type: ignore[return-value]
+
+    def batch_size(self, job: Job) -> int:
+        """How many jobs like `job` (its style, working shape and steps) one batch holds: `batch`, or for auto
+        as many as the memory model fits in the device's free memory (memory.auto_batch, at most
+        DeviceConfig.auto_batch_max), decided the first time a shape is seen and kept."""
+        if self.settings.batch != "auto":
+            return int(self.settings.batch)
+        cfg = self.optim_for(job)
+        key = (*job.photo.shape[-2:], cfg.optimizer, cfg.steps)
+        if key not in self._auto_batch:
+            most = self.config.auto_batch_max
+            free = self.free_memory(self.device) if most > 1 else None
+            self._auto_batch[key] = memory.auto_batch(key[0], key[1], cfg.optimizer, cfg.steps, free, most)
+        return self._auto_batch[key]
 
     def _batch(self, jobs: list[Job], on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""

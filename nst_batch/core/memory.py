@@ -64,6 +64,20 @@ def need(height: int, width: int, batch: int, optimizer: str, steps: int) -> Nee
     return Need(batch * height * width * per_px + CONSTANT_BYTES, height, width, batch)
 
 
+# `batch: auto` fills at most this share of the free memory: the model is fitted on a CPU in fp32 (it errs
+# high under bf16), but cuDNN's workspaces, a CUDA graph's pool and the allocator's fragmentation are not in it.
+AUTO_SHARE = 0.8
+
+
+def auto_batch(height: int, width: int, optimizer: str, steps: int, free: int | None, most: int) -> int:
+    """How many photos of this working shape `batch: auto` puts in one batch: as many as `need` fits in
+    AUTO_SHARE of `free` bytes, at most `most`, at least 1 (free None, unknown: 1)."""
+    if free is None:
+        return 1
+    per_image = need(height, width, 1, optimizer, steps).bytes - CONSTANT_BYTES
+    return max(1, min(most, int((AUTO_SHARE * free - CONSTANT_BYTES) // per_image)))
+
+
 def largest_fitting(image_w: int, image_h: int, free: int, batch: int, optimizer: str, steps: int,
                     below: int) -> int | None:
     """The largest long side under `below` (a multiple of 16) whose need fits in `free` bytes, for a photo

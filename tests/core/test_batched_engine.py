@@ -143,3 +143,59 @@ def test_a_recorder_writes_its_evaluations_from_slot_zero():
     rec = optimize.Recorder(terms, 2, torch.device("cpu"))
     f, g = rec(torch.full((2, 3, 2, 2), 0.5))
     assert rec.slot == 1 and torch.equal(rec.rec[0, 3], f) and torch.allclose(g, torch.full_like(g, 1.5))
+
+
+# -- batch: auto ---------------------------------------------------------------------------------------------
+
+
+def test_auto_batch_is_as_many_as_the_memory_model_fits():
+    one = memory.need(32, 48, 1, "lbfgs", 30).bytes - memory.CONSTANT_BYTES  # one image's share
+    free = int((memory.CONSTANT_BYTES + 5.5 * one) / memory.AUTO_SHARE)
+    assert memory.auto_batch(32, 48, "lbfgs", 30, free, 64) == 5
+    assert memory.need(32, 48, 5, "lbfgs", 30).bytes <= memory.AUTO_SHARE * free < memory.need(32, 48, 6, "lbfgs", 30).bytes
+    assert memory.auto_batch(32, 48, "lbfgs", 30, free, 3) == 3  # capped
+    assert memory.auto_batch(32, 48, "lbfgs", 30, 1, 64) == 1  # not even one fits: 1 (the oom check says so)
+    assert memory.auto_batch(32, 48, "lbfgs", 30, None, 64) == 1  # unknown free memory
+
+
+def test_batch_auto_on_a_cpu_is_one_and_on_cuda_what_fits_resolved_once_per_shape(tmp_path):
+    s = _settings(tmp_path, 5, steps=4, batch="auto")
+    assert resolve(s, "cpu").auto_batch_max == 1 and resolve(s, "cuda").auto_batch_max == 64
+    cpu = file_engine(s, free_memory=lambda device: 1 << 40)
+    assert cpu.batch_size(_jobs(cpu, ["p0"])[0]) == 1
+
+    one = memory.need(32, 48, 1, "lbfgs", s.steps).bytes - memory.CONSTANT_BYTES
+    asked: list[int] = []
+
+    def free(device):
+        asked.append(1)
+        return int((memory.CONSTANT_BYTES + 2.5 * one) / memory.AUTO_SHARE)  # room for 2 photos at 48x32
+
+    from nst_batch.files.stage import StyleImages
+
+    batches: list[int] = []
+
+    class Counted(Engine):
+        def _batch(self, jobs, on_log):
+            batches.append(len(jobs))
+            return super()._batch(jobs, on_log)
+
+    gpu = Counted(s, torch.device("cpu"), resolve(s, "cuda"), free_memory=free, style_pixels=StyleImages(s.max_megapixels))
+    made = gpu.make(_jobs(gpu, ["p0", "p1", "p2", "p3", "p4"]))
+    assert all(m.ok for m in made), [m.error for m in made]
+    assert batches == [2, 2, 1]
+    assert gpu._auto_batch == {(32, 48, "lbfgs", 4): 2}
+    calls = len(asked)
+    gpu.make(_jobs(gpu, ["p0", "p1"]))
+    assert batches[-1] == 2 and len(asked) == calls + 1  # the oom check asks again; auto was kept
+
+
+def test_batch_accepts_auto_and_an_integer_only():
+    from nst_batch.config.settings import check
+    from nst_batch.errors import ConfigError
+
+    assert check("batch", "auto", "x") == "auto" and check("batch", 8, "x") == 8
+    for bad in (0, 257, "many", 2.0, True):
+        with pytest.raises(ConfigError, match="batch"):
+            check("batch", bad, "x")
+    assert Settings(batch="auto").most_per_batch() == 64 and Settings(batch=3).most_per_batch() == 3
