@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The batched, per-image L-BFGS (nst_batch/lbfgs.py) against today's optimize_scale (torch.optim.LBFGS,
-strong-Wolfe, history 100), on the same objective and the same number of evaluations. By hand, from the
-repository root:
+"""The engine's L-BFGS (optimize.optimize_scale on core/lbfgs.py: per image, one evaluation an iteration,
+history 10) against the previous one (torch.optim.LBFGS, strong-Wolfe, history 100, on the loss over its
+first value and on x / k, as optimize.py ran it before ENGINE_VERSION 4; reproduced here as `run_old`), on
+the same objective and the same number of evaluations. By hand, from the repository root:
 
     python3 -m benchmarks.bench_lbfgs --size 128 --steps 100 --pairs 5           # loss per evaluation
     python3 -m benchmarks.bench_lbfgs --recovery                                  # tutorial preset weights
@@ -23,35 +24,34 @@ from pathlib import Path
 
 import torch
 
-from nst_batch import images, lbfgs, losses
-from nst_batch.engine import Engine, to_tensor
-from nst_batch.manifest import Settings
-from nst_batch.optimize import OptimConfig, optimize_scale
-from nst_batch.plan import file_hash
-from nst_batch.vgg import resize
+from nst_batch.config.manifest import Settings
+from nst_batch.core import lbfgs, losses
+from nst_batch.core.engine import Engine
+from nst_batch.core.optimize import OptimConfig, optimize_scale
+from nst_batch.core.vgg import resize
+from nst_batch.files.decode import discover, load_rgb, to_tensor
+from nst_batch.files.hashing import file_hash
+from nst_batch.run.jobs import file_engine, file_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "images"
 
 
 def objective(engine: Engine, content: torch.Tensor, style: Path, size: int):
-    """fn(x) -> per-image totals (B,), and the LossTerms evaluate optimize_scale wants."""
+    """The LossTerms evaluate optimize_scale wants, for these photos and this style."""
     obj, net = engine.objective, engine.net
     with torch.no_grad():
         c_tgt = losses.content_targets(obj, net(content, frozenset(obj.content_layers)))
-    s_tgt = engine.style_targets(style, file_hash(style), size)
+    key = file_hash(style)
+    engine.style_pixels.add(key, style)
+    s_tgt = engine.style_targets(key, size)
 
     def terms(x: torch.Tensor) -> losses.LossTerms:
         return losses.compute(obj, net(x, obj.layers), x, c_tgt, s_tgt)
-    return (lambda x: terms(x).total), terms
+    return terms
 
 
-def run_old(content: torch.Tensor, terms, steps: int) -> list[float]:
-    """Best-so-far summed loss after each evaluation of optimize_scale (torch LBFGS)."""
-    cfg = OptimConfig(steps=steps, optimizer="lbfgs", lr=0.0, scales=(1.0,), init="content", seed=0, log_every=1,
-                      stop_window=0, stop_tolerance=0.0, autocast_dtype=None, channels_last=False)
-    seen: list[float] = []
-    optimize_scale(content, terms, cfg, lambda t, step: seen.append(float(t.total.detach().sum())))
+def _best_so_far(seen: list[float]) -> list[float]:
     best, out = float("inf"), []
     for v in seen:
         best = min(best, v) if v == v else best
@@ -59,11 +59,52 @@ def run_old(content: torch.Tensor, terms, steps: int) -> list[float]:
     return out
 
 
-def run_new(content: torch.Tensor, fn, steps: int, history: int) -> list[float]:
-    """Best-so-far summed loss after each evaluation of lbfgs.minimize."""
-    r = lbfgs.minimize(content, lbfgs.value_and_grad(fn), steps, history=history)
-    per_eval = r.losses.sum(1).tolist()
-    return torch.tensor(per_eval).cummin(0).values.tolist()
+def run_old(content: torch.Tensor, terms, steps: int) -> list[float]:
+    """Best-so-far summed loss after each evaluation of the previous optimiser: torch.optim.LBFGS (history
+    100, strong Wolfe) on v = x / k (its first step then moves a value by 1%), on the loss over its first
+    value, clamped into the box before each evaluation, as optimize.py ran it for ENGINE_VERSION 3."""
+    k = 0.01 * content.numel()
+    v = content.div(k).contiguous().requires_grad_(True)
+    opt = torch.optim.LBFGS([v], lr=1.0, max_iter=steps + 1, max_eval=steps + 1, tolerance_grad=0.0,
+                            history_size=100, line_search_fn="strong_wolfe")
+    seen: list[float] = []
+    unit: list[float] = []
+
+    class Done(Exception):
+        pass
+
+    def closure():
+        if len(seen) >= steps:
+            raise Done
+        with torch.no_grad():
+            v.clamp_(0, 1 / k)
+        opt.zero_grad(set_to_none=True)
+        loss = terms(v * k).total.sum()
+        seen.append(float(loss.detach()))
+        unit.append(unit[0] if unit else (seen[0] if seen[0] > 0 else 1.0))
+        scaled = loss / unit[0]
+        scaled.backward()
+        return scaled
+
+    try:
+        opt.step(closure)
+    except Done:
+        pass
+    return _best_so_far(seen)
+
+
+def run_new(content: torch.Tensor, terms, steps: int, history: int) -> list[float]:
+    """Best-so-far summed loss after each evaluation of optimize_scale (the engine's L-BFGS)."""
+    cfg = OptimConfig(steps=steps, optimizer="lbfgs", lr=0.0, scales=(1.0,), init="content", seed=0, log_every=1,
+                      stop_window=0, stop_tolerance=0.0, autocast_dtype=None, channels_last=False)
+    seen: list[float] = []
+    keep = lbfgs.HISTORY
+    lbfgs.HISTORY = history  # optimize_scale allocates min(HISTORY, steps - 1) pairs
+    try:
+        optimize_scale(content, terms, cfg, lambda values, step: seen.append(sum(v[3] for v in values)))
+    finally:
+        lbfgs.HISTORY = keep
+    return _best_so_far(seen)
 
 
 def at(curve: list[float], k: int) -> float:
@@ -71,20 +112,20 @@ def at(curve: list[float], k: int) -> float:
 
 
 def compare(a, settings: Settings) -> None:
-    engine = Engine(settings)
-    contents = images.discover(SHARED / "content")
-    styles = images.discover(SHARED / "styles")
+    engine = file_engine(settings)
+    contents = discover(SHARED / "content")
+    styles = discover(SHARED / "styles")
     pairs = [(contents[i % len(contents)], styles[(i + a.offset) % len(styles)]) for i in range(a.pairs)]
     marks = [k for k in (10, 25, 50, 100, 200) if k < a.steps] + [a.steps]
     print(f"layers {settings.layers}, {a.size} px, {a.steps} evaluations, history {a.history}, shrink {lbfgs.SHRINK}, "
           f"armijo {lbfgs.ARMIJO}; normalised best loss at evaluation " + ", ".join(map(str, marks)))
     ratios = []
     for c, s in pairs:
-        x0 = to_tensor(images.load_rgb(c), a.size).contiguous()
-        fn, terms = objective(engine, x0, s, a.size)
+        x0 = to_tensor(load_rgb(c), a.size).contiguous()
+        terms = objective(engine, x0, s, a.size)
         name = f"{s.stem[:18]} x {c.stem[:18]}"
         t0 = time.perf_counter()
-        new = run_new(x0, fn, a.steps, a.history)
+        new = run_new(x0, terms, a.steps, a.history)
         t_new = time.perf_counter() - t0
         line = f"{name:<40} new " + " ".join(f"{at(new, k):.4f}" for k in marks) + f" ({t_new:.0f} s)"
         if not a.new_only:
@@ -100,34 +141,32 @@ def compare(a, settings: Settings) -> None:
 
 
 def batch(a, settings: Settings) -> None:
-    """B same-shape photos (crops of the shared photos, resized alike) with one style: one batch vs one by one."""
-    engine = Engine(settings)
-    contents = images.discover(SHARED / "content")
-    style = images.discover(SHARED / "styles")[a.offset]
+    """B same-shape photos (4:3 crops of the shared photos, resized alike) with one style, through Engine.make:
+    one batch of B (batch: B) vs one by one (batch: 1). Wall ratio, and how far each image moved."""
+    contents = discover(SHARED / "content")
+    style = discover(SHARED / "styles")[a.offset]
     h, w = a.size * 3 // 4, a.size
     crops = []
     for i in range(a.batch):
-        full = to_tensor(images.load_rgb(contents[i % len(contents)]), 2 * a.size)
+        full = to_tensor(load_rgb(contents[i % len(contents)]), 2 * a.size)
         H, W = full.shape[-2:]
         ch, cw = min(H, W * 3 // 4), min(W, H * 4 // 3)  # a 4:3 crop, left or right
         left = 0 if i // len(contents) % 2 == 0 else W - cw
         crops.append(resize(full[..., (H - ch) // 2:(H - ch) // 2 + ch, left:left + cw], h, w).clamp(0, 1))
-    x0 = torch.cat(crops).contiguous()
-    fn, _ = objective(engine, x0, style, a.size)
-    ev = lbfgs.value_and_grad(fn)
-    t0 = time.perf_counter()
-    together = lbfgs.minimize(x0, ev, a.steps, history=a.history)
-    t_batch = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    alone = [lbfgs.minimize(x0[i:i + 1], lbfgs.value_and_grad(objective(engine, x0[i:i + 1], style, a.size)[0]),
-                            a.steps, history=a.history) for i in range(a.batch)]
-    t_solo = time.perf_counter() - t0
-    diff = [(together.images[i] - alone[i].images[0]).abs().max().item() * 255 for i in range(a.batch)]
-    fin = [float(together.losses[:, i].min() / together.losses[0, i]) for i in range(a.batch)]
-    print(f"{a.batch} photos {w}x{h}, {style.stem}, {a.steps} evaluations: batch {t_batch:.1f} s, one by one "
-          f"{t_solo:.1f} s, batch/solo {t_batch / t_solo:.2f}")
+    s = settings.replace(scales=(1.0,), stop_window=0, log_every=a.steps)
+    made, secs = {}, {}
+    for n in (a.batch, 1):
+        engine = file_engine(s.replace(batch=n))
+        jobs = [file_job(engine, Path(f"crop{i}"), style, content=f"crop{i}", photo=c) for i, c in enumerate(crops)]
+        t0 = time.perf_counter()
+        made[n] = engine.make(jobs)
+        secs[n] = time.perf_counter() - t0
+    diff = [float((x.image - y.image).abs().max()) * 255 for x, y in zip(made[a.batch], made[1])]
+    fin = [m.final.total / m.start.total for m in made[a.batch]]
+    print(f"{a.batch} photos {w}x{h}, {style.stem}, {a.steps} evaluations, Engine.make: batch {secs[a.batch]:.1f} s, "
+          f"one by one {secs[1]:.1f} s, batch/solo {secs[a.batch] / secs[1]:.2f}")
     print("max |batch - solo| per image, in 1/255: " + " ".join(f"{d:.3g}" for d in diff))
-    print("normalised final loss per image: " + " ".join(f"{v:.3f}" for v in fin))
+    print("final / start loss per image: " + " ".join(f"{v:.3f}" for v in fin))
 
 
 def main() -> None:
