@@ -169,6 +169,38 @@ def batch(a, settings: Settings) -> None:
     print("final / start loss per image: " + " ".join(f"{v:.3f}" for v in fin))
 
 
+def host_reads(a, settings: Settings) -> None:
+    """Host reads (Tensor.item, __float__, __bool__, tolist, cpu, numpy, __int__) per evaluation over one whole
+    Engine.make of pair 0, with the run's scales (auto) and log_every: each would make a GPU wait."""
+    contents, styles = discover(SHARED / "content"), discover(SHARED / "styles")
+    engine = file_engine(settings)
+    job = file_job(engine, contents[0], styles[a.offset])
+    evaluations = [0]
+    net = engine.net
+
+    def counting(x, wanted):
+        evaluations[0] += int(torch.is_grad_enabled() and x.requires_grad)
+        return net(x, wanted)
+    engine.net = counting
+    count = [0]
+    saved = {}
+    for name in ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy"):
+        saved[name] = orig = getattr(torch.Tensor, name)
+
+        def counted(*args, _orig=orig, **kw):
+            count[0] += 1
+            return _orig(*args, **kw)
+        setattr(torch.Tensor, name, counted)
+    try:
+        (m,) = engine.make([job])
+    finally:
+        for name, orig in saved.items():
+            setattr(torch.Tensor, name, orig)
+    print(f"{job.style[:18]} x {job.content[:18]}, {a.size} px, scales {engine.settings.scales}, {a.steps} steps a "
+          f"scale, log_every {settings.log_every}: {evaluations[0]} evaluations, {count[0]} host reads, "
+          f"{count[0] / evaluations[0]:.3f} per evaluation; final/start {m.final.total / m.start.total:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=128)
@@ -178,6 +210,7 @@ def main() -> None:
     ap.add_argument("--recovery", action="store_true", help="layers tutorial (weights 1 / 1e6, Caffe VGG)")
     ap.add_argument("--batch", type=int, default=0, help="B photos in one batch vs one by one")
     ap.add_argument("--new-only", action="store_true")
+    ap.add_argument("--host-reads", action="store_true", help="host reads per evaluation over one Engine.make")
     ap.add_argument("--history", type=int, default=lbfgs.HISTORY)
     ap.add_argument("--shrink", type=float, default=lbfgs.SHRINK)
     ap.add_argument("--armijo", type=float, default=lbfgs.ARMIJO)
@@ -188,7 +221,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     settings = Settings(content=SHARED / "content", styles=SHARED / "styles", out=Path("/tmp/nst-bench-lbfgs"),
                         size=a.size, steps=a.steps, layers="tutorial" if a.recovery else "gatys", device="cpu")
-    if a.batch:
+    if a.host_reads:
+        host_reads(a, settings.replace(scales="auto", log_every=10))
+    elif a.batch:
         batch(a, settings)
     else:
         compare(a, settings)
