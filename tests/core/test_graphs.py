@@ -115,3 +115,35 @@ def test_a_failed_capture_is_noted_once_and_the_run_goes_on_eagerly(settings, mo
     assert notes == ["CUDA graph capture failed (RuntimeError: operation not permitted when stream is capturing); "
                      "running without graphs"]
     _same(first, _make(_engine(settings, False)))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (benchmarks/gpu.sh's machine)")
+def test_on_cuda_chunks_are_captured_replayed_and_read_nothing_on_the_host(settings, monkeypatch):
+    """The real thing: a graph a scale, no host read inside a chunk (sync debug mode 'error' turns one into an
+    error, which would fail the pairs), and the images of an eager engine within rounding."""
+    from nst_batch.core import lbfgs
+
+    run_chunk = lbfgs.run_chunk
+
+    def strict(*args, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run_chunk(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    monkeypatch.setattr(lbfgs, "run_chunk", strict)
+    s = settings.replace(device="cuda", precision="fp32")
+
+    def engine(graphs_on: bool) -> Engine:
+        config = dataclasses.replace(resolve(s, "cuda"), cuda_graphs=graphs_on)
+        return Engine(s, torch.device("cuda"), config, style_pixels=StyleImages(s.max_megapixels))
+
+    graphed_engine = engine(True)
+    notes: list[str] = []
+    graphed = _make(graphed_engine, notes)
+    assert notes == [] and graphed_engine.chunks.captures == 2 and not graphed_engine.chunks.broken
+    eager = _make(engine(False))
+    for x, y in zip(graphed, eager):
+        assert (x.image - y.image).abs().max() * 255 <= 2
+        assert x.final.total == pytest.approx(y.final.total, rel=1e-2)
