@@ -52,7 +52,7 @@ class DeviceConfig:
     settings: Settings  # precision resolved to fp32 or bf16, scales to a list: what the plan's recipe records
     optim: OptimConfig  # including bf16 autocast and channels_last
     cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
-    # L-BFGS's chunks replayed as CUDA graphs (core/graphs.py): on for CUDA, where the host's kernel launches
+    # L-BFGS's chunks replayed as CUDA graphs (optimize.GraphChunks): on for CUDA, where the host's kernel launches
     # left an H200 97% idle; never captured on another device, whatever this says (a test builds it on a CPU).
     cuda_graphs: bool = False
     # The most photos `batch: auto` puts in one batch (as memory allows, Engine.batch_size): a GPU fills up

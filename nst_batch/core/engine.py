@@ -24,13 +24,13 @@ from typing import Callable
 
 import torch
 
-from . import colors, graphs, losses, memory, network
+from . import colors, losses, memory, network
 from ..config.manifest import PER_STYLE_KEYS, Overrides, Settings
 from ..config.objective import MIN_SIDE, Objective, objective_from
 from ..errors import PairError
 from .device import DeviceConfig, optim_config, pick_device, resolve  # noqa: F401  (the engine's API)
 from .models import Models
-from .optimize import EagerChunks, LogRow, OptimConfig, Result, progress_error
+from .optimize import EagerChunks, GraphChunks, LogRow, OptimConfig, Result, progress_error
 from .pyramid import stylize
 from .targets import STYLE_CACHE, StylePixels, StyleTargets  # noqa: F401
 
@@ -136,7 +136,7 @@ class Engine:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
         self._on_note: Callable[[str], None] = lambda _: None  # the note of the make() in progress
         # How L-BFGS's chunks run: CUDA graphs where the config says so (they fall back to eager by themselves).
-        self.chunks = (graphs.GraphChunks(lambda msg: self._on_note(msg)) if config.cuda_graphs
+        self.chunks = (GraphChunks(lambda msg: self._on_note(msg)) if config.cuda_graphs
                        else EagerChunks())
         self.style_pixels = style_pixels or _no_styles  # the driver's, which also knows what decoding noted
         self.styles = StyleTargets(self.style_pixels, self._targets_of, self.device)

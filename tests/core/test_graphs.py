@@ -1,4 +1,4 @@
-"""CUDA graphs for L-BFGS's chunks (core/graphs.py), exercised on the CPU.
+"""CUDA graphs for L-BFGS's chunks (optimize.GraphChunks), exercised on the CPU.
 
 On a CPU nothing is captured and the results are those of eager chunks; a capture that fails is noted once
 and the engine goes on eagerly with the same results; and the warm-up / capture / replay bookkeeping, with
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nst_batch.config.manifest import Settings
-from nst_batch.core import graphs
+from nst_batch.core import optimize as graphs  # GraphChunks and its _capture
 from nst_batch.core.engine import Engine, resolve
 from nst_batch.core.optimize import EagerChunks
 from nst_batch.files.stage import StyleImages
