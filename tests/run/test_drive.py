@@ -263,3 +263,13 @@ def test_the_local_backend_claims_one_at_a_time_for_batch_auto_on_a_cpu(tmp_path
         backend.engine = SimpleNamespace(config=resolve(s, device))
         assert backend.most_per_call(s) == most
         assert backend.most_per_call(s.replace(batch=3)) == 3
+
+
+def test_the_ray_backend_claims_one_at_a_time_for_batch_auto_on_cpu_actors():
+    from nst_batch.run.ray import RayBackend
+
+    s = Settings(batch="auto")
+    for device_type, most in (("cpu", 1), ("cuda", 64)):
+        backend = RayBackend.__new__(RayBackend)  # most_per_call reads only the actors' device type
+        backend.device_type = device_type
+        assert backend.most_per_call(s) == most and backend.most_per_call(s.replace(batch=3)) == 3
