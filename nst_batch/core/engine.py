@@ -269,8 +269,9 @@ class Engine:
                 logs[i].append(logged_final)
                 if on_log:
                     on_log(job, logged_final)
-            one = Result(res.images[i:i + 1], [res.final[i]], res.steps, [res.start[i]])
-            made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], res.steps,
+            steps = res.each[i] if res.each else res.steps  # its own: it stopped on its own
+            one = Result(res.images[i:i + 1], [res.final[i]], steps, [res.start[i]])
+            made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], steps,
                              error=progress_error(one, setup.optim)))
         return made
 

@@ -52,8 +52,9 @@ class LogRow:
 class Result:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], on the CPU
     final: list[LogRow]  # one per image: the losses of the image as written
-    steps: int
+    steps: int  # the batch's (the most any image took)
     start: list[LogRow] = field(default_factory=list)  # one per image: the loss of doing nothing, at full size
+    each: list[int] = field(default_factory=list)  # steps per image (an image stops on its own); [] unknown
 
 
 Values = list[tuple[float, float, float, float]]  # per image: content, style, tv, total (host floats)
@@ -65,6 +66,7 @@ class ScaleResult:
     image: torch.Tensor  # the best image seen, per image of the batch, inside [0, 1]
     steps: int  # steps this scale took (L-BFGS: the most any image of the batch took before it stopped)
     last: Values | None  # the terms of its last step (None: no step ran)
+    each: list[int] = field(default_factory=list)  # steps per image: each stops on its own (L-BFGS)
 
 
 # L-BFGS iterations between two host reads. One read a chunk (the chunk's recorded loss terms, which images
@@ -272,7 +274,7 @@ def _lbfgs_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.
         if made >= cfg.steps or all(done):
             break
     runner.release()
-    return ScaleResult(st.best_x.view(st.shape), scale_steps, last)
+    return ScaleResult(st.best_x.view(st.shape), scale_steps, last, [int(k) for k in steps])
 
 
 def _adam_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.LossTerms], cfg: OptimConfig,
@@ -320,7 +322,8 @@ def _adam_scale(start: torch.Tensor, evaluate: Callable[[torch.Tensor], losses.L
                 v.clamp_(0, 1)
     except _Stop:
         pass
-    return ScaleResult(best_x, scale_steps, values_of(last[0]) if last[0] is not None else None)
+    return ScaleResult(best_x, scale_steps, values_of(last[0]) if last[0] is not None else None,
+                       [scale_steps] * start.shape[0])
 
 
 # A pair is recorded done only when its final loss is at least 0.5% below the loss of doing nothing

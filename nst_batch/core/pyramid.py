@@ -86,6 +86,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     steps_done = 0
+    each: list[int] = []  # steps per image, over all scales
     x: torch.Tensor | None = None
     first: torch.Tensor | None = None  # the first scale's starting image
     start_rows: list[LogRow] = []
@@ -133,6 +134,7 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
 
         scale = optimize_scale(start, evaluate, cfg, log, steps_done, runner)
         steps_done += scale.steps
+        each = [a + b for a, b in zip(each, scale.each)] if each else list(scale.each)
         x = scale.image
         if (h, w) != shapes[-1] and scale.steps % cfg.log_every and scale.last is not None:
             log(scale.last, steps_done)  # a coarse scale's last step; the caller logs the final one itself
@@ -144,4 +146,4 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     if not all(math.isfinite(r.total) for r in final):
         raise PairError("nonfinite", f"the final loss is {sum(r.total for r in final)}; "
                         "try lower weights or precision fp32")
-    return Result(x.detach().float().cpu().contiguous(), final, steps_done, start_rows)
+    return Result(x.detach().float().cpu().contiguous(), final, steps_done, start_rows, each)

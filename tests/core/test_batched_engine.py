@@ -64,6 +64,20 @@ def test_an_image_does_not_depend_on_its_batch_companions(tmp_path):
     assert first[0].final.total == pytest.approx(second[0].final.total, rel=1e-3)
 
 
+def test_each_image_stops_on_its_own_and_reports_its_own_steps(tmp_path):
+    """With the stop rule, each image of a batch stops when its own loss settles: p0 takes as many steps
+    (Made.steps) with p1 and p2 beside it as with p3 and p4, and the images within the batch stop apart."""
+    s = _settings(tmp_path, 5, batch=3, steps=60, stop_window=3, stop_tolerance=0.02, log_every=5)
+    engine = file_engine(s)
+    first = engine.make(_jobs(engine, ["p0", "p1", "p2"]))
+    second = engine.make(_jobs(engine, ["p0", "p3", "p4"]))
+    assert all(m.ok for m in first + second), [m.error for m in first + second]
+    steps = [m.steps for m in first + second]
+    assert first[0].steps == second[0].steps < 60, steps
+    assert len(set(steps)) > 1, steps  # not one count for the whole batch
+    assert (first[0].image - second[0].image).abs().max() * 255 <= 2
+
+
 class HostReads:
     """Counts every call that reads a tensor on the host (a GPU would wait for its queue at each)."""
 
