@@ -77,24 +77,21 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     the final losses come back in Result.final, and the losses of doing nothing (the starting image,
     measured at full size) in Result.start.
     `init` (B, 3, H, W): start from this image at full size instead (a network's output to refine): the
-    coarser scales are skipped; doing nothing is still measured on the photo itself.
-    `runner`: how L-BFGS's chunks run (optimize.optimize_scale).
-    """
+    coarser scales are skipped; doing nothing is still measured on the photo itself. `runner`: how
+    L-BFGS's chunks run (optimize.optimize_scale)."""
     t0 = time.perf_counter()
     device = content.device
     amp = torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype else nullcontext()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    steps_done = 0
-    each: list[int] = []  # steps per image, over all scales
+    steps_done, each = 0, []  # steps of the batch, and per image, over all scales
     x: torch.Tensor | None = None
     first: torch.Tensor | None = None  # the first scale's starting image
     start_rows: list[LogRow] = []
     H, W = content.shape[-2:]
 
     def rows_of(values: Values, px: int, step: int) -> list[LogRow]:
-        el = time.perf_counter() - t0
-        return [LogRow(step, px, *v, el) for v in values]
+        return [LogRow(step, px, *v, el) for el in [time.perf_counter() - t0] for v in values]  # one time a call
 
     shapes = scale_shapes(H, W, cfg.scales)
     if init is not None:
