@@ -12,7 +12,7 @@ does the same work per image). Per row: seconds, pairs/hour, ms per step, TFLOP/
 forward + input gradient) and its share of the card's bf16 peak, the mean final loss (the engine's own
 objective), and how many CUDA graphs were captured. A row `eager` turns the graphs off, to see them.
 
-On CUDA every chunk of L-BFGS iterations runs under torch.cuda.set_sync_debug_mode("error"): a host read
+On CUDA every chunk of L-BFGS iterations (lbfgs.run_chunk) runs under torch.cuda.set_sync_debug_mode("error"): a host read
 inside a chunk fails the row (its error is printed) instead of passing unseen.
 """
 
@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nst_batch.config.manifest import Settings  # noqa: E402
+from nst_batch.core import lbfgs  # noqa: E402
 from nst_batch.core.engine import Engine, resolve  # noqa: E402
 from nst_batch.core.vgg import flops_per_step, resize  # noqa: E402
 from nst_batch.files import decode  # noqa: E402
@@ -58,33 +59,25 @@ def photos(folder: Path, n: int, size: int) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-class StrictChunks:
-    """The engine's chunk runner with CUDA's sync debug mode at `error` inside each chunk."""
+def strict_chunks() -> None:
+    """Every chunk of L-BFGS iterations (lbfgs.run_chunk: eager, the warm-up, and what a graph captures) with
+    CUDA's sync debug mode at `error`: a host read inside one raises, and fails its row. Only the chunk:
+    torch.cuda.graph itself synchronises before a capture, on purpose."""
+    run_chunk = lbfgs.run_chunk
 
-    def __init__(self, inner):
-        self.inner = inner
-
-    def __call__(self, *args) -> None:
+    def strict(*args, **kw):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            self.inner(*args)
+            return run_chunk(*args, **kw)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-
-    def release(self) -> None:
-        self.inner.release()
-
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+    lbfgs.run_chunk = strict
 
 
-def engine_for(s: Settings, device: torch.device, graphs: bool, strict: bool) -> Engine:
+def engine_for(s: Settings, device: torch.device, graphs: bool) -> Engine:
     config = resolve(s, device.type, device.type == "cuda" and torch.cuda.is_bf16_supported())
     config = dataclasses.replace(config, cuda_graphs=graphs and device.type == "cuda")
-    engine = Engine(s, device, config, style_pixels=StyleImages(s.max_megapixels))
-    if strict and device.type == "cuda":
-        engine.chunks = StrictChunks(engine.chunks)
-    return engine
+    return Engine(s, device, config, style_pixels=StyleImages(s.max_megapixels))
 
 
 def _sync(device: torch.device) -> None:
@@ -107,11 +100,10 @@ def run_row(engine: Engine, pics, style: Path, batch: int, device: torch.device)
     h, w = pics[0][1].shape[-2:]
     steps = sum(m.steps for m in ok)
     flops = steps * flops_per_step(h, w, engine.objective.last_layer)
-    chunks = getattr(engine.chunks, "inner", engine.chunks)
     return dict(pairs=len(jobs), done=len(ok), seconds=secs, pairs_per_hour=3600 * len(ok) / secs if ok else 0.0,
                 ms_per_step=1000 * secs / max(1, steps // max(1, len(ok))), tflops=flops / secs / 1e12,
                 mean_final_loss=statistics.mean(m.final.total for m in ok) if ok else None,
-                captures=getattr(chunks, "captures", 0), notes=notes, errors=errors)
+                captures=getattr(engine.chunks, "captures", 0), notes=notes, errors=errors)
 
 
 def parse_batches(text: str) -> list[str]:
@@ -143,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(content=a.images / "content", styles=a.images / "styles", size=a.size, steps=a.steps,
                  scales=(1.0,), stop_window=0, device=str(device), log_every=max(10, a.steps))
     style = sorted(p for p in (a.images / "styles").iterdir() if p.suffix.lower() in (".jpg", ".png"))[0]
-    auto = engine_for(s.replace(batch="auto"), device, True, True)
+    if device.type == "cuda":
+        strict_chunks()
+    auto = engine_for(s.replace(batch="auto"), device, True)
     pics = photos(a.images / "content", 1, a.size)
     auto_n = auto.batch_size(file_job(auto, Path(pics[0][0]), style, content=pics[0][0], photo=pics[0][1]))
     wanted = [(b, int(b) if b != "auto" else auto_n, True) for b in parse_batches(a.batches)]
@@ -152,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
           f"{a.size} px ({pics[0][1].shape[-1]}x{pics[0][1].shape[-2]}), {a.steps} steps, style {style.name}, "
           f"batch auto = {auto_n}, bf16 peak {peak} TFLOP/s", flush=True)
-    warm = engine_for(s.replace(steps=2), device, False, False)  # model load and cuDNN's first search, untimed
+    warm = engine_for(s.replace(steps=2), device, False)  # model load and cuDNN's first search, untimed
     run_row(warm, pics, style, 1, device)
     rows, start, per_image_step = [], time.perf_counter(), None
     for label, n, graphs in wanted:
@@ -167,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**same, "batch": "auto"})
             print(f"batch auto ({n:2d}): the batch {same['batch']} row", flush=True)
             continue
-        engine = auto if (label == "auto" and graphs) else engine_for(s.replace(batch=n), device, graphs, True)
+        engine = auto if (label == "auto" and graphs) else engine_for(s.replace(batch=n), device, graphs)
         row = dict(batch=label, size=n, graphs=graphs, **run_row(engine, pics, style, n, device))
         if row["done"]:
             per_image_step = row["seconds"] / (n * a.steps)
