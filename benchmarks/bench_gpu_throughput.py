@@ -12,8 +12,9 @@ does the same work per image). Per row: seconds, pairs/hour, ms per step, TFLOP/
 forward + input gradient) and its share of the card's bf16 peak, the mean final loss (the engine's own
 objective), and how many CUDA graphs were captured. A row `eager` turns the graphs off, to see them.
 
-On CUDA every chunk of L-BFGS iterations (lbfgs.run_chunk) runs under torch.cuda.set_sync_debug_mode("error"): a host read
-inside a chunk fails the row (its error is printed) instead of passing unseen.
+On CUDA every chunk of L-BFGS iterations (lbfgs.run_chunk) runs under
+torch.cuda.set_sync_debug_mode("error"): a host read inside a chunk fails the row (its error is printed)
+instead of passing unseen.
 """
 
 from __future__ import annotations
