@@ -134,6 +134,11 @@ class Settings:
     batch: int | str = key(1, c.batch, in_recipe=False,
                            help="Optimise up to N photos of one style and shape together; auto: as many as "
                            f"fit in a GPU's memory (at most {AUTO_BATCH_MAX}; 1 on a CPU).")
+    # Photos of a style share a batch only when their working shapes are equal; buckets make nearly equal ones
+    # equal (Engine.shape_of). In the recipe when on: each such image is made at another shape and resized back.
+    bucket: int = key(0, c.integer(0, 256), in_recipe=True, unless=Unless(lambda s: not s.bucket, "unless 0"),
+                      help="Make each photo at its working size with both sides rounded to a multiple of N px, "
+                      "then resize it back, so photos of nearly one shape share a batch; 0: off.")
     lease_s: float = key(120.0, c.number(1), in_recipe=False,
                          help="Seconds a worker's claim on a pair lasts after its last heartbeat.")
     max_megapixels: float = key(100.0, c.number(0, strict=True), in_recipe=False,

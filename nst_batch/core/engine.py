@@ -32,6 +32,7 @@ from .device import DeviceConfig, optim_config, pick_device, resolve  # noqa: F4
 from .models import Models
 from .optimize import EagerChunks, GraphChunks, LogRow, OptimConfig, Result, progress_error
 from .pyramid import stylize
+from .vgg import resize
 from .targets import STYLE_CACHE, StylePixels, StyleTargets  # noqa: F401
 
 
@@ -198,7 +199,7 @@ class Engine:
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
-            key = (job.style_key, job.members, job.overrides, tuple(job.photo.shape[-2:]), job.method, job.model)
+            key = (job.style_key, job.members, job.overrides, self.shape_of(job), job.method, job.model)
             groups.setdefault(key, []).append(i)
         for group in groups.values():
             batch = self.batch_size(jobs[group[0]])
@@ -214,6 +215,14 @@ class Engine:
         assert all(m is not None for m in made)
         return made  # type: ignore[return-value]
 
+    def shape_of(self, job: Job) -> tuple[int, int]:
+        """The (H, W) `job` is optimised at: its photo's, or with `bucket: N` each side rounded to the nearest
+        multiple of N (at least N), so photos of nearly one shape share a batch; the image is resized back
+        to its photo's shape at the end (its loss rows are those of the bucket's shape)."""
+        h, w = (int(v) for v in job.photo.shape[-2:])
+        n = self.settings.bucket
+        return (h, w) if not n else (max(n, (h + n // 2) // n * n), max(n, (w + n // 2) // n * n))  # halves up
+
     def batch_size(self, job: Job) -> int:
         """How many jobs like `job` (its style, working shape and steps) one batch holds: `batch`, or for auto
         as many as the memory model fits in the device's free memory (memory.auto_batch, at most
@@ -221,7 +230,7 @@ class Engine:
         if self.settings.batch != "auto":
             return int(self.settings.batch)
         cfg = self.optim_for(job)
-        key = (*job.photo.shape[-2:], cfg.optimizer, cfg.steps)
+        key = (*self.shape_of(job), cfg.optimizer, cfg.steps)
         if key not in self._auto_batch:
             most = self.config.auto_batch_max
             free = self.free_memory(self.device) if most > 1 else None
@@ -230,7 +239,8 @@ class Engine:
 
     def _batch(self, jobs: list[Job], on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""
-        content = torch.cat([j.photo for j in jobs]).to(self.device)
+        shape = self.shape_of(jobs[0])
+        content = torch.cat([resize(j.photo, *shape).clamp(0, 1) for j in jobs]).to(self.device)
         job = jobs[0]
         setup = self.setup(job.overrides)
         full_long = max(content.shape[-2:])
@@ -270,7 +280,10 @@ class Engine:
                 if on_log:
                     on_log(job, logged_final)
             steps = res.each[i] if res.each else res.steps  # its own: it stopped on its own
-            one = Result(res.images[i:i + 1], [res.final[i]], steps, [res.start[i]])
+            image = res.images[i:i + 1]
+            if image.shape[-2:] != job.photo.shape[-2:]:  # made at its bucket's shape (shape_of)
+                image = resize(image, *job.photo.shape[-2:]).clamp(0, 1)
+            one = Result(image, [res.final[i]], steps, [res.start[i]])
             made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], steps,
                              error=progress_error(one, setup.optim)))
         return made
@@ -326,7 +339,7 @@ class Engine:
         out-of-memory error does the same: a batch is split, a single job fails. Never made smaller instead:
         an image marked done must be the size its recipe says."""
         size = self.settings.size
-        h, w = jobs[0].photo.shape[-2:]
+        h, w = self.shape_of(jobs[0])
         free = self.free_memory(self.device)
         cfg = self.optim_for(jobs[0])  # the batch's own steps (one style, one method): L-BFGS's history grows with them
         predicted = memory.need(h, w, len(jobs), cfg.optimizer, cfg.steps)

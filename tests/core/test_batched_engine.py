@@ -8,6 +8,7 @@ the memory model counts m = 10 curvature pairs, not 100.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,50 @@ def test_batch_accepts_auto_and_an_integer_only():
         with pytest.raises(ConfigError, match="batch"):
             check("batch", bad, "x")
     assert Settings(batch="auto").most_per_batch() == 64 and Settings(batch=3).most_per_batch() == 3
+
+
+# -- bucket: photos of nearly one shape share a batch ----------------------------------------------------------
+
+
+def test_bucket_puts_nearly_equal_shapes_in_one_batch_and_gives_each_its_own_shape_back(tmp_path):
+    s = _settings(tmp_path, 2, steps=6, batch=4)
+    make_image(s.content / "short.png", 48, 30, 40)  # 48x30 beside the 48x32 ones
+    batches: list[list[tuple[int, int]]] = []
+
+    class Counted(Engine):
+        def _batch(self, jobs, on_log):
+            batches.append([tuple(j.photo.shape[-2:]) for j in jobs])
+            return super()._batch(jobs, on_log)
+
+    from nst_batch.files.stage import StyleImages
+
+    for bucket, expected in ((0, 2), (8, 1)):
+        batches.clear()
+        t = s.replace(bucket=bucket)
+        engine = Counted(t, style_pixels=StyleImages(t.max_megapixels))
+        made = engine.make(_jobs(engine, ["p0", "short", "p1"]))
+        assert all(m.ok for m in made), [m.error for m in made]
+        assert len(batches) == expected, batches
+        assert [tuple(m.image.shape[-2:]) for m in made] == [(32, 48), (30, 48), (32, 48)]  # each its own shape
+        assert engine.shape_of(_jobs(engine, ["short"])[0]) == ((32, 48) if bucket else (30, 48))
+        if not bucket:
+            plain = made
+    assert not torch.equal(made[1].image, plain[1].image)  # 48x30 was made at 48x32, then resized back
+    for i in (0, 2):  # 48x32 is its own bucket: the same images, whatever shared their batch
+        assert (made[i].image - plain[i].image).abs().max() * 255 <= 2
+
+
+def test_bucket_rounds_each_side_to_the_nearest_multiple_halves_up(tmp_path):
+    s = _settings(tmp_path, 1, bucket=32)
+    engine = file_engine(s)
+    job = _jobs(engine, ["p0"])[0]
+    shapes = {}
+    for h, w in ((341, 512), (336, 512), (335, 512), (12, 20)):
+        shapes[(h, w)] = engine.shape_of(dataclasses.replace(job, photo=torch.zeros(1, 3, h, w)))
+    assert shapes == {(341, 512): (352, 512), (336, 512): (352, 512), (335, 512): (320, 512), (12, 20): (32, 32)}
+
+
+def test_bucket_is_in_the_recipe_only_when_on():
+    from nst_batch.batch.plan import recipe_settings
+
+    assert "bucket" not in recipe_settings(Settings()) and recipe_settings(Settings(bucket=32))["bucket"] == 32
