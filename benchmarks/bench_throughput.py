@@ -261,7 +261,7 @@ def run_nst(cfg: NstConfig, pair: Pair, ev: TutorialEvaluator, device: torch.dev
         _sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         res = stylize(engine.net, obj, content, lambda h, w: _targets(engine, pair, h, w, device), cfg.optim,
-                      on_log=lambda r: rows.append(r[0]))
+                      on_log=lambda r: rows.append(r[0]), runner=engine.chunks)
         _sync(device)
         secs, cpu = time.perf_counter() - t0, time.process_time() - c0
     loss = ev(res.images[:1])

@@ -16,6 +16,14 @@
 # Every part has its own time limit, so a slow part cannot eat the next one's budget.
 # PARTS="1024 network memory cli" runs only those parts (names: 512 compile 1024 network memory cli),
 # for a second look inside a short lease.
+#
+#     PARTS=throughput bash benchmarks/gpu.sh     # its own lease: at most ~9.5 minutes, not in the default set
+#
+# It first runs tests/core/test_graphs.py on the card (the CUDA-graph test the CPU skips), then:
+# throughput: pairs/hour through Engine.make at 512 px (3:2 photos, 300 steps, one scale) for batch 1, 8,
+# 32, 64 and auto, with CUDA graphs (and batch 1 and 8 without), each with its mean final loss and its share
+# of the card's bf16 peak; every L-BFGS chunk under torch.cuda.set_sync_debug_mode("error")
+# (benchmarks/bench_gpu_throughput.py). A row predicted to end past 360 s is skipped and says so.
 # Images: $IMAGES, else ../shared/images, else the repository's bundled data/ (3 contents x 3 styles).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +56,17 @@ bench() {  # bench LIMIT_S NAME ARGS...: one part, output to the terminal and to
 }
 
 want() { [ -z "${PARTS:-}" ] || [[ " $PARTS " == *" $1 "* ]]; }
+asked() { [[ " ${PARTS:-} " == *" $1 "* ]]; }  # a part run only when PARTS names it
 start=$SECONDS
+if asked throughput; then
+    echo "== graphs test (limit 90s): captured, replayed, no host read inside a chunk, eager's images =="
+    timeout 90 "$py" -m pytest -q -p no:cacheprovider tests/core/test_graphs.py 2>&1 | tee "$out/graphs_test.txt"
+    echo "== throughput (limit 480s) =="
+    timeout 480 "$py" benchmarks/bench_gpu_throughput.py --device cuda --images "$images" --size 512 --steps 300 \
+        --batches 1,8,32,64,auto --eager 1,8 --budget-s 360 --json "$out/throughput.json" 2>&1 \
+        | tee "$out/throughput.txt"
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "== throughput: stopped at its 480s limit ==" | tee -a "$out/throughput.txt"
+fi
 want 512 && bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \
     --config "bf16:precision=bf16;steps=300;scales=[1.0];stop_window=0" \

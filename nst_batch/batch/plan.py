@@ -86,9 +86,11 @@ def _unique(names: dict[Any, str]) -> dict[Any, str]:
 
 
 # Bump when a code change alters the pixels the same settings produce, so finished folders are redone.
-ENGINE_VERSION = 3  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump;
+ENGINE_VERSION = 4  # 2: stop rule on every step, steps: 1 is one evaluation, L-BFGS recovers from a jump;
 # 3: L-BFGS's first step moves pixels by 1% (it was invisible to a bf16 forward); inputs with an ICC
 #    profile converted to sRGB, outputs carry the sRGB profile and the photo's EXIF
+# 4: the optimiser changed: L-BFGS is core/lbfgs.py (each image its own history of 10 pairs, step and
+#    stop rule; no line search), not torch's on a batch's summed loss; folders made earlier are redone once
 
 
 _CONDITIONAL = {k for k, s in SETTINGS.items() if s.in_recipe and s.unless}

@@ -58,6 +58,15 @@ def integer(lo: int | None = None, hi: int | None = None) -> Checker:
     return lambda n, v, source: _int(n, v, source, lo, hi)
 
 
+def batch(n: str, v: Any, source: str) -> int | str:
+    """auto, or an int in [1, 256]."""
+    if v == "auto":
+        return v
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise fail(n, f"must be auto or an integer between 1 and 256, got {v!r}", source)
+    return _int(n, v, source, 1, 256)
+
+
 def number(lo: float | None = None, strict: bool = False, optional: bool = False) -> Checker:
     """A float >= lo (> lo when strict); None too when optional; '1e6' as YAML 1.1 leaves it is a number."""
     return lambda n, v, source: _float(n, v, source, lo, allow_none=optional, strict=strict)

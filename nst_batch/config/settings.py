@@ -18,6 +18,8 @@ from .checks import Checker, fail
 from .objective import GATYS, MIN_SIDE, Layers
 
 WEIGHT_SOURCES = ("vgg19-caffe", "torchvision")
+# `batch: auto`'s most photos in one batch (and the most a driver claims at once for it).
+AUTO_BATCH_MAX = 64
 
 
 class Unless(NamedTuple):
@@ -126,7 +128,17 @@ class Settings:
     precision: str = key("auto", c.choice("auto", "fp32", "bf16"), in_recipe=True,
                          help="auto (bf16 VGG forward on CUDA), fp32 or bf16.")
     compile: bool = key(False, c.boolean, in_recipe=False, help="torch.compile the VGG forward.")
-    batch: int = key(1, c.integer(1, 256), in_recipe=True, help="Optimise up to N photos of one style together.")
+    # Not in the recipe: each image of a batch is optimised on its own (core/lbfgs.py), so a batch changes no
+    # image beyond the rounding of a batched convolution (bitwise equal at 128 px, benchmarks/lbfgs-results.md),
+    # and workers with different cards may then share a folder with `auto`.
+    batch: int | str = key(1, c.batch, in_recipe=False,
+                           help="Optimise up to N photos of one style and shape together; auto: as many as "
+                           f"fit in a GPU's memory (at most {AUTO_BATCH_MAX}; 1 on a CPU).")
+    # Photos of a style share a batch only when their working shapes are equal; buckets make nearly equal ones
+    # equal (Engine.shape_of). In the recipe when on: each such image is made at another shape and resized back.
+    bucket: int = key(0, c.integer(0, 256), in_recipe=True, unless=Unless(lambda s: not s.bucket, "unless 0"),
+                      help="Make each photo at its working size with both sides rounded to a multiple of N px, "
+                      "then resize it back, so photos of nearly one shape share a batch; 0: off.")
     lease_s: float = key(120.0, c.number(1), in_recipe=False,
                          help="Seconds a worker's claim on a pair lasts after its last heartbeat.")
     max_megapixels: float = key(100.0, c.number(0, strict=True), in_recipe=False,
@@ -168,6 +180,11 @@ class Settings:
         if isinstance(self.style_size, float):
             return max(MIN_SIDE, round(self.style_size * size))
         return self.style_size
+
+    def most_per_batch(self) -> int:
+        """The most pairs one batch may hold: `batch`, or for auto AUTO_BATCH_MAX (the engine decides how
+        many of them fit, per shape)."""
+        return AUTO_BATCH_MAX if self.batch == "auto" else int(self.batch)
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)

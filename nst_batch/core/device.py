@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config.manifest import Settings
+from ..config.settings import AUTO_BATCH_MAX
 from ..errors import ConfigError
 from .optimize import OptimConfig
 from .pyramid import auto_scales
@@ -51,6 +52,12 @@ class DeviceConfig:
     settings: Settings  # precision resolved to fp32 or bf16, scales to a list: what the plan's recipe records
     optim: OptimConfig  # including bf16 autocast and channels_last
     cudnn_benchmark: bool  # applied on a CUDA device only (Engine.__init__)
+    # L-BFGS's chunks replayed as CUDA graphs (optimize.GraphChunks): on for CUDA, where the host's kernel launches
+    # left an H200 97% idle; never captured on another device, whatever this says (a test builds it on a CPU).
+    cuda_graphs: bool = False
+    # The most photos `batch: auto` puts in one batch (as memory allows, Engine.batch_size): a GPU fills up
+    # with them; on a CPU a batch of 8 took as long as 8 one by one (benchmarks/lbfgs-results.md), so 1.
+    auto_batch_max: int = 1
 
 
 def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -> DeviceConfig:
@@ -62,4 +69,5 @@ def resolve(settings: Settings, device_type: str, bf16_supported: bool = True) -
     scales = auto_scales(settings.size) if settings.scales == "auto" else settings.scales
     resolved = settings.replace(precision="bf16" if bf16 else "fp32", scales=scales)
     # The same few shapes repeat for hundreds of steps: let cuDNN pick the fastest kernels once.
-    return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda)
+    return DeviceConfig(resolved, optim_config(resolved, channels_last=cuda), cudnn_benchmark=cuda, cuda_graphs=cuda,
+                        auto_batch_max=AUTO_BATCH_MAX if cuda else 1)

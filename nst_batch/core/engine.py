@@ -30,8 +30,9 @@ from ..config.objective import MIN_SIDE, Objective, objective_from
 from ..errors import PairError
 from .device import DeviceConfig, optim_config, pick_device, resolve  # noqa: F401  (the engine's API)
 from .models import Models
-from .optimize import LogRow, OptimConfig, Result, progress_error
+from .optimize import EagerChunks, GraphChunks, LogRow, OptimConfig, Result, progress_error
 from .pyramid import stylize
+from .vgg import resize
 from .targets import STYLE_CACHE, StylePixels, StyleTargets  # noqa: F401
 
 
@@ -134,10 +135,15 @@ class Engine:
             self.net = self.net.to(memory_format=torch.channels_last)
         if s.compile:
             self.net.forward = torch.compile(self.net.forward, dynamic=False)
+        self._on_note: Callable[[str], None] = lambda _: None  # the note of the make() in progress
+        # How L-BFGS's chunks run: CUDA graphs where the config says so (they fall back to eager by themselves).
+        self.chunks = (GraphChunks(lambda msg: self._on_note(msg)) if config.cuda_graphs
+                       else EagerChunks())
         self.style_pixels = style_pixels or _no_styles  # the driver's, which also knows what decoding noted
         self.styles = StyleTargets(self.style_pixels, self._targets_of, self.device)
         self.models = Models(self.device)
         self.style_passes = 0  # forward passes spent on style targets: the cache test counts them
+        self._auto_batch: dict[tuple, int] = {}  # batch: auto, per (height, width, optimizer, steps)
         self._setups: dict[Overrides, Setup] = {(): Setup(s, self.objective, self.optim)}
         self._objectives: dict[Objective, Objective] = {self.objective: self.objective}  # one per distinct weights
 
@@ -189,13 +195,14 @@ class Engine:
         every loss row as it is made (the rows are in Made.logs too); `on_note` hears what the
         out-of-memory policy did."""
         made: list[Made | None] = [None] * len(jobs)
+        self._on_note = on_note or (lambda _: None)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             # One batch shares a style (its targets) and its settings (objective, steps, style size).
-            key = (job.style_key, job.members, job.overrides, tuple(job.photo.shape[-2:]), job.method, job.model)
+            key = (job.style_key, job.members, job.overrides, self.shape_of(job), job.method, job.model)
             groups.setdefault(key, []).append(i)
-        batch = self.settings.batch
         for group in groups.values():
+            batch = self.batch_size(jobs[group[0]])
             for k in range(0, len(group), batch):
                 part = group[k:k + batch]
                 try:
@@ -208,9 +215,32 @@ class Engine:
         assert all(m is not None for m in made)
         return made  # type: ignore[return-value]
 
+    def shape_of(self, job: Job) -> tuple[int, int]:
+        """The (H, W) `job` is optimised at: its photo's, or with `bucket: N` each side rounded to the nearest
+        multiple of N (at least N), so photos of nearly one shape share a batch; the image is resized back
+        to its photo's shape at the end (its loss rows are those of the bucket's shape)."""
+        h, w = (int(v) for v in job.photo.shape[-2:])
+        n = self.settings.bucket
+        return (h, w) if not n else (max(n, (h + n // 2) // n * n), max(n, (w + n // 2) // n * n))  # halves up
+
+    def batch_size(self, job: Job) -> int:
+        """How many jobs like `job` (its style, working shape and steps) one batch holds: `batch`, or for auto
+        as many as the memory model fits in the device's free memory (memory.auto_batch, at most
+        DeviceConfig.auto_batch_max), decided the first time a shape is seen and kept."""
+        if self.settings.batch != "auto":
+            return int(self.settings.batch)
+        cfg = self.optim_for(job)
+        key = (*self.shape_of(job), cfg.optimizer, cfg.steps)
+        if key not in self._auto_batch:
+            most = self.config.auto_batch_max
+            free = self.free_memory(self.device) if most > 1 else None
+            self._auto_batch[key] = memory.auto_batch(key[0], key[1], cfg.optimizer, cfg.steps, free, most)
+        return self._auto_batch[key]
+
     def _batch(self, jobs: list[Job], on_log: OnLog | None) -> list[Made]:
         """Stylize jobs that share a style and a working shape in one batch tensor."""
-        content = torch.cat([j.photo for j in jobs]).to(self.device)
+        shape = self.shape_of(jobs[0])
+        content = torch.cat([resize(j.photo, *shape).clamp(0, 1) for j in jobs]).to(self.device)
         job = jobs[0]
         setup = self.setup(job.overrides)
         full_long = max(content.shape[-2:])
@@ -234,12 +264,13 @@ class Engine:
 
         if job.method == "network":  # one forward pass, then refine_steps at full size from it
             res = stylize(self.net, setup.objective, content, style_for, self.optim_for(job), logged,
-                          init=network.apply(self.models.get(self._model_key(job)), content))
+                          init=network.apply(self.models.get(self._model_key(job)), content), runner=self.chunks)
         else:
             # For `preserve` the optimiser works on the photo's luminance (grey RGB), and its losses (the loss
             # rows, the no_progress check) are those of that luminance objective; the photo's chroma is put
             # back at the end, at full size. pyramid.stylize itself never knows about colours.
-            res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged)
+            res = stylize(self.net, setup.objective, colors.for_content(content, mode), style_for, setup.optim, logged,
+                          runner=self.chunks)
             res.images = colors.finish(res.images, content.float().cpu(), mode)
         made = []
         for i, job in enumerate(jobs):
@@ -248,8 +279,12 @@ class Engine:
                 logs[i].append(logged_final)
                 if on_log:
                     on_log(job, logged_final)
-            one = Result(res.images[i:i + 1], [res.final[i]], res.steps, [res.start[i]])
-            made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], res.steps,
+            steps = res.each[i] if res.each else res.steps  # its own: it stopped on its own
+            image = res.images[i:i + 1]
+            if image.shape[-2:] != job.photo.shape[-2:]:  # made at its bucket's shape (shape_of)
+                image = resize(image, *job.photo.shape[-2:]).clamp(0, 1)
+            one = Result(image, [res.final[i]], steps, [res.start[i]])
+            made.append(Made(job, one.images, logs[i], res.final[i], res.start[i], steps,
                              error=progress_error(one, setup.optim)))
         return made
 
@@ -304,7 +339,7 @@ class Engine:
         out-of-memory error does the same: a batch is split, a single job fails. Never made smaller instead:
         an image marked done must be the size its recipe says."""
         size = self.settings.size
-        h, w = jobs[0].photo.shape[-2:]
+        h, w = self.shape_of(jobs[0])
         free = self.free_memory(self.device)
         cfg = self.optim_for(jobs[0])  # the batch's own steps (one style, one method): L-BFGS's history grows with them
         predicted = memory.need(h, w, len(jobs), cfg.optimizer, cfg.steps)

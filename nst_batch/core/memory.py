@@ -2,8 +2,8 @@
 
 A pair's peak is at its finest scale: VGG19's forward and backward up to the objective's last layer
 (activations kept for the gradient, at every layer's resolution: a fixed number of bytes per pixel of
-the image), the optimiser's state (L-BFGS keeps two image-sized vectors per step of history, up to
-100), and a constant. Measured on the CPU (benchmarks/bench_memory.py, docs/benchmarks.md "Print
+the image), the optimiser's state (core/lbfgs.py keeps two image-sized vectors per curvature pair, at
+most HISTORY = 10 pairs and one an iteration, and a few more per image), and a constant. Measured on the CPU (benchmarks/bench_memory.py, docs/benchmarks.md "Print
 sizes"); a GPU with bf16 autocast keeps some activations in half the bytes, so the fp32 figure
 over-predicts there, which errs on the side of running.
 
@@ -32,8 +32,10 @@ GiB = 1 << 30
 # taken out first). Objectives ending earlier need less: this bound serves them all.
 VGG_BYTES_PER_PX = 2250
 CONSTANT_BYTES = 400 * MiB
-LBFGS_HISTORY = 100  # optimize.py's history_size: pairs of (step, gradient change) kept
 VECTOR_BYTES_PER_PX = 3 * 4  # one RGB float32 image-sized vector
+# lbfgs.State's other image-sized vectors per image: x, g, d, best_x, and the trial point, its gradient,
+# the step and the gradient change of an iteration.
+LBFGS_STATE_VECTORS = 8
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,33 @@ class Need:
 
 
 def optimiser_bytes_per_px(optimizer: str, steps: int) -> int:
-    """L-BFGS: two vectors per history entry, at most one entry a step; Adam: two moments."""
-    vectors = 2 * min(steps, LBFGS_HISTORY) if optimizer == "lbfgs" else 2
-    return vectors * VECTOR_BYTES_PER_PX
+    """L-BFGS: 2·m vectors (m = the pairs optimize._lbfgs_scale allocates: one an iteration, at most
+    lbfgs.HISTORY) and its state's own; Adam: two moments."""
+    if optimizer != "lbfgs":
+        return 2 * VECTOR_BYTES_PER_PX
+    from .lbfgs import HISTORY  # imports torch: only once a need is asked for (this module stays light)
+
+    m = max(1, min(HISTORY, steps - 1))
+    return (2 * m + LBFGS_STATE_VECTORS) * VECTOR_BYTES_PER_PX
 
 
 def need(height: int, width: int, batch: int, optimizer: str, steps: int) -> Need:
     per_px = VGG_BYTES_PER_PX + optimiser_bytes_per_px(optimizer, steps)
     return Need(batch * height * width * per_px + CONSTANT_BYTES, height, width, batch)
+
+
+# `batch: auto` fills at most this share of the free memory: the model is fitted on a CPU in fp32 (it errs
+# high under bf16), but cuDNN's workspaces, a CUDA graph's pool and the allocator's fragmentation are not in it.
+AUTO_SHARE = 0.8
+
+
+def auto_batch(height: int, width: int, optimizer: str, steps: int, free: int | None, most: int) -> int:
+    """How many photos of this working shape `batch: auto` puts in one batch: as many as `need` fits in
+    AUTO_SHARE of `free` bytes, at most `most`, at least 1 (free None, unknown: 1)."""
+    if free is None:
+        return 1
+    per_image = need(height, width, 1, optimizer, steps).bytes - CONSTANT_BYTES
+    return max(1, min(most, int((AUTO_SHARE * free - CONSTANT_BYTES) // per_image)))
 
 
 def largest_fitting(image_w: int, image_h: int, free: int, batch: int, optimizer: str, steps: int,

@@ -20,7 +20,7 @@ from ..errors import PairError
 from ..config.objective import MIN_SIDE
 from .losses import Targets
 from ..config.objective import Objective
-from .optimize import LogRow, OptimConfig, Result, optimize_scale
+from .optimize import ChunkRunner, LogRow, OptimConfig, Result, Values, optimize_scale, values_of
 from .vgg import VGGFeatures, resize
 
 
@@ -67,7 +67,8 @@ def upsampled(prev: torch.Tensor, c_img: torch.Tensor, add_detail: bool) -> torc
 
 def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             style_for: Callable[[int, int], Targets], cfg: OptimConfig,
-            on_log: Callable[[list[LogRow]], None] | None = None, init: torch.Tensor | None = None) -> Result:
+            on_log: Callable[[list[LogRow]], None] | None = None, init: torch.Tensor | None = None,
+            runner: ChunkRunner | None = None) -> Result:
     """Optimise a batch of B output images, each starting from its content image.
 
     `content` is (B, 3, H, W) in [0, 1] on the net's device; all B share one size.
@@ -76,23 +77,21 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     the final losses come back in Result.final, and the losses of doing nothing (the starting image,
     measured at full size) in Result.start.
     `init` (B, 3, H, W): start from this image at full size instead (a network's output to refine): the
-    coarser scales are skipped; doing nothing is still measured on the photo itself.
-    """
+    coarser scales are skipped; doing nothing is still measured on the photo itself. `runner`: how
+    L-BFGS's chunks run (optimize.optimize_scale)."""
     t0 = time.perf_counter()
     device = content.device
     amp = torch.autocast(device.type, dtype=cfg.autocast_dtype) if cfg.autocast_dtype else nullcontext()
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    steps_done = 0
+    steps_done, each = 0, []  # steps of the batch, and per image, over all scales
     x: torch.Tensor | None = None
     first: torch.Tensor | None = None  # the first scale's starting image
     start_rows: list[LogRow] = []
     H, W = content.shape[-2:]
 
-    def rows_of(terms: losses.LossTerms, px: int, step: int) -> list[LogRow]:
-        vals = torch.stack([terms.content, terms.style, terms.tv, terms.total], 1).detach().float().cpu()
-        el = time.perf_counter() - t0
-        return [LogRow(step, px, *map(float, v), el) for v in vals]
+    def rows_of(values: Values, px: int, step: int) -> list[LogRow]:
+        return [LogRow(step, px, *v, el) for el in [time.perf_counter() - t0] for v in values]  # one time a call
 
     shapes = scale_shapes(H, W, cfg.scales)
     if init is not None:
@@ -123,15 +122,16 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
             # recorded as a stylization. One forward pass, without gradients.
             assert first is not None
             with torch.no_grad():
-                start_rows = rows_of(evaluate(c_img if cfg.init == "content" or init is not None
-                                              else resize(first, h, w)), px, steps_done)
+                start_rows = rows_of(values_of(evaluate(c_img if cfg.init == "content" or init is not None
+                                                        else resize(first, h, w))), px, steps_done)
 
-        def log(terms: losses.LossTerms, step: int, px: int = px) -> None:
+        def log(values: Values, step: int, px: int = px) -> None:
             if on_log:
-                on_log(rows_of(terms, px, step))
+                on_log(rows_of(values, px, step))
 
-        scale = optimize_scale(start, evaluate, cfg, log, steps_done)
+        scale = optimize_scale(start, evaluate, cfg, log, steps_done, runner)
         steps_done += scale.steps
+        each = [a + b for a, b in zip(each, scale.each)] if each else list(scale.each)
         x = scale.image
         if (h, w) != shapes[-1] and scale.steps % cfg.log_every and scale.last is not None:
             log(scale.last, steps_done)  # a coarse scale's last step; the caller logs the final one itself
@@ -139,8 +139,8 @@ def stylize(net: VGGFeatures, obj: Objective, content: torch.Tensor,
     assert x is not None
     with torch.no_grad():
         final_terms = evaluate(x)  # the best image of the last scale, already inside [0, 1]
-    final = rows_of(final_terms, max(x.shape[-2:]), steps_done)
+    final = rows_of(values_of(final_terms), max(x.shape[-2:]), steps_done)
     if not all(math.isfinite(r.total) for r in final):
         raise PairError("nonfinite", f"the final loss is {sum(r.total for r in final)}; "
                         "try lower weights or precision fp32")
-    return Result(x.detach().float().cpu().contiguous(), final, steps_done, start_rows)
+    return Result(x.detach().float().cpu().contiguous(), final, steps_done, start_rows, each)

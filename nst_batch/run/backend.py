@@ -85,6 +85,11 @@ class Backend(ABC):
         """Called once by the drive before the first submit."""
         self.hooks = hooks
 
+    def most_per_call(self, settings) -> int:
+        """The most pairs (of one style) the drive claims for one call: `batch`, or for `batch: auto`
+        settings.AUTO_BATCH_MAX (each slot's engine then batches what fits, per shape)."""
+        return settings.most_per_batch()
+
     @abstractmethod
     def submit(self, slot: Slot, rows: list[Row]) -> None:
         """Compute these claimed pairs (of one style) on this slot, after its calls before."""

@@ -187,7 +187,7 @@ class Drive:
         if first is None:
             return []
         rows = [first]
-        while len(rows) < self.s.batch and (r := claim(first.style)):
+        while len(rows) < self.backend.most_per_call(self.s) and (r := claim(first.style)):
             rows.append(r)
         slot.style = first.style
         return rows

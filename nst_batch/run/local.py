@@ -122,6 +122,13 @@ class LocalBackend(Backend):
         # The drive is the training curve's loss log and its notes' display too.
         self.trainer = training.Trainer(self.folder, self.ledger, self.engine, *self.networks, hooks, hooks.note)
 
+    def most_per_call(self, settings) -> int:
+        """`batch: auto` on this engine's device: up to DeviceConfig.auto_batch_max (1 on a CPU), so a CPU
+        worker does not hold 64 claims it makes one by one while other workers could take them."""
+        if settings.batch == "auto":
+            return self.engine.config.auto_batch_max
+        return super().most_per_call(settings)
+
     def submit(self, slot: Slot, rows: list[Row]) -> None:
         self.call, slot.calls = rows, 1
 

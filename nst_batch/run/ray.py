@@ -74,7 +74,7 @@ def run_ray(settings: Settings, display: Display, options: RayOptions, only_fail
             lock = lock if lock is not None else _lock(settings.out)
 
             def backend(ledger, folder, work, styles, methods) -> Backend:
-                return RayBackend(ray, slots, new_actor, resolved, work.pairs, options)
+                return RayBackend(ray, slots, new_actor, resolved, work.pairs, options, device.partition(":")[0])
 
             # `auto` optimises here (networks=False), but a pair a network made in a local run stays done:
             # its recipe is the network's, and the plain plan would send it back to be made again.
@@ -169,12 +169,20 @@ class RayBackend(Backend):
     looks_ahead = False
 
     def __init__(self, ray, slots: list[_Actor], new_actor, resolved: Settings, pairs: dict[tuple[str, str], Pair],
-                 options: RayOptions):
+                 options: RayOptions, device_type: str = "cuda"):
         self.ray, self.slots, self.new_actor, self.resolved, self.pairs = ray, slots, new_actor, resolved, pairs
+        self.device_type = device_type  # the actors' (all alike): what `batch: auto` may claim for one call
         self.options, self.queue = options, options.queue
         self.by_ref: dict[Any, _Actor] = {}  # every call and `ready` in flight -> its actor
         self.backlog: list[Event] = []  # what a cancel settled, for the next poll
         self.idle_since: float | None = None
+
+    def most_per_call(self, settings: Settings) -> int:
+        """`batch: auto` on the actors' device type: 1 on CPU actors (a call of 64 pairs made one by one could
+        outlast pair_timeout_s), settings.AUTO_BATCH_MAX on GPUs (each actor batches what fits)."""
+        if settings.batch == "auto" and self.device_type != "cuda":
+            return 1
+        return super().most_per_call(settings)
 
     def submit(self, slot: _Actor, rows: list[Row]) -> None:
         call = _Call(slot.handle.make.remote([(r, self.pairs.get((r.content, r.style))) for r in rows]), rows)

@@ -35,8 +35,8 @@ def test_derived_tables():
     assert manifest.KEYS == KEYS and manifest.PER_STYLE_KEYS == PER_STYLE_KEYS
     assert PER_STYLE_KEYS == ("style_weight", "content_weight", "tv_weight", "style_size", "steps", "colors")
     assert NOT_IN_RECIPE == {"content", "styles", "out", "device", "log_every", "lease_s", "compile",
-                             "max_megapixels", "name", "method", "network_steps", "refine_steps"}
-    full = Settings(format="jpg", colors="match", per_style={"*": {"steps": 2}}, blends={"b": {"a.png": 1}})
+                             "max_megapixels", "name", "method", "network_steps", "refine_steps", "batch"}
+    full = Settings(format="jpg", colors="match", per_style={"*": {"steps": 2}}, blends={"b": {"a.png": 1}}, bucket=32)
     assert set(recipe_settings(full)) == {k for k in KEYS if k not in NOT_IN_RECIPE} | {"engine"}
 
 

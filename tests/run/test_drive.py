@@ -233,3 +233,43 @@ def test_a_batch_is_of_one_style(tmp_path):
     assert result.made == 6
     assert all(len({s for _, s in call}) == 1 for _, call in fake.submitted)
     assert max(len(call) for _, call in fake.submitted) == 2
+
+
+def test_batch_auto_claims_what_the_backend_says_a_call_may_hold(tmp_path):
+    """`batch: auto`: a backend says how many pairs one call may take (a CPU engine: 1, so a CPU worker does
+    not hold 64 claims it makes one by one); by default settings.AUTO_BATCH_MAX."""
+    names = [(f"p{i}.png", "s1.png") for i in range(5)]
+
+    class AtMostTwo(Fake):
+        def most_per_call(self, settings):
+            assert settings.batch == "auto"
+            return 2
+
+    fake = AtMostTwo()
+    result, _, _ = drive(tmp_path, fake, names, batch="auto")
+    assert result.made == 5 and [len(call) for _, call in fake.submitted] == [2, 2, 1]
+    plain = Fake()
+    result, _, _ = drive(tmp_path / "b", plain, names, batch="auto")
+    assert result.made == 5 and [len(call) for _, call in plain.submitted] == [5]  # up to 64
+
+
+def test_the_local_backend_claims_one_at_a_time_for_batch_auto_on_a_cpu(tmp_path):
+    from nst_batch.core.engine import resolve
+    from nst_batch.run.local import LocalBackend
+
+    s = Settings(batch="auto")
+    for device, most in (("cpu", 1), ("cuda", 64)):
+        backend = LocalBackend.__new__(LocalBackend)  # most_per_call reads only the engine's config
+        backend.engine = SimpleNamespace(config=resolve(s, device))
+        assert backend.most_per_call(s) == most
+        assert backend.most_per_call(s.replace(batch=3)) == 3
+
+
+def test_the_ray_backend_claims_one_at_a_time_for_batch_auto_on_cpu_actors():
+    from nst_batch.run.ray import RayBackend
+
+    s = Settings(batch="auto")
+    for device_type, most in (("cpu", 1), ("cuda", 64)):
+        backend = RayBackend.__new__(RayBackend)  # most_per_call reads only the actors' device type
+        backend.device_type = device_type
+        assert backend.most_per_call(s) == most and backend.most_per_call(s.replace(batch=3)) == 3
