@@ -30,6 +30,7 @@ from ..core.engine import Engine, Job
 from ..errors import ConfigError, PairError
 from ..files.layout import MODELS, write_atomic
 from ..files.stage import load_photo
+from ..batch import shards
 from ..batch.ledger import Ledger
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
@@ -298,3 +299,38 @@ class Trainer:
     def _record(self, sm: StyleMethod, ck: dict) -> None:
         self.ledger.set_model(sm.style, sm.model_recipe, int(ck["state"]["step"]), self.engine.settings.network_steps,
                               json.dumps(ck["curve"]) if ck["curve"] else None, [n for n, _ in ck["photos"]])
+
+
+def retrain(out: Path, styles: list[str], dry_run: bool = False) -> list[str]:
+    """`nst-batch retrain`: each named style's network (every trained one if none is named) forgotten, its
+    checkpoint removed and the pairs it made back to pending, in every ledger of OUT; the next `run` trains
+    it afresh on an even sample of the photos then pending (the grown collection) and makes those pairs
+    again. Pairs made by optimisation stay. What it does (or would do, dry_run), a line a style. Refused
+    while a worker is live on OUT: its engine holds the model being forgotten."""
+    folders = [sh.folder(out) for sh in shards.found(out)] or [out]
+    ledgers = [Ledger(f, create=False) for f in folders]
+    try:
+        live = [w for led in ledgers for w in led.live_workers()]
+        if live:
+            raise ConfigError(f"{out}: {live[0][0]} is still running on it; retrain once every run has ended")
+        made: dict[str, int] = {}
+        for led in ledgers:
+            for st in set(led.models()) | set(led.network_made()):
+                made[st] = made.get(st, 0) + led.network_made().get(st, 0)
+        unknown = [st for st in styles if st not in made]
+        if unknown:
+            raise ConfigError(f"{out}: no network of style {unknown[0]!r}; trained ones: "
+                              f"{', '.join(sorted(made)) or 'none'} (option --style)")
+        lines = []
+        for st in styles or sorted(made):
+            verb = "would make" if dry_run else "will make"
+            lines.append(f"{st}: network forgotten; the next run trains it afresh on the photos pending then and "
+                         f"{verb} its {made[st]} network-made pair(s) again")
+            if not dry_run:
+                (out / MODELS / f"{st}.pt").unlink(missing_ok=True)
+                for led in ledgers:
+                    led.forget_model(st)
+        return lines
+    finally:
+        for led in ledgers:
+            led.close()

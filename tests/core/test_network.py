@@ -280,8 +280,21 @@ def test_a_growing_collection_keeps_its_network_and_makes_only_the_new_photo(tmp
     with Ledger(s.out) as led:
         assert before < {(r.content, r.recipe, r.finished_at) for r in led.rows()}  # the 16 untouched
         assert led.models()["s1.png"]["recipe"] == model["recipe"]
+    # A retrain is asked for: it says what it will redo, and the next run trains once and makes those again.
+    dry = cli("retrain", str(s.out), "--dry-run")
+    assert dry.returncode == 0 and "s1.png: " in dry.stdout and "would make its 16 network-made pair(s)" in dry.stdout
+    assert (s.out / "models" / "s1.png.pt").is_file()
+    assert "no network of style 'nope'" in cli("retrain", str(s.out), "--style", "nope").stderr
+    done = cli("retrain", str(s.out), "--style", "s1.png")
+    assert done.returncode == 0 and "will make its 16 network-made pair(s)" in done.stdout, done.stderr
+    assert not (s.out / "models" / "s1.png.pt").exists()
+    redo = local.run(s, Display(Console(quiet=True)))
+    assert redo.made == 16 and trained == [("out", "s1.png")]
+    with Ledger(s.out) as led:
+        assert led.models()["s1.png"]["photos"] == 16 and led.models()["s1.png"]["recipe"] == model["recipe"]
     # A photo removed: nothing to make, nothing trained.
     (s.content / "p3.png").unlink()
+    trained.clear()
     assert local.run(s, Display(Console(quiet=True))).made == 0 and trained == []
 
 

@@ -86,3 +86,11 @@ class Finish(Connection):
                             "AND recipe=?)), ?, ?)",
                             (style, recipe, step, steps, time.time(), curve, style, recipe,
                              None if photos is None else len(photos), None if photos is None else json.dumps(photos)))
+
+    def forget_model(self, style: str) -> int:
+        """`nst-batch retrain`: the style's model forgotten and the pairs its network made back to pending (the
+        next run trains afresh and makes them again); how many pairs that is."""
+        with self._tx():
+            self.db.execute("DELETE FROM models WHERE style=?", (style,))
+            return self.db.execute(f"UPDATE pairs SET state='{State.PENDING}', worker=NULL, heartbeat=NULL "
+                                   f"WHERE style=? AND state='{State.DONE}' AND method='network'", (style,)).rowcount

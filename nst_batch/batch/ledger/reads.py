@@ -85,6 +85,12 @@ class Reads(Connection):
             n = self.db.execute(f"SELECT COUNT(*) FROM pairs WHERE {_DONE}").fetchone()[0]
             return {"optimize": n} if n else {}
 
+    def network_made(self) -> dict[str, int]:
+        """style -> its done pairs a network made (what `retrain` would make again)."""
+        rows = self.db.execute(f"SELECT style, COUNT(*) FROM pairs WHERE {_DONE} AND method='network' "
+                               "GROUP BY style").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def models(self) -> dict[str, dict]:
         """style -> {recipe, step, steps, updated_at, curve, photos, trained_on} ({} for a ledger older than
         schema 5; photos and trained_on absent before schema 6)."""
