@@ -31,6 +31,7 @@ from ..errors import ConfigError, PairError
 from ..files.layout import MODELS, write_atomic
 from ..files.stage import load_photo
 from ..batch import shards
+from ..batch.training_claim import TrainingClaim
 from ..batch.ledger import Ledger
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
@@ -218,9 +219,25 @@ class Trainer:
         s = self.engine.settings
         path = s.out / sm.model_file  # OUT's: one model a style, whichever shard or worker makes its pairs
         ck = self._load(path, sm.model_recipe)
-        if ck is None or ck["state"]["step"] < s.network_steps:
-            ck = self._train(job, sm, path, ck)
-        elif self.ledger.models().get(job.style, {}).get("recipe") != sm.model_recipe:
+        waiting = False
+        while ck is None or ck["state"]["step"] < s.network_steps:
+            # One trainer a style, among every worker and shard on OUT; the others wait for its model.
+            claim = TrainingClaim(path, s.lease_s)
+            if claim.take():
+                try:  # read again: the one before us may have checkpointed, or finished, since
+                    ck = self._load(path, sm.model_recipe)
+                    if ck is None or ck["state"]["step"] < s.network_steps:
+                        ck = self._train(job, sm, path, ck)
+                finally:
+                    claim.release()
+                break
+            if not waiting:
+                self.note(f"{job.style}: its network is being trained by {claim.holder()}; waiting for it")
+                waiting = True
+            time.sleep(min(2.0, s.lease_s / 4))
+            ck = self._load(path, sm.model_recipe)
+        if self.ledger.models().get(job.style, {}).get("recipe") != sm.model_recipe or \
+                self.ledger.models()[job.style]["step"] != ck["state"]["step"]:
             self._record(sm, ck)  # trained by an earlier run or another worker: this ledger learns of it
         self.engine.load_model(job, ck["state"])
 
