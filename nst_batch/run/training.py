@@ -173,6 +173,10 @@ class WindowMean:
         return mean  # type: ignore[return-value]
 
 
+class TrainingElsewhere(Exception):
+    """Another worker holds the claim on training this style's network (Trainer.ensure with wait=False)."""
+
+
 @dataclass(frozen=True)
 class _Named:
     content: str
@@ -198,15 +202,16 @@ class Trainer:
         model = self.styles[job.style].model_recipe if method == "network" else None
         return dataclasses.replace(job, method=method, model=model)
 
-    def ensure(self, job: Job) -> None:
+    def ensure(self, job: Job, wait: bool = True) -> None:
         """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained
-        afresh. PairError('training') if it cannot be (the style's network pairs fail with it)."""
+        afresh. PairError('training') if it cannot be (the style's network pairs fail with it). While another
+        worker trains it: waited for, or (wait=False) TrainingElsewhere, so the pair can wait its turn."""
         if self.engine.has_model(job):
             return
         if job.style in self.failed:
             raise self.failed[job.style]
         try:
-            self._ensure(job)
+            self._ensure(job, wait)
         except PairError as e:
             self.failed[job.style] = e
             raise
@@ -214,7 +219,7 @@ class Trainer:
             self.failed[job.style] = PairError("training", f"training the network of {job.style} failed: {e}")
             raise self.failed[job.style] from None
 
-    def _ensure(self, job: Job) -> None:
+    def _ensure(self, job: Job, wait: bool) -> None:
         sm = self.styles[job.style]
         s = self.engine.settings
         path = s.out / sm.model_file  # OUT's: one model a style, whichever shard or worker makes its pairs
@@ -231,6 +236,8 @@ class Trainer:
                 finally:
                     claim.release()
                 break
+            if not wait:
+                raise TrainingElsewhere(f"{job.style}: its network is being trained by {claim.holder()}")
             if not waiting:
                 self.note(f"{job.style}: its network is being trained by {claim.holder()}; waiting for it")
                 waiting = True

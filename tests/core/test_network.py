@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nst_batch.errors import ConfigError
 from nst_batch.files import decode
 from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
@@ -296,6 +297,56 @@ def test_a_growing_collection_keeps_its_network_and_makes_only_the_new_photo(tmp
     (s.content / "p3.png").unlink()
     trained.clear()
     assert local.run(s, Display(Console(quiet=True))).made == 0 and trained == []
+
+
+def test_pairs_of_a_style_trained_elsewhere_wait_while_other_styles_are_made(tmp_path, monkeypatch):
+    """Another worker holds the claim on s1's network: this one makes s2's pairs meanwhile (training s2's
+    network itself), then, nothing else left, waits for s1's; here the other worker gives up its claim, so
+    this one trains s1 too. Every pair made once, each network trained once."""
+    import os
+    import socket
+    import threading
+    from nst_batch.run import drive
+
+    monkeypatch.setattr(drive, "DEFER_S", 0.2)
+    s = _plan_settings(tmp_path, 3, method="network", network_steps=2, refine_steps=3)
+    shutil.copy(s.styles / "s1.png", s.styles / "s2.png")
+    s = s.replace(lease_s=2, per_style=(("s2.png", (("style_weight", 30.0),)),))
+    claim = s.out / "models" / "s1.png.pt.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(f"{socket.gethostname()}:{os.getppid()} feedbeef")  # a live process of this host
+    stop = threading.Event()
+
+    def other_worker():  # beats while s2's pairs are still to claim, then lets go
+        while not stop.wait(0.2):
+            os.utime(claim)
+            try:
+                with Ledger(s.out, readonly=True) as led:
+                    # (the last one may be still being written when this worker turns to s1's pairs)
+                    if sum(r.style == "s2.png" and r.state != "pending" for r in led.rows()) == 3:
+                        break
+            except ConfigError:
+                pass  # no ledger yet
+        claim.unlink()
+
+    th = threading.Thread(target=other_worker)
+    th.start()
+    trained = _trainings(monkeypatch)
+    notes: list[str] = []
+    monkeypatch.setattr(Display, "note", lambda self, m: notes.append(m))
+    try:
+        result = local.run(s, Display(Console(quiet=True)))
+    finally:
+        stop.set()
+        th.join()
+    assert result.made == 6 and result.failed == 0, result.failures
+    assert trained == [("out", "s2.png"), ("out", "s1.png")]
+    with Ledger(s.out) as led:
+        rows = led.rows()
+    assert all(r.attempts == 1 for r in rows)  # passed over uncounted
+    last_s2 = max(r.finished_at for r in rows if r.style == "s2.png")
+    assert all(r.finished_at > last_s2 for r in rows if r.style == "s1.png")
+    assert any("s1.png: its network is being trained by" in n and "waiting for it" in n for n in notes)
 
 
 def test_a_checkpoint_temporary_of_a_killed_trainer_is_removed(tmp_path):
