@@ -286,6 +286,30 @@ def _retry_shards(out: Path, shard: Optional[str]) -> tuple:
 
 
 @app.command()
+def retrain(
+    out: Path = typer.Argument(Path("results"), help="Output folder of an earlier run."),
+    style: list[str] = typer.Option([], "--style", metavar="NAME", help="Only this style's network; repeatable. "
+                                    "Without it: every style's."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be redone; change nothing."),
+) -> None:
+    """Train a style's network again on the collection as it is now. A network is trained once, on the photos
+    pending at the time, and kept while photos are added or removed. This forgets it (OUT/models/STYLE.pt)
+    and sends every pair it made back to pending: the next 'nst-batch run' trains it afresh on an even sample
+    of the photos then pending and makes those pairs again (optimised pairs stay). Refused while a run is
+    going on OUT."""
+    from .run.training import retrain as forget
+
+    try:
+        lines = forget(out, style, dry_run)
+    except NstError as e:
+        raise _fail(e)
+    for line in lines or ["no network is trained in this folder: nothing to retrain"]:
+        typer.echo(line)
+    if lines and not dry_run:
+        typer.echo(f"now run 'nst-batch run' with the same manifest to train and make them (OUT {out})")
+
+
+@app.command()
 def status(
     out: Path = typer.Argument(Path("results"), help="Output folder of a run (finished or still going)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),

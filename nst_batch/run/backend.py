@@ -71,6 +71,12 @@ class Hooks(Protocol):
     def note(self, message: str) -> None:
         """A line for the user."""
 
+    def defer(self, style: str) -> None:
+        """Another worker trains this style's network: its pairs (released uncounted) wait while others are left."""
+
+    def may_wait(self, style: str) -> bool:
+        """Whether a pair of `style` may wait for its network trained elsewhere: nothing else was left to claim."""
+
 
 class Backend(ABC):
     """Computes claimed pairs; owns no ledger state. Subclasses set `slots` (and `queue`, `keeps_style`)."""

@@ -34,6 +34,7 @@ from .record import Record
 
 LOST_LIMIT = 3  # a pair whose slot is lost this many times under it fails as worker_lost
 TICK_S = 0.5  # the longest a poll waits: how often hung calls are looked for
+DEFER_S = 5.0  # a style whose network another worker trains is passed over this long, then looked at again
 
 
 @dataclass
@@ -120,6 +121,10 @@ class Drive:
         self.result = RunResult()
         self.lost: dict[int, int] = {}  # pair id -> times its slot was lost under it, in this run
         self.exhausted: set[str] = set()  # styles a claim found nothing of
+        # Styles whose network another worker is training -> until when their pairs are passed over; and
+        # whether the last claim took one anyway, nothing else being left (its network is then waited for).
+        self.deferred: dict[str, float] = {}
+        self.waiting = False
         self.streamed: set[int] = set()  # pairs whose loss rows went to the log as they came
         self.lead: int | None = None  # the pair whose steps the display shows
 
@@ -183,7 +188,7 @@ class Drive:
                             break
                         self.exhausted.add(st)  # only a lapsed claim can bring it back, and claim() finds that
         if first is None:
-            first = claim()
+            first = self._claim_not_deferred()
         if first is None:
             return []
         rows = [first]
@@ -191,6 +196,20 @@ class Drive:
             rows.append(r)
         slot.style = first.style
         return rows
+
+    def _claim_not_deferred(self) -> Row | None:
+        """The next pair in the ledger's order, passing over styles whose network is being trained elsewhere
+        (checked again after DEFER_S), unless nothing else is left: then one of theirs, to wait with."""
+        now = time.monotonic()
+        put_off = {st for st, until in self.deferred.items() if until > now}
+        self.waiting = False
+        if not put_off:
+            return self.books.claim()
+        for st in self.styles:
+            if st not in put_off and (row := self.books.claim(st)) is not None:
+                return row
+        self.waiting = True
+        return self.books.claim()
 
     def _record(self, events: list[Event]) -> None:
         for e in events:
@@ -255,3 +274,9 @@ class Drive:
 
     def note(self, message: str) -> None:
         self.display.note(message)
+
+    def defer(self, style: str) -> None:
+        self.deferred[style] = time.monotonic() + DEFER_S
+
+    def may_wait(self, style: str) -> bool:
+        return self.waiting

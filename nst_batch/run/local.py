@@ -20,7 +20,7 @@ from ..files.decode import PhotoMeta
 from ..files.layout import thumb_path
 from ..files.stage import IOStage, StyleImages
 from . import training
-from .backend import Backend, Event, Returned, Hooks, Slot
+from .backend import Backend, Event, Hooks, Lost, Returned, Slot
 from .drive import RunResult, Work
 from .lifecycle import check_signals, interruptible
 from .progress import Display
@@ -82,7 +82,7 @@ def compute(engine: Engine, trainer: training.Trainer, io: IOStage, rows: list[R
             job = trainer.job(job_for(r, pairs.get((r.content, r.style)), photo, engine.style_pixels))
             if job.method == "network":  # trained (with checkpoints) or loaded, once per style
                 with interruptible():  # Ctrl-C stops training at once: the checkpoint stays
-                    trainer.ensure(job)
+                    trainer.ensure(job, wait=hooks.may_wait(job.style))
             jobs.append(job)
             kept.append(r)
         except Exception as e:
@@ -145,7 +145,10 @@ class LocalBackend(Backend):
             finally:
                 slot.calls = 0
             for r, (end, meta) in zip(rows, ends):
-                if isinstance(end, Exception):
+                if isinstance(end, training.TrainingElsewhere):  # back to pending, uncounted; others first
+                    self.hooks.defer(r.style)
+                    events.append(Lost(slot, [r], False, str(end)))
+                elif isinstance(end, Exception):
                     events.append(Returned(slot, [r], [failure(*error_of(end))]))
                 elif not end.ok:  # this pair failed; the others of its batch go on
                     events.append(Returned(slot, [r], [record_of(end)]))

@@ -1,12 +1,15 @@
 """The driver's side of learned per-style networks: which method makes each pair, the model
-and pair recipes, and the checkpoints under <ledger folder>/models/ (OUT/models/ for an unsharded run).
+and pair recipes, and the checkpoints under OUT/models/ (every shard's and every worker's).
 
 The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
-atomically, every CHECKPOINT_S seconds of training and at its end, and records each model's recipe in
-the ledger (table models). A model's recipe covers the plain recipes of the pairs it trains on (so the
-style, the photos' hashes and every pixel setting), network_steps and network.ARCH_VERSION; a pair made by
-a network has a recipe over its model's and refine_steps. A changed objective or photo set therefore
-changes the model's recipe, and every pair it made goes back to pending.
+atomically, every CHECKPOINT_S seconds of training and at its end, and records each model in the ledger
+(table models). A model is an artefact of its own: its recipe covers what defines the style's look (the
+style's file or blend, the objective and its weights, colours, per_style settings, the engine version), the
+training settings and the architecture, and NOT the photos it trains on. Those are an even sample of the
+photos pending when it was first trained, recorded with it (in the checkpoint, and their count and list in
+the ledger). A pair made by a network has a recipe over its model's and refine_steps. Adding or removing
+photos therefore never retrains a network nor redoes a pair it made; changing the style or the objective
+does. `nst-batch retrain` asks for a network trained afresh on the collection as it is now.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ from ..core.engine import Engine, Job
 from ..errors import ConfigError, PairError
 from ..files.layout import MODELS, write_atomic
 from ..files.stage import load_photo
+from ..batch import shards
+from ..batch.training_claim import TrainingClaim
 from ..batch.ledger import Ledger
-from ..files.losslog import LossLog, curve_record, parse_curve
+from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
 from ..core.optimize import LogRow
-from ..batch.plan import Plan, style_settings
+from ..batch.plan import Pair, Plan, recipe_settings, style_settings
 
 # `auto` trains a style's network when at least this many of its photos are pending, per device type.
 # Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"): training 600 steps
@@ -50,17 +55,31 @@ class StyleMethod:
     style: str
     method: str  # optimize or network
     model_recipe: str
-    photos: tuple[Path, ...]  # what its network trains on: an even sample of the style's photos
-    model_file: str  # relative to the ledger's folder: models/<style's output folder>.pt
+    photos: tuple[tuple[str, Path], ...]  # (name, path): what a new network trains on, an even sample of
+    # the style's pending photos (a network trained already keeps the photos its checkpoint names)
+    model_file: str  # relative to OUT, whichever shard's ledger: models/<style>.pt
     pending: int  # pairs done under neither method's recipe when the run started
 
 
-def model_recipe(settings: Settings, pair_recipes: list[str]) -> str:
-    """The recipe of a style's network: the plain recipes of the pairs it trains on (each covers the style,
-    the photo's hash and the pixel settings), network_steps and the architecture version."""
-    head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps,
-                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]}, sort_keys=True)
-    return hashlib.sha256("\0".join([head, *sorted(pair_recipes)]).encode()).hexdigest()[:16]
+# Settings in a pair's recipe that training never reads: the refinement's (each pair's own recipe covers
+# them) and the output file's. Changing one redoes pairs, never retrains. Any other key (a new one too) is
+# taken to change what a network learns.
+_NOT_TRAINING = frozenset({"optimizer", "lr", "steps", "init", "scales", "stop_window", "stop_tolerance",
+                           "format", "quality", "bit_depth", "keep_gps", "batch"})
+
+
+def model_recipe(settings: Settings, pair: Pair) -> str:
+    """The recipe of `pair`'s style's network: the style's file (or blend) hash, its settings with its
+    per_style overrides applied (the part of the plain recipe a network learns from, without the photo),
+    network_steps, the training constants and the architecture version. No photo is in it: a collection
+    that grows keeps its networks and the pairs they made."""
+    look = {k: v for k, v in recipe_settings(style_settings(settings, pair.overrides)).items()
+            if k not in _NOT_TRAINING}
+    head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps, "look": look,
+                       "style": pair.style_hash,
+                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(head.encode()).hexdigest()[:16]
 
 
 def network_recipe(pair_recipe: str, model: str, refine_steps: int) -> str:
@@ -95,14 +114,16 @@ def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], dev
     recipes: dict[tuple[str, str], str] = {}
     methods: dict[tuple[str, str], str] = {}
     for style, pairs in by_style.items():
-        sample = even_sample(sorted(pairs, key=lambda p: p.content), network.TRAIN_PHOTOS)
-        model = model_recipe(settings, [p.recipe for p in sample])
+        model = model_recipe(settings, pairs[0])
         # `method: optimize` never makes or keeps a network pair: no network recipes to compute (a sha256
         # a pair: 200,000 of them on every start of a collection run).
         net = ({} if settings.method == "optimize" else
                {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs})
-        pending = sum(done.get((p.content, style)) not in (p.recipe, net.get((p.content, style))) for p in pairs)
+        todo = [p for p in pairs if done.get((p.content, style)) not in (p.recipe, net.get((p.content, style)))]
+        pending = len(todo)
         method = choose(settings.method, pending, device_type) if networks else "optimize"
+        # What a network trained now learns from: the photos still to make (all of them if none is).
+        sample = even_sample(sorted(todo or pairs, key=lambda p: p.content), network.TRAIN_PHOTOS)
         colors = style_settings(settings, pairs[0].overrides).colors
         if colors != "style" and method == "network":
             # A network learns one set of style targets for every photo; `preserve` and `match` make
@@ -118,7 +139,7 @@ def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], dev
             else:
                 recipes[key] = net[key] if method == "network" else p.recipe
             methods[key] = "network" if recipes[key] == net.get(key) else "optimize"
-        styles[style] = StyleMethod(style, method, model, tuple(p.content_path for p in sample),
+        styles[style] = StyleMethod(style, method, model, tuple((p.content, p.content_path) for p in sample),
                                     f"{MODELS}/{style}.pt", pending)
     # A new Pair only where the recipe changes: rebuilding all 200,000 frozen dataclasses took 3.5 s a start.
     made = [p if (r := recipes[(p.content, p.style)]) == p.recipe else dataclasses.replace(p, recipe=r) for p in plan]
@@ -152,6 +173,10 @@ class WindowMean:
         return mean  # type: ignore[return-value]
 
 
+class TrainingElsewhere(Exception):
+    """Another worker holds the claim on training this style's network (Trainer.ensure with wait=False)."""
+
+
 @dataclass(frozen=True)
 class _Named:
     content: str
@@ -177,15 +202,16 @@ class Trainer:
         model = self.styles[job.style].model_recipe if method == "network" else None
         return dataclasses.replace(job, method=method, model=model)
 
-    def ensure(self, job: Job) -> None:
+    def ensure(self, job: Job, wait: bool = True) -> None:
         """The style's network in the engine: loaded from its checkpoint, trained on from it, or trained
-        afresh. PairError('training') if it cannot be (the style's network pairs fail with it)."""
+        afresh. PairError('training') if it cannot be (the style's network pairs fail with it). While another
+        worker trains it: waited for, or (wait=False) TrainingElsewhere, so the pair can wait its turn."""
         if self.engine.has_model(job):
             return
         if job.style in self.failed:
             raise self.failed[job.style]
         try:
-            self._ensure(job)
+            self._ensure(job, wait)
         except PairError as e:
             self.failed[job.style] = e
             raise
@@ -193,43 +219,68 @@ class Trainer:
             self.failed[job.style] = PairError("training", f"training the network of {job.style} failed: {e}")
             raise self.failed[job.style] from None
 
-    def _ensure(self, job: Job) -> None:
+    def _ensure(self, job: Job, wait: bool) -> None:
         sm = self.styles[job.style]
         s = self.engine.settings
-        path = self.folder / sm.model_file
-        state = self._load(path, sm.model_recipe)
-        if state is None or state["step"] < s.network_steps:
-            state = self._train(job, sm, path, state)
-        self.engine.load_model(job, state)
+        path = s.out / sm.model_file  # OUT's: one model a style, whichever shard or worker makes its pairs
+        ck = self._load(path, sm.model_recipe)
+        waiting = False
+        while ck is None or ck["state"]["step"] < s.network_steps:
+            # One trainer a style, among every worker and shard on OUT; the others wait for its model.
+            claim = TrainingClaim(path, s.lease_s)
+            if claim.take():
+                try:  # read again: the one before us may have checkpointed, or finished, since
+                    ck = self._load(path, sm.model_recipe)
+                    if ck is None or ck["state"]["step"] < s.network_steps:
+                        ck = self._train(job, sm, path, ck)
+                finally:
+                    claim.release()
+                break
+            if not wait:
+                raise TrainingElsewhere(f"{job.style}: its network is being trained by {claim.holder()}")
+            if not waiting:
+                self.note(f"{job.style}: its network is being trained by {claim.holder()}; waiting for it")
+                waiting = True
+            time.sleep(min(2.0, s.lease_s / 4))
+            ck = self._load(path, sm.model_recipe)
+        if self.ledger.models().get(job.style, {}).get("recipe") != sm.model_recipe or \
+                self.ledger.models()[job.style]["step"] != ck["state"]["step"]:
+            self._record(sm, ck)  # trained by an earlier run or another worker: this ledger learns of it
+        self.engine.load_model(job, ck["state"])
 
-    def _load(self, path: Path, recipe: str) -> dict | None:
-        stored = self.ledger.models().get(self._style_of(path))
-        if not path.is_file() or stored is None or stored["recipe"] != recipe:
-            return None  # none yet, or one of another recipe: trained afresh (and replaced)
+    @staticmethod
+    def _load(path: Path, recipe: str) -> dict | None:
+        """The checkpoint at `path` if it is one of `recipe`: {recipe, state, photos, curve}. The file is
+        what says what a model is (a shard's or another worker's ledger may not know of it yet)."""
+        if not path.is_file():
+            return None
         try:
             d = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file: trained afresh
             return None
         if d.get("recipe") != recipe or d.get("state", {}).get("arch") != network.ARCH_VERSION:
-            return None
-        return d["state"]
+            return None  # one of another recipe (its style or objective changed): trained afresh, and replaced
+        d.setdefault("photos", [])
+        d.setdefault("curve", [])
+        return d
 
-    def _style_of(self, path: Path) -> str:
-        return next(st for st, sm in self.styles.items() if self.folder / sm.model_file == path)
-
-    def _train(self, job: Job, sm: StyleMethod, path: Path, state: dict | None) -> dict:
+    def _train(self, job: Job, sm: StyleMethod, path: Path, ck: dict | None) -> dict:
         s = self.engine.settings
-        photos = []
-        for p in sm.photos:
+        # A network trained on from its checkpoint keeps the photos it started with: the same model, however
+        # the collection has changed since. A photo gone since is left out.
+        chosen = [(n, Path(p)) for n, p in ck["photos"]] if ck and ck["photos"] else list(sm.photos)
+        photos, names = [], []
+        for name, p in chosen:
             try:
                 photos.append(load_photo(p, s.size, s.max_megapixels)[0])  # at the working size, on the CPU
+                names.append((name, str(p)))
             except PairError:
                 continue  # an unreadable photo fails its own pairs; the network trains on the others
         if not photos:
             raise PairError("training", f"no photo of {job.style} could be decoded to train its network on")
+        state = None if ck is None else ck["state"]
         start = 0 if state is None else int(state["step"])
-        stored = self.ledger.models().get(job.style) if state is not None else None
-        kept = [p for p in parse_curve(stored and stored["curve"]) if p[0] <= start]
+        kept = [p for p in (ck["curve"] if ck else []) if p[0] <= start]
         rows: list[LogRow] = []
         t0 = time.perf_counter()
         named = _Named(TRAINING, job.style)
@@ -250,19 +301,60 @@ class Trainer:
             since = time.monotonic()
             state = self.engine.train(job, photos, state, s.network_steps, on_loss,
                                       lambda step: time.monotonic() - since >= self.checkpoint_s)
-            self._save(path, sm, state, kept, rows)
+            ck = self._save(path, sm, state, kept, rows, names)
             if state["step"] >= s.network_steps:
                 break
             self.note(f"{job.style}: network checkpoint at step {state['step']} of {s.network_steps}")
         self.note(f"{job.style}: network trained ({s.network_steps} steps, {time.perf_counter() - t0:.0f} s)")
-        return state
+        return ck
 
-    def _save(self, path: Path, sm: StyleMethod, state: dict, kept: list, rows: list[LogRow]) -> None:
+    def _save(self, path: Path, sm: StyleMethod, state: dict, kept: list, rows: list[LogRow],
+              photos: list[tuple[str, str]]) -> dict:
+        """The checkpoint written (atomically) and recorded: weights, Adam's state, the photos it trains on
+        (name, path) and its curve so far, so whoever trains on from it needs nothing else."""
+        ck = {"recipe": sm.model_recipe, "state": state, "photos": [list(p) for p in photos],
+              "curve": kept + json.loads(curve_record(rows) or "[]")}
         buf = io.BytesIO()
-        torch.save({"recipe": sm.model_recipe, "state": state}, buf)
+        torch.save(ck, buf)
         write_atomic(path, lambda f: f.write(buf.getvalue()))
-        pts = kept + (json.loads(curve_record(rows) or "[]"))
-        self.ledger.set_model(sm.style, sm.model_recipe, int(state["step"]), self.engine.settings.network_steps,
-                              json.dumps(pts) if pts else None)
+        self._record(sm, ck)
+        return ck
+
+    def _record(self, sm: StyleMethod, ck: dict) -> None:
+        self.ledger.set_model(sm.style, sm.model_recipe, int(ck["state"]["step"]), self.engine.settings.network_steps,
+                              json.dumps(ck["curve"]) if ck["curve"] else None, [n for n, _ in ck["photos"]])
 
 
+def retrain(out: Path, styles: list[str], dry_run: bool = False) -> list[str]:
+    """`nst-batch retrain`: each named style's network (every trained one if none is named) forgotten, its
+    checkpoint removed and the pairs it made back to pending, in every ledger of OUT; the next `run` trains
+    it afresh on an even sample of the photos then pending (the grown collection) and makes those pairs
+    again. Pairs made by optimisation stay. What it does (or would do, dry_run), a line a style. Refused
+    while a worker is live on OUT: its engine holds the model being forgotten."""
+    folders = [sh.folder(out) for sh in shards.found(out)] or [out]
+    ledgers = [Ledger(f, create=False) for f in folders]
+    try:
+        live = [w for led in ledgers for w in led.live_workers()]
+        if live:
+            raise ConfigError(f"{out}: {live[0][0]} is still running on it; retrain once every run has ended")
+        made: dict[str, int] = {}
+        for led in ledgers:
+            for st in set(led.models()) | set(led.network_made()):
+                made[st] = made.get(st, 0) + led.network_made().get(st, 0)
+        unknown = [st for st in styles if st not in made]
+        if unknown:
+            raise ConfigError(f"{out}: no network of style {unknown[0]!r}; trained ones: "
+                              f"{', '.join(sorted(made)) or 'none'} (option --style)")
+        lines = []
+        for st in styles or sorted(made):
+            verb = "would make" if dry_run else "will make"
+            lines.append(f"{st}: network forgotten; the next run trains it afresh on the photos pending then and "
+                         f"{verb} its {made[st]} network-made pair(s) again")
+            if not dry_run:
+                (out / MODELS / f"{st}.pt").unlink(missing_ok=True)
+                for led in ledgers:
+                    led.forget_model(st)
+        return lines
+    finally:
+        for led in ledgers:
+            led.close()

@@ -3,6 +3,7 @@ leases and dead workers, and what a bad ledger file turns into."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -351,7 +352,7 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
         assert led.rows() == before
         assert {"workers", "files", "pairs_state_style"} <= _names(led)
         led.register(worker_id(), _settings(), LEASE)
@@ -412,7 +413,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
         assert led.rows() == before and led.curves(r.id for r in before) == {}
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
@@ -746,7 +747,7 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 5
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
         assert led.done(Finished(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, method="network"))
@@ -778,16 +779,17 @@ def test_row_and_the_table_have_the_columns_declared_once(ledger):
         assert (r["name"], r["type"], bool(r["notnull"])) == (c.name, c.sql.split()[0], "NOT NULL" in c.sql)
 
 
-# The text of sqlite_master of a new ledger, as every nst-batch of schema 5 has written it: a change
-# here means a new ledger differs on disk from one an earlier version wrote.
-_SCHEMA_5_SHA256 = "5dd7a183044f1db3b16de8d4a647565fb277bd6546499f24eb958ad59ea5902c"
+# The text of sqlite_master of a new ledger, as every nst-batch of schema 6 has written it: a change
+# here means a new ledger differs on disk from one an earlier version wrote. (Schema 5's was 5dd7a183...;
+# a schema-5 ledger migrated has the same text as a new one: test_a_schema_5_ledger_keeps_its_models...)
+_SCHEMA_6_SHA256 = "00090b783c53d066932822a11d0b9746203ea059d8ff5d6e1db779a1cb9f5360"
 
 
-def test_a_new_ledger_has_the_schema_text_of_schema_5(ledger):
+def test_a_new_ledger_has_the_schema_text_of_schema_6(ledger):
     import hashlib
 
     rows = [tuple(r) for r in ledger.db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
-    assert hashlib.sha256(repr(rows).encode()).hexdigest() == _SCHEMA_5_SHA256
+    assert hashlib.sha256(repr(rows).encode()).hexdigest() == _SCHEMA_6_SHA256
 
 
 def test_states_round_trip_through_the_ledger(ledger, out):
@@ -872,3 +874,35 @@ def test_a_ledger_set_forwards_each_reader_and_merges_the_answers(out):
     finally:
         for _, led in parts:
             led.close()
+
+
+def test_a_schema_5_ledger_keeps_its_models_and_gains_the_photos_they_trained_on(out):
+    """Schema 5 is schema 6 without models.photos and models.trained_on: a model stored before reads with
+    neither; a worker adds the columns, and a model recorded since says what it trained on."""
+    led = Ledger(out)
+    led.set_model("s.png", "r1", 4, 4, "[[4,32,1,2,0,3,0.1]]")
+    led.close()
+    as_schema(out, 5, "ALTER TABLE models DROP COLUMN photos", "ALTER TABLE models DROP COLUMN trained_on")
+    ro = Ledger(out, readonly=True)
+    try:
+        assert ro.models()["s.png"]["recipe"] == "r1" and "photos" not in ro.models()["s.png"]
+    finally:
+        ro.close()
+    led = Ledger(out)
+    try:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
+        assert led.models()["s.png"]["step"] == 4 and led.models()["s.png"]["photos"] is None
+        led.set_model("t.png", "r2", 2, 4, None, ["a.png", "b.png"])
+        assert led.models()["t.png"]["photos"] == 2
+        assert json.loads(led.models()["t.png"]["trained_on"]) == ["a.png", "b.png"]
+        fresh = Ledger(out / "fresh")
+        try:
+            assert _master(led) == _master(fresh)  # migrated, it is what a new ledger is
+        finally:
+            fresh.close()
+    finally:
+        led.close()
+
+
+def _master(led: Ledger) -> list[tuple]:
+    return [tuple(r) for r in led.db.execute("SELECT type, name, sql FROM sqlite_master ORDER BY rowid")]

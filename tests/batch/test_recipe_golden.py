@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from nst_batch.batch.plan import blend_hash, recipe_hash, recipe_settings, style_settings
+from dataclasses import replace
+
+from nst_batch.batch.plan import Pair, blend_hash, recipe_hash, recipe_settings, style_settings
 from nst_batch.config.manifest import Member, Settings
 from nst_batch.run.training import model_recipe, network_recipe
 
@@ -63,9 +65,14 @@ def test_network_recipes_are_pinned():
     s = plain().replace(method="network", network_steps=300, refine_steps=20)
     pairs = [recipe_hash(s, c * 64, S) for c in "123"]
     assert pairs == ["87d2a2882cdb364e", "adf4720286f0d432", "413604c2d3f92139"]
-    model = model_recipe(s, pairs)
-    assert model == "e7106488fce458fb"
-    assert network_recipe(pairs[0], model, s.refine_steps) == "7548de1e71c360b5"
+    # A model's recipe covers the style and the settings a network learns from, not the photos (it was
+    # "39ad58e3fc049bb4" over these three pairs' recipes: changing that made network pairs again once).
+    style = Pair("1.png", "s.png", Path("/in/1.png"), Path("/st/s.png"), "s/1.png", pairs[0], S)
+    model = model_recipe(s, style)
+    assert model == MODEL
+    assert network_recipe(pairs[0], model, s.refine_steps) == NETWORK_PAIR
+    # Another photo of the style, or the refinement's settings: the same model.
+    assert model_recipe(s.replace(steps=9, format="jpg"), replace(style, content="2.png", recipe=pairs[1])) == model
 
 
 def test_recipe_keys_are_pinned():
@@ -76,3 +83,5 @@ def test_recipe_keys_are_pinned():
 RECIPE_KEYS = ["bit_depth", "content_weight", "engine", "format", "init", "keep_gps", "layers", "lr",
                "optimizer", "pooling", "precision", "scales", "seed", "size", "steps", "stop_tolerance",
                "stop_window", "style_size", "style_weight", "tv_weight", "weights"]
+
+MODEL, NETWORK_PAIR = "95b5e06cc380f27a", "02905a2290b3da50"  # ENGINE_VERSION 4 (the batched L-BFGS)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from nst_batch.errors import ConfigError
 from nst_batch.files import decode
 from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
@@ -134,12 +135,21 @@ def test_auto_chooses_by_pending_count_and_a_changed_objective_changes_the_model
     assert [p.recipe for p in again] == [plan[0].recipe, net_plan[1].recipe, plan[2].recipe]
     assert [methods2[(p.content, p.style)] for p in plan] == ["optimize", "network", "optimize"]
     assert training.assign(plan, s.replace(method="optimize"), {}, "cpu")[1]["s1.png"].method == "optimize"
-    # The objective, the photo set or network_steps change the model's recipe, and so its pairs'.
-    for changed in (s.replace(style_weight=5.0), s.replace(network_steps=7)):
+    # The objective, the style or network_steps change the model's recipe, and so its pairs'.
+    for changed in (s.replace(style_weight=5.0), s.replace(network_steps=7), s.replace(per_style=(("s1.png", (("tv_weight", 1.0),)),))):
         other = training.assign(make_plan(changed), changed, {}, "cpu")
         assert other[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
         assert all(a.recipe != b.recipe for a, b in zip(net_plan, other[0]))
+    # The refinement's settings and the file format redo pairs (their own recipes) but keep the model.
+    for kept in (s.replace(steps=9), s.replace(format="jpg")):
+        assert training.assign(make_plan(kept), kept, {}, "cpu")[1]["s1.png"].model_recipe == styles["s1.png"].model_recipe
+    # The photo set does not: a photo added or removed keeps the model, and every other pair's recipe.
     make_image(tmp_path / "content" / "p9.png", 40, 32, 9)
+    grown, styles3, _ = training.assign(make_plan(s), s, {}, "cpu")
+    assert styles3["s1.png"].model_recipe == styles["s1.png"].model_recipe
+    assert {p.recipe for p in net_plan} < {p.recipe for p in grown}
+    stripes = Image.open(s.styles / "s1.png")
+    stripes.transpose(Image.Transpose.ROTATE_90).save(s.styles / "s1.png")  # another painting, same name
     assert training.assign(make_plan(s), s, {}, "cpu")[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
 
 
@@ -153,10 +163,11 @@ def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_p
         starts.append(state.step)
         return real_train(state, *a, **kw)
 
-    def killed_after_two(self, path, sm, state, kept, rows):
-        real_save(self, path, sm, state, kept, rows)
+    def killed_after_two(self, path, sm, state, kept, rows, photos):
+        ck = real_save(self, path, sm, state, kept, rows, photos)
         if state["step"] == 2:
             raise Interrupted(15)  # SIGTERM mid-training: what is on disk is the step-2 checkpoint
+        return ck
 
     monkeypatch.setattr(network, "train_steps", spy_train)
     monkeypatch.setattr(training.Trainer, "_save", killed_after_two)
@@ -210,9 +221,9 @@ def _trainings(monkeypatch) -> list[tuple[str, str]]:
     trained: list[tuple[str, str]] = []
     real = training.Trainer._train
 
-    def spy(self, job, sm, path, state):
+    def spy(self, job, sm, path, ck):
         trained.append((self.folder.name, job.style))
-        return real(self, job, sm, path, state)
+        return real(self, job, sm, path, ck)
 
     monkeypatch.setattr(training.Trainer, "_train", spy)
     return trained
@@ -233,16 +244,109 @@ def test_two_styles_of_one_image_each_train_and_use_their_own_network(tmp_path, 
         assert models["s1.png"]["recipe"] != models["s2.png"]["recipe"]
 
 
-def test_each_shard_of_one_process_uses_its_own_network(tmp_path, monkeypatch):
-    """A plain `retry` of a sharded folder runs every shard's ledger in one process, with one engine. Each
-    shard trains its network on its own photos (its own model recipe); the second shard used the first's."""
+def test_the_shards_of_one_process_share_one_network_under_out(tmp_path, monkeypatch):
+    """A plain `retry` of a sharded folder runs every shard's ledger in one process, with one engine. A
+    style has one network, OUT/models/<style>.pt, whichever shard makes its pairs: trained once, recorded in
+    each shard's ledger that used it."""
     s = _plan_settings(tmp_path, 4, method="network", network_steps=2, refine_steps=3)
     shards = (Shard(2, 0), Shard(2, 1))
     assert all(any(sh.owns(f"p{i}.png", "s1.png") for i in range(4)) for sh in shards)  # both have pairs
     trained = _trainings(monkeypatch)
     local.run(s, Display(Console(quiet=True)), shards=shards)
-    assert sorted(trained) == [("0-of-2", "s1.png"), ("1-of-2", "s1.png")]
-    assert all((sh.folder(s.out) / "models" / "s1.png.pt").is_file() for sh in shards)
+    assert trained == [("0-of-2", "s1.png")]
+    assert (s.out / "models" / "s1.png.pt").is_file()
+    assert not any((sh.folder(s.out) / "models").exists() for sh in shards)
+
+
+def test_a_growing_collection_keeps_its_network_and_makes_only_the_new_photo(tmp_path, monkeypatch):
+    """16 photos made by a network (auto), then a 17th added: the second run makes that one pair and trains
+    nothing. A model's recipe covered the photos it trained on, so one photo more redid all 17 pairs and
+    retrained; a collection growing every evening was made again every night."""
+    monkeypatch.setitem(training.BREAK_EVEN, "cpu", 16)
+    s = _plan_settings(tmp_path, 16, method="auto", network_steps=20, refine_steps=2)
+    trained = _trainings(monkeypatch)
+    first = local.run(s, Display(Console(quiet=True)))
+    assert first.made == 16 and first.failed == 0 and trained == [("out", "s1.png")]
+    with Ledger(s.out) as led:
+        assert set(led.methods().values()) == {"network"}
+        before = {(r.content, r.recipe, r.finished_at) for r in led.rows()}
+        model = led.models()["s1.png"]
+    assert model["photos"] == 16 and json.loads(model["trained_on"]) == [f"p{i}.png" for i in sorted(range(16), key=str)]
+    ck = torch.load(s.out / "models" / "s1.png.pt", weights_only=True)
+    assert [n for n, _ in ck["photos"]] == json.loads(model["trained_on"]) and ck["state"]["step"] == 20
+    make_image(s.content / "p16.png", 40, 32, 16)
+    trained.clear()
+    again = local.run(s, Display(Console(quiet=True)))
+    assert again.made == 1 and again.failed == 0 and trained == []
+    with Ledger(s.out) as led:
+        assert before < {(r.content, r.recipe, r.finished_at) for r in led.rows()}  # the 16 untouched
+        assert led.models()["s1.png"]["recipe"] == model["recipe"]
+    # A retrain is asked for: it says what it will redo, and the next run trains once and makes those again.
+    dry = cli("retrain", str(s.out), "--dry-run")
+    assert dry.returncode == 0 and "s1.png: " in dry.stdout and "would make its 16 network-made pair(s)" in dry.stdout
+    assert (s.out / "models" / "s1.png.pt").is_file()
+    assert "no network of style 'nope'" in cli("retrain", str(s.out), "--style", "nope").stderr
+    done = cli("retrain", str(s.out), "--style", "s1.png")
+    assert done.returncode == 0 and "will make its 16 network-made pair(s)" in done.stdout, done.stderr
+    assert not (s.out / "models" / "s1.png.pt").exists()
+    redo = local.run(s, Display(Console(quiet=True)))
+    assert redo.made == 16 and trained == [("out", "s1.png")]
+    with Ledger(s.out) as led:
+        assert led.models()["s1.png"]["photos"] == 16 and led.models()["s1.png"]["recipe"] == model["recipe"]
+    # A photo removed: nothing to make, nothing trained.
+    (s.content / "p3.png").unlink()
+    trained.clear()
+    assert local.run(s, Display(Console(quiet=True))).made == 0 and trained == []
+
+
+def test_pairs_of_a_style_trained_elsewhere_wait_while_other_styles_are_made(tmp_path, monkeypatch):
+    """Another worker holds the claim on s1's network: this one makes s2's pairs meanwhile (training s2's
+    network itself), then, nothing else left, waits for s1's; here the other worker gives up its claim, so
+    this one trains s1 too. Every pair made once, each network trained once."""
+    import os
+    import socket
+    import threading
+    from nst_batch.run import drive
+
+    monkeypatch.setattr(drive, "DEFER_S", 0.2)
+    s = _plan_settings(tmp_path, 3, method="network", network_steps=2, refine_steps=3)
+    shutil.copy(s.styles / "s1.png", s.styles / "s2.png")
+    s = s.replace(lease_s=2, per_style=(("s2.png", (("style_weight", 30.0),)),))
+    claim = s.out / "models" / "s1.png.pt.claim"
+    claim.parent.mkdir(parents=True)
+    claim.write_text(f"{socket.gethostname()}:{os.getppid()} feedbeef")  # a live process of this host
+    stop = threading.Event()
+
+    def other_worker():  # beats while s2's pairs are still to claim, then lets go
+        while not stop.wait(0.2):
+            os.utime(claim)
+            try:
+                with Ledger(s.out, readonly=True) as led:
+                    # (the last one may be still being written when this worker turns to s1's pairs)
+                    if sum(r.style == "s2.png" and r.state != "pending" for r in led.rows()) == 3:
+                        break
+            except ConfigError:
+                pass  # no ledger yet
+        claim.unlink()
+
+    th = threading.Thread(target=other_worker)
+    th.start()
+    trained = _trainings(monkeypatch)
+    notes: list[str] = []
+    monkeypatch.setattr(Display, "note", lambda self, m: notes.append(m))
+    try:
+        result = local.run(s, Display(Console(quiet=True)))
+    finally:
+        stop.set()
+        th.join()
+    assert result.made == 6 and result.failed == 0, result.failures
+    assert trained == [("out", "s2.png"), ("out", "s1.png")]
+    with Ledger(s.out) as led:
+        rows = led.rows()
+    assert all(r.attempts == 1 for r in rows)  # passed over uncounted
+    last_s2 = max(r.finished_at for r in rows if r.style == "s2.png")
+    assert all(r.finished_at > last_s2 for r in rows if r.style == "s1.png")
+    assert any("s1.png: its network is being trained by" in n and "waiting for it" in n for n in notes)
 
 
 def test_a_checkpoint_temporary_of_a_killed_trainer_is_removed(tmp_path):

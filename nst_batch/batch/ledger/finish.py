@@ -7,6 +7,7 @@ what that one recorded.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import KW_ONLY, dataclass
 
@@ -75,10 +76,21 @@ class Finish(Connection):
                                 f"WHERE id=? AND state='{State.DONE}' AND recipe != ?", (pair_id, recipe))
             return False
 
-    def set_model(self, style: str, recipe: str, step: int, steps: int, curve: str | None = None) -> None:
-        """Record a style's network after its checkpoint is on disk (training.Trainer). A later
-        checkpoint given no curve keeps the one stored for the same recipe."""
+    def set_model(self, style: str, recipe: str, step: int, steps: int, curve: str | None = None,
+                  photos: list[str] | None = None) -> None:
+        """Record a style's network after its checkpoint is on disk (training.Trainer), with the photos it
+        trains on (names). A later checkpoint given no curve keeps the one stored for the same recipe."""
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?, ?, COALESCE(?, "
-                            "(SELECT curve FROM models WHERE style=? AND recipe=?)))",
-                            (style, recipe, step, steps, time.time(), curve, style, recipe))
+            self.db.execute("INSERT OR REPLACE INTO models (style, recipe, step, steps, updated_at, curve, photos, "
+                            "trained_on) VALUES (?, ?, ?, ?, ?, COALESCE(?, (SELECT curve FROM models WHERE style=? "
+                            "AND recipe=?)), ?, ?)",
+                            (style, recipe, step, steps, time.time(), curve, style, recipe,
+                             None if photos is None else len(photos), None if photos is None else json.dumps(photos)))
+
+    def forget_model(self, style: str) -> int:
+        """`nst-batch retrain`: the style's model forgotten and the pairs its network made back to pending (the
+        next run trains afresh and makes them again); how many pairs that is."""
+        with self._tx():
+            self.db.execute("DELETE FROM models WHERE style=?", (style,))
+            return self.db.execute(f"UPDATE pairs SET state='{State.PENDING}', worker=NULL, heartbeat=NULL "
+                                   f"WHERE style=? AND state='{State.DONE}' AND method='network'", (style,)).rowcount

@@ -85,10 +85,18 @@ class Reads(Connection):
             n = self.db.execute(f"SELECT COUNT(*) FROM pairs WHERE {_DONE}").fetchone()[0]
             return {"optimize": n} if n else {}
 
+    def network_made(self) -> dict[str, int]:
+        """style -> its done pairs a network made (what `retrain` would make again)."""
+        rows = self.db.execute(f"SELECT style, COUNT(*) FROM pairs WHERE {_DONE} AND method='network' "
+                               "GROUP BY style").fetchall()
+        return {r[0]: r[1] for r in rows}
+
     def models(self) -> dict[str, dict]:
-        """style -> {recipe, step, steps, updated_at, curve} ({} for a ledger older than schema 5)."""
+        """style -> {recipe, step, steps, updated_at, curve, photos, trained_on} ({} for a ledger older than
+        schema 5; photos and trained_on absent before schema 6)."""
         try:
-            rows = self.db.execute("SELECT style, recipe, step, steps, updated_at, curve FROM models").fetchall()
+            cur = self.db.execute("SELECT * FROM models")
         except sqlite3.OperationalError:
             return {}
-        return {r[0]: {"recipe": r[1], "step": r[2], "steps": r[3], "updated_at": r[4], "curve": r[5]} for r in rows}
+        names = [d[0] for d in cur.description]
+        return {r[0]: dict(zip(names[1:], r[1:])) for r in cur.fetchall()}

@@ -19,8 +19,9 @@ from typing import Any
 
 from ...errors import ConfigError
 
-# 2: workers table; 3: files table, (state, style) index; 4: pairs.curve; 5: models, pairs.method
-SCHEMA_VERSION = 5
+# 2: workers table; 3: files table, (state, style) index; 4: pairs.curve; 5: models, pairs.method;
+# 6: models.photos, models.trained_on (a model's recipe no longer covers its photos: they are recorded)
+SCHEMA_VERSION = 6
 
 
 class State(str, Enum):
@@ -155,6 +156,8 @@ _BROUGHT: dict[int, tuple[str, ...]] = {
     3: (_FILES, "CREATE INDEX IF NOT EXISTS pairs_state_style ON pairs (state, style)"),
     4: (),
     5: (_MODELS,),
+    # The photos a model trained on: their count, and their names (a JSON list, at most network.TRAIN_PHOTOS).
+    6: ("ALTER TABLE models ADD COLUMN photos INTEGER", "ALTER TABLE models ADD COLUMN trained_on TEXT"),
 }
 
 
