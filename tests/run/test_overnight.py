@@ -181,9 +181,10 @@ def _interrupt(args, out: Path, cwd: Path, sig: int, at_once: bool = False) -> t
 
 def test_sigint_then_sigterm_put_the_pair_back_and_a_third_run_finishes(grid, tmp_path):
     content, styles, out = grid(2, 1)
-    # A heartbeat a second; no early stop, so the first pair lasts seconds past its first beat (it once
-    # ended, under load, between the beat the test waits for and the signal).
-    args = run_args(content, styles, out, "--steps", "30", "--set", "lease_s=4", "--set", "stop_window=0")
+    # A heartbeat a second; no early stop and 120 steps a scale, so the first pair lasts seconds past its
+    # first beat (with 30 it once ended between the beat the test waits for and the signal: under load,
+    # and with the batched L-BFGS, whose steps cost less host time).
+    args = run_args(content, styles, out, "--steps", "120", "--set", "lease_s=4", "--set", "stop_window=0")
 
     p, key, err = _interrupt(args, out, tmp_path, signal.SIGINT)
     assert p.returncode == 130, err
