@@ -107,3 +107,29 @@ def path_job(engine, content_path: Path, style_path: Path, **kw):
     from nst_batch.run.jobs import file_job
 
     return file_job(engine, content_path, style_path, **kw)
+
+
+class HostReads:
+    """Counts every call that reads a tensor's value on the host (a GPU would wait for its queue at each):
+    patched on torch.Tensor for the test's duration."""
+
+    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            orig = getattr(torch.Tensor, name)
+
+            def counted(*args, _orig=orig, **kw):
+                self.count += 1
+                return _orig(*args, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waits on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

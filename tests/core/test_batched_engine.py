@@ -20,17 +20,12 @@ from nst_batch.core.engine import Engine, resolve
 from nst_batch.core.lbfgs import HISTORY
 from nst_batch.run.jobs import file_engine
 
-from conftest import ROOT, CountingNet, make_image, path_job
+from conftest import CountingNet, HostReads, ROOT, make_image, path_job
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings(tmp_path: Path, n: int, **kw) -> Settings:
@@ -79,20 +74,6 @@ def test_each_image_stops_on_its_own_and_reports_its_own_steps(tmp_path):
     assert (first[0].image - second[0].image).abs().max() * 255 <= 2
 
 
-class HostReads:
-    """Counts every call that reads a tensor on the host (a GPU would wait for its queue at each)."""
-
-    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        for name in self.NAMES:
-            orig = getattr(torch.Tensor, name)
-
-            def counted(*args, _orig=orig, **kw):
-                self.count += 1
-                return _orig(*args, **kw)
-            monkeypatch.setattr(torch.Tensor, name, counted)
 
 
 def test_a_whole_make_reads_the_host_at_most_once_per_four_evaluations(tmp_path, monkeypatch):

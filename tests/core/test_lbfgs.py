@@ -11,16 +11,12 @@ from nst_batch.config.objective import PRESETS
 from nst_batch.core import lbfgs, losses
 from nst_batch.core.vgg import load_vgg19
 
+from conftest import HostReads
+
 SHAPE = (1, 2, 4, 4)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to OpenMP spin-waits on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quad(target: torch.Tensor, curv: torch.Tensor, scale: float = 1.0):
@@ -95,20 +91,6 @@ def test_the_first_step_moves_each_value_by_about_one_percent():
     assert (st.x - x0).abs().mean() == pytest.approx(lbfgs.FIRST_STEP, rel=0.01)
 
 
-class HostReads:
-    """Counts calls of the Tensor methods that read a value on the host."""
-
-    NAMES = ("item", "__float__", "__int__", "__bool__", "tolist", "cpu", "numpy")
-
-    def __init__(self, monkeypatch):
-        self.count = 0
-        for name in self.NAMES:
-            orig = getattr(torch.Tensor, name)
-
-            def counted(*args, _orig=orig, **kw):
-                self.count += 1
-                return _orig(*args, **kw)
-            monkeypatch.setattr(torch.Tensor, name, counted)
 
 
 def test_no_host_read_inside_a_chunk_and_few_per_minimize(monkeypatch):
