@@ -61,18 +61,9 @@ def photos(folder: Path, n: int, size: int) -> list[tuple[str, torch.Tensor]]:
 
 
 def strict_chunks() -> None:
-    """Every chunk of L-BFGS iterations (lbfgs.run_chunk: eager, the warm-up, and what a graph captures) with
-    CUDA's sync debug mode at `error`: a host read inside one raises, and fails its row. Only the chunk:
-    torch.cuda.graph itself synchronises before a capture, on purpose."""
-    run_chunk = lbfgs.run_chunk
-
-    def strict(*args, **kw):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run_chunk(*args, **kw)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-    lbfgs.run_chunk = strict
+    """Every chunk of L-BFGS iterations (eager, the warm-up, and what a graph captures) under lbfgs.sync_checked:
+    a host read inside one raises, and fails its row."""
+    lbfgs.run_chunk = lbfgs.sync_checked(lbfgs.run_chunk)
 
 
 def engine_for(s: Settings, device: torch.device, graphs: bool) -> Engine:

@@ -214,3 +214,16 @@ def minimize(x0: torch.Tensor, evaluate: Evaluate, steps: int, chunk: int = 10, 
         if stop_window and bool(st.done.all()):  # the one host read of a chunk
             break
     return Minimized(st.best_x.view(st.shape), record[:made], st.steps, made)
+
+
+def sync_checked(run: Callable) -> Callable:
+    """`run` (run_chunk) with CUDA's sync debug mode at `error` while it runs: a host read inside a chunk
+    then raises instead of silently stalling the card. Only around the chunk: torch.cuda.graph itself
+    synchronises before a capture, on purpose. For the GPU check (gpu.sh, the CUDA test), not for runs."""
+    def checked(*args, **kw):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return run(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return checked

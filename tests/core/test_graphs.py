@@ -118,16 +118,7 @@ def test_on_cuda_chunks_are_captured_replayed_and_read_nothing_on_the_host(setti
     error, which would fail the pairs), and the images of an eager engine within rounding."""
     from nst_batch.core import lbfgs
 
-    run_chunk = lbfgs.run_chunk
-
-    def strict(*args, **kw):
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            return run_chunk(*args, **kw)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-
-    monkeypatch.setattr(lbfgs, "run_chunk", strict)
+    monkeypatch.setattr(lbfgs, "run_chunk", lbfgs.sync_checked(lbfgs.run_chunk))
     s = settings.replace(device="cuda", precision="fp32")
 
     def engine(graphs_on: bool) -> Engine:
