@@ -24,6 +24,13 @@
 # 32, 64 and auto, with CUDA graphs (and batch 1 and 8 without), each with its mean final loss and its share
 # of the card's bf16 peak; every L-BFGS chunk under torch.cuda.set_sync_debug_mode("error")
 # (benchmarks/bench_gpu_throughput.py). A row predicted to end past 360 s is skipped and says so.
+#
+#     PARTS=slice bash benchmarks/gpu.sh          # its own lease too: ~5 minutes
+#
+# slice: a 10,000 photos x 20 styles plan (3:2 photos at 512 px, the defaults with method optimize and
+# batch auto), its shard 0 of 100 (~2,000 pairs of every style) run end to end through the CLI for 200 s
+# and stopped with Ctrl-C: start-up, pairs/hour, mean final loss, the GPU's busy share (nvidia-smi) and
+# the whole plan's projected hours (benchmarks/bench_slice.py).
 # Images: $IMAGES, else ../shared/images, else the repository's bundled data/ (3 contents x 3 styles).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +73,12 @@ if asked throughput; then
         --batches 1,8,32,64,auto --eager 1,8 --budget-s 360 --json "$out/throughput.json" 2>&1 \
         | tee "$out/throughput.txt"
     [ "${PIPESTATUS[0]}" = 124 ] && echo "== throughput: stopped at its 480s limit ==" | tee -a "$out/throughput.txt"
+fi
+if asked slice; then
+    echo "== slice (limit 330s): shard 0/100 of 10,000 x 20 at 512 px, 200 s of making =="
+    timeout 330 "$py" benchmarks/bench_slice.py --device cuda --images "$images" --seconds 200 \
+        --json "$out/slice.json" 2>&1 | tee "$out/slice.txt"
+    [ "${PIPESTATUS[0]}" = 124 ] && echo "== slice: stopped at its 330s limit ==" | tee -a "$out/slice.txt"
 fi
 want 512 && bench 300 gpu_512 --size 512 --pairs 2x2 --loop-frozen \
     --config "fp32:precision=fp32;steps=300;scales=[1.0];stop_window=0" \

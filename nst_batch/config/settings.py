@@ -130,8 +130,9 @@ class Settings:
     compile: bool = key(False, c.boolean, in_recipe=False, help="torch.compile the VGG forward.")
     # Not in the recipe: each image of a batch is optimised on its own (core/lbfgs.py), so a batch changes no
     # image beyond the rounding of a batched convolution (bitwise equal at 128 px, benchmarks/lbfgs-results.md),
-    # and workers with different cards may then share a folder with `auto`.
-    batch: int | str = key(1, c.batch, in_recipe=False,
+    # and workers with different cards may then share a folder with `auto`. `auto` by default: a GPU is
+    # filled, a CPU (where a batch saves nothing) makes one photo at a time.
+    batch: int | str = key("auto", c.batch, in_recipe=False,
                            help="Optimise up to N photos of one style and shape together; auto: as many as "
                            f"fit in a GPU's memory (at most {AUTO_BATCH_MAX}; 1 on a CPU).")
     # Photos of a style share a batch only when their working shapes are equal; buckets make nearly equal ones

@@ -104,6 +104,13 @@ def _no_styles(key: str, long_side: int) -> torch.Tensor:
     raise PairError("internal", f"no style images were given to the engine (style {key})")
 
 
+def bucket_shape(h: int, w: int, bucket: int) -> tuple[int, int]:
+    """The working shape of a photo of (h, w) with `bucket: N`: each side rounded to the nearest multiple of
+    N (halves up, at least N); N = 0 keeps it. Photos of one style and one such shape share a batch."""
+    n = bucket
+    return (h, w) if not n else (max(n, (h + n // 2) // n * n), max(n, (w + n // 2) // n * n))
+
+
 class Engine:
     """VGG19 on the device, loaded once, and each style's Gram targets, computed once per size.
 
@@ -220,8 +227,7 @@ class Engine:
         multiple of N (at least N), so photos of nearly one shape share a batch; the image is resized back
         to its photo's shape at the end (its loss rows are those of the bucket's shape)."""
         h, w = (int(v) for v in job.photo.shape[-2:])
-        n = self.settings.bucket
-        return (h, w) if not n else (max(n, (h + n // 2) // n * n), max(n, (w + n // 2) // n * n))  # halves up
+        return bucket_shape(h, w, self.settings.bucket)
 
     def batch_size(self, job: Job) -> int:
         """How many jobs like `job` (its style, working shape and steps) one batch holds: `batch`, or for auto

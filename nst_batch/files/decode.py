@@ -345,6 +345,22 @@ def load_rgb(path: Path, max_megapixels: float = 100.0) -> Image.Image:
     return rgb
 
 
+def working_shape(path: Path, long_side: int) -> tuple[int, int] | None:
+    """(H, W) of `path` once decoded upright and fitted to `long_side`, as `load_photo` makes it, from the
+    header alone (no pixels decoded: a fraction of a millisecond). None when the header cannot be read;
+    the pair's own decoding then says why."""
+    heif_support()
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8):  # turned a quarter when upright
+                w, h = h, w
+    except Exception:  # any reason at all: the decode that matters is the pair's own
+        return None
+    fw, fh = fit_long_side(w, h, long_side)
+    return fh, fw
+
+
 def to_tensor(im: Image.Image, long_side: int) -> torch.Tensor:
     """RGB image -> float tensor (1, 3, H, W) in [0, 1] with the long side resized to `long_side`: a photo
     at its working size, or a style image at the size its targets are computed at."""

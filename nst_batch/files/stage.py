@@ -10,6 +10,7 @@ through `finished`): a crash before that leaves it `running`, and it is redone.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,10 +96,13 @@ def encode_and_write(image: torch.Tensor, meta: PhotoMeta | None, settings: Sett
 
 
 class IOStage:
-    """Decodes ahead (one look-ahead; a photo decoded once for all its styles, since plans run photo by
-    photo) and encodes and writes behind, on `workers` threads, while the caller computes."""
+    """Decodes ahead (the next pair's photo, or the next batch's photos; a photo decoded once for all its
+    styles, since plans run photo by photo) and encodes and writes behind, on `workers` threads (Pillow
+    releases the GIL: a batch of 64 photos decodes in parallel), while the caller computes."""
 
-    def __init__(self, size: int, max_megapixels: float, workers: int = 2):
+    def __init__(self, size: int, max_megapixels: float, workers: int | None = None):
+        # Two threads at least (one decoding, one writing); more on a bigger machine, for whole batches.
+        workers = workers or max(2, min(8, os.cpu_count() or 2))
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nst-io")
         self.size, self.max_mp = size, max_megapixels
         self.loads: dict[str, Future] = {}
@@ -109,12 +113,14 @@ class IOStage:
     def _load(self, path: str) -> Photo:
         return load_photo(Path(path), self.size, self.max_mp)
 
-    def prefetch(self, path: str) -> None:
-        # One look-ahead only: a photo another worker took instead must not pile up in memory.
-        for other in [p for p in self.loads if p != path]:
+    def prefetch(self, *paths: str) -> None:
+        """Decode these photos ahead: the next pair's, or the next call's (a batch). Only these: photos
+        looked ahead before and not taken (another worker took their pair) must not pile up in memory."""
+        for other in [p for p in self.loads if p not in paths]:
             self.loads.pop(other).cancel()
-        if path not in self.loads and (self.last is None or self.last[0] != path):
-            self.loads[path] = self.pool.submit(self._load, path)
+        for path in paths:
+            if path not in self.loads and (self.last is None or self.last[0] != path):
+                self.loads[path] = self.pool.submit(self._load, path)
 
     def photo(self, path: str) -> Photo:
         """The photo at its working size and its PhotoMeta (PairError if it cannot be read: every one of

@@ -21,13 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..batch.ledger import Finished, Ledger, Row
+from ..batch.ledger import Accept, Finished, Ledger, Row
 from ..batch.plan import Pair
 from ..config.manifest import Settings
 from ..errors import PairError
 from ..files.layout import thumb_path, write_output
 from ..files.losslog import LossLog, curve_record
 from .backend import Backend, Event, Lost, Slot
+from .jobs import Shapes
 from .lifecycle import Heartbeat, Interrupted, Signals
 from .progress import Display
 from .record import Record
@@ -64,8 +65,9 @@ class Books:
         self.display, self.beat, self.result = display, beat, result
         self.held: dict[int, Row] = {}  # claims not yet recorded or released
 
-    def claim(self, style: str | None = None) -> Row | None:
-        row = self.ledger.claim(self.worker, self.lease_s, self.work.only, style=style, recipes=self.work.recipes)
+    def claim(self, style: str | None = None, accept: Accept | None = None) -> Row | None:
+        row = self.ledger.claim(self.worker, self.lease_s, self.work.only, style=style, recipes=self.work.recipes,
+                                accept=accept)
         if row is not None:
             self.held[row.id] = row
             self.beat.hold(row.id)
@@ -127,6 +129,7 @@ class Drive:
         self.waiting = False
         self.streamed: set[int] = set()  # pairs whose loss rows went to the log as they came
         self.lead: int | None = None  # the pair whose steps the display shows
+        self.shapes = Shapes(settings.size, settings.bucket)
 
     def run(self) -> RunResult:
         self.loss_log = LossLog(self.folder)
@@ -191,8 +194,11 @@ class Drive:
             first = self._claim_not_deferred()
         if first is None:
             return []
-        rows = [first]
-        while len(rows) < self.backend.most_per_call(self.s) and (r := claim(first.style)):
+        rows, most = [first], self.backend.most_per_call(self.s)
+        # The rest of the batch: pairs of its style whose photo has the first one's working shape, so the
+        # engine launches it as one batch, not one per shape.
+        same = self.shapes.like(first.content_path) if most > 1 else None
+        while len(rows) < most and (r := claim(first.style, same)):
             rows.append(r)
         slot.style = first.style
         return rows

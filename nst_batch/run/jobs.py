@@ -5,14 +5,15 @@ benchmark, a test, a sheet) a photo file and a style file become a Job here too 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from ..batch.ledger import Row
 from ..batch.plan import Pair
 from ..config.manifest import Member, Settings
-from ..core.engine import Engine, Job, Made
-from ..files.decode import PhotoMeta
+from ..core.engine import Engine, Job, Made, bucket_shape
+from ..files.decode import PhotoMeta, working_shape
 from ..files.hashing import file_hash
 from ..files.stage import StyleImages, load_photo
 
@@ -32,6 +33,28 @@ def job_for(row: Row, pair: Pair | None, photo: torch.Tensor, styles: StyleImage
     if not members:
         styles.add(pair.style_hash, Path(row.style_path))
     return Job(row.content, row.style, photo, pair.style_hash, members=members, overrides=pair.overrides)
+
+
+class Shapes:
+    """Each photo's working shape (its decoded size, bucketed as the engine does: engine.bucket_shape), read
+    from its header once a run, so the drive claims a batch of one style AND one shape: the engine makes a
+    batch per shape, and a call of mixed shapes would be several small launches."""
+
+    def __init__(self, size: int, bucket: int):
+        self.size, self.bucket = size, bucket
+        self._known: dict[str, tuple[int, int] | None] = {}
+
+    def __call__(self, path: str) -> tuple[int, int] | None:
+        if path not in self._known:
+            hw = working_shape(Path(path), self.size)
+            self._known[path] = None if hw is None else bucket_shape(*hw, self.bucket)
+        return self._known[path]
+
+    def like(self, path: str) -> Callable[[str], bool]:
+        """Whether a photo goes in one batch with `path`'s. A photo whose header cannot be read goes with
+        any: its decoding fails its own pair, whatever batch it is in."""
+        want = self(path)
+        return lambda p: want is None or self(p) in (want, None)
 
 
 def note_for(made: Made, photo: PhotoMeta | None, styles: StyleImages) -> str | None:

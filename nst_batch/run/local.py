@@ -1,13 +1,15 @@
 """The local backend: the pairs computed in this process, on its one engine (`nst-batch run`).
 
-The next photo is decoded on a thread while the engine computes, and each output is encoded and
-written on a thread behind it (files/stage.py's IOStage); a network pair's style network is trained or
+The next photo (with batches: the next call's photos, a call being queued behind the one computing) is
+decoded on threads while the engine computes, and each output is encoded and written on a thread behind
+it (files/stage.py's IOStage); a network pair's style network is trained or
 loaded first (`training.Trainer`). Every call into the engine is in `compute`; the loop around it is
 the drive's (run/drive.py), the set-up the session's.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -67,11 +69,11 @@ def record_of(m: Made, data: bytes | None = None, thumb: bytes | None = None, se
 
 
 def compute(engine: Engine, trainer: training.Trainer, io: IOStage, rows: list[Row],
-            pairs: dict[tuple[str, str], Pair], upcoming: Row | None,
+            pairs: dict[tuple[str, str], Pair], upcoming: list[Row],
             hooks: Hooks) -> list[tuple[Made | Exception, PhotoMeta | None]]:
-    """One call's pairs through the engine: each photo decoded (on the I/O thread when prefetched; a bad
-    one fails its pair alone), a network pair's network trained or loaded, the next photo prefetched, then
-    the batch made. What became of each row, in order: the engine's Made, or the error it failed with,
+    """One call's pairs through the engine: each photo decoded (on the I/O threads when prefetched; a bad
+    one fails its pair alone), a network pair's network trained or loaded, the `upcoming` pairs' photos
+    prefetched, then the batch made. What became of each row, in order: the engine's Made, or the error it failed with,
     and what decoding said of its photo."""
     ends: dict[int, Made | Exception] = {}
     metas: dict[int, PhotoMeta] = {}
@@ -87,8 +89,8 @@ def compute(engine: Engine, trainer: training.Trainer, io: IOStage, rows: list[R
             kept.append(r)
         except Exception as e:
             ends[r.id] = e
-    if upcoming is not None:  # decoded on a thread while this batch computes
-        io.prefetch(upcoming.content_path)
+    if upcoming:  # decoded on the I/O threads while this batch computes
+        io.prefetch(*(r.content_path for r in upcoming))
     if jobs:
         by_job = dict(zip(jobs, kept))
         cfg = engine.optim_for(jobs[0])  # its style's steps, or a network's refine_steps
@@ -113,9 +115,13 @@ class LocalBackend(Backend):
         self.engine, self.folder, self.ledger, self.pairs = engine, folder, ledger, pairs
         self.networks = (styles, methods)
         self.slots = [Slot(str(engine.device))]
-        self.call: list[Row] | None = None
+        self.calls: deque[list[Row]] = deque()
         self.upcoming: Row | None = None
         self.io = IOStage(engine.settings.size, engine.settings.max_megapixels)
+        # With batches (a GPU), a second call is claimed and queued while one computes, so its photos are
+        # decoded meanwhile: one look-ahead photo would leave the rest of a batch of 64 to decode between
+        # launches. Pair by pair (a CPU), one call at a time and the next pair's photo looked ahead.
+        self.queue = 2 if self.most_per_call(engine.settings) > 1 else 1
 
     def start(self, hooks: Hooks) -> None:
         super().start(hooks)
@@ -130,7 +136,8 @@ class LocalBackend(Backend):
         return super().most_per_call(settings)
 
     def submit(self, slot: Slot, rows: list[Row]) -> None:
-        self.call, slot.calls = rows, 1
+        self.calls.append(rows)
+        slot.calls = len(self.calls)
 
     def ahead(self, row: Row) -> None:
         self.upcoming = row
@@ -138,12 +145,14 @@ class LocalBackend(Backend):
     def poll(self, timeout: float) -> list[Event]:
         slot, s = self.slots[0], self.engine.settings
         events: list[Event] = []
-        rows, self.call, upcoming, self.upcoming = self.call, None, self.upcoming, None
+        rows = self.calls.popleft() if self.calls else None
+        upcoming = self.calls[0] if self.calls else [self.upcoming] if self.upcoming else []
+        self.upcoming = None
         if rows is not None:
             try:
                 ends = compute(self.engine, self.trainer, self.io, rows, self.pairs, upcoming, self.hooks)
             finally:
-                slot.calls = 0
+                slot.calls = len(self.calls)
             for r, (end, meta) in zip(rows, ends):
                 if isinstance(end, training.TrainingElsewhere):  # back to pending, uncounted; others first
                     self.hooks.defer(r.style)
@@ -168,7 +177,7 @@ class LocalBackend(Backend):
         pass  # a call computes inside poll, so none is ever found hung
 
     def drain(self) -> list[Event]:
-        self.call = None
+        self.calls.clear()
         return self._written(wait=True)  # computed outputs are worth their files
 
     def close(self) -> None:

@@ -273,3 +273,47 @@ def test_the_ray_backend_claims_one_at_a_time_for_batch_auto_on_cpu_actors():
         backend = RayBackend.__new__(RayBackend)  # most_per_call reads only the actors' device type
         backend.device_type = device_type
         assert backend.most_per_call(s) == most and backend.most_per_call(s.replace(batch=3)) == 3
+
+
+def test_a_batch_is_claimed_of_one_style_and_one_working_shape(tmp_path):
+    """The engine makes a batch per working shape, so a call mixing shapes would be several small launches:
+    the drive fills a call with pairs whose photo has its first pair's shape (read from the header, an
+    EXIF-turned photo by its upright shape); a photo whose header cannot be read goes with any."""
+    from tests.conftest import make_image
+
+    photos = tmp_path / "in"
+    photos.mkdir()
+    wide = [make_image(photos / f"w{i}.png", 48, 32, i) for i in range(2)]
+    tall = [make_image(photos / f"t{i}.png", 32, 48, 10 + i) for i in range(2)]
+    turned = photos / "turned.jpg"  # stored tall, upright wide
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.open(tall[0]).convert("RGB").save(turned, exif=exif.tobytes())
+    broken = photos / "broken.png"
+    broken.write_bytes(b"not an image")
+    order = [wide[0], tall[0], broken, wide[1], tall[1], turned]  # the ledger's order: shapes interleaved
+    out = tmp_path / "out"
+    ledger = Ledger(out)
+    pairs = [SimpleNamespace(content=p.name, style="s.png", content_path=p, style_path=Path("/st/s.png"),
+                             output=f"s/{p.stem}.png", recipe="r1") for p in order]
+    ledger.sync(pairs, out, 30.0)
+    work = Work({}, {(p.name, "s.png"): "r1" for p in order}, None, 0, len(order))
+    for bucket, calls in ((0, [["w0.png", "broken.png", "w1.png", "turned.jpg"], ["t0.png", "t1.png"]]),
+                          (64, [["w0.png", "t0.png", "broken.png", "w1.png"], ["t1.png", "turned.jpg"]])):
+        settings = Settings(out=out, lease_s=30.0, batch=4, size=48, bucket=bucket)
+        ledger.db.execute("UPDATE pairs SET state='pending', worker=NULL")
+        fake = Fake()
+        Drive(ledger, fake, Display(Console(quiet=True)), work, WORKER, out, settings, ["s.png"]).run()
+        assert [[c for c, _ in call] for _, call in fake.submitted] == calls, bucket
+
+
+def test_a_retry_claim_that_passes_rows_over_for_their_shape_leaves_them_claimable(tmp_path):
+    """A retry remembers, per style, the id below which all its pairs were taken (so its claims stay fast);
+    pairs passed over by a shape filter are still pending below the one it took and must stay in reach."""
+    names = [(f"p{i}.png", "s1.png") for i in range(4)]
+    ledger, work, settings = setup(tmp_path, names)
+    only = {r.id for r in ledger.rows()}
+    take = ledger.claim(WORKER, 30.0, only, style="s1.png", accept=lambda path: path.endswith("p2.png"))
+    assert take is not None and take.content == "p2.png"
+    rest = [ledger.claim(WORKER, 30.0, only, style="s1.png") for _ in range(4)]
+    assert sorted(r.content for r in rest if r is not None) == ["p0.png", "p1.png", "p3.png"]

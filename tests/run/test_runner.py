@@ -40,6 +40,30 @@ def test_each_photo_is_decoded_once_and_ahead_on_the_io_thread(fast_settings, mo
     assert content_loads == 3 and prefetched == 2, threads
 
 
+def test_with_batches_the_next_calls_photos_are_decoded_while_a_batch_computes(fast_settings, tmp_path, monkeypatch):
+    """batch 2: a second call is queued behind the one computing, and all its photos decode on the I/O
+    threads meanwhile; only the first call's photos, with nothing before them, decode on the main thread."""
+    threads: dict[str, str] = {}
+    real = stage.load_rgb
+
+    def spy(path, *a, **kw):
+        threads[Path(path).name] = threading.current_thread().name
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(stage, "load_rgb", spy)
+    content = tmp_path / "six"
+    for i in range(6):
+        make_image(content / f"p{i}.png", 48, 32, 40 + i)
+    one = tmp_path / "one"
+    make_image(one / "s.png", 48, 48, 50)
+    s = fast_settings.replace(content=content, styles=one, steps=2, batch=2, out=tmp_path / "out6")
+    result = local.run(s, Display(Console(quiet=True)))
+    assert result.made == 6
+    on_main = sorted(name for name, thread in threads.items() if name.startswith("p") and thread == "MainThread")
+    assert len(on_main) == 2 and all(threads[f"p{i}.png"].startswith("nst-io") for i in range(6)
+                                     if f"p{i}.png" not in on_main), threads
+
+
 # -- the style cache is bounded, the loss log needs no hard link ------------------------------------
 
 

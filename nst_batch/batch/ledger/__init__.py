@@ -18,7 +18,7 @@ output folder's ledgers as one (`LedgerSet`, union.py), for `status`, `report` a
 The tables and their migrations are in schema.py, each column of `pairs` declared once.
 """
 
-from .claims import Recipes
+from .claims import Accept, Recipes
 from .connection import FILENAME
 from .finish import Finished
 from .ledger import Ledger
@@ -27,5 +27,5 @@ from .sync import output_exists
 from .union import LedgerSet, open_ledgers
 from .workers import worker_id
 
-__all__ = ["COLUMNS", "FILENAME", "SCHEMA_VERSION", "STATES", "Finished", "Ledger", "LedgerSet", "Recipes", "Row",
+__all__ = ["Accept", "COLUMNS", "FILENAME", "SCHEMA_VERSION", "STATES", "Finished", "Ledger", "LedgerSet", "Recipes", "Row",
            "State", "open_ledgers", "output_exists", "worker_id"]

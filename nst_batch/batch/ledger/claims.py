@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from .connection import Connection
 from .schema import OUTCOME, Row, State, row
@@ -32,8 +32,12 @@ _PENDING_ONLY = ("SELECT p.* FROM temp.claim_only AS o CROSS JOIN pairs AS p ON 
 _RUNNING = f"state='{State.RUNNING}'"
 
 
-def ours(r: sqlite3.Row, recipes: Recipes | None) -> bool:
-    return recipes is None or recipes.get((r["content"], r["style"])) == r["recipe"]
+Accept = Callable[[str], bool]  # a row's content_path -> whether this claim may take it
+
+
+def ours(r: sqlite3.Row, recipes: Recipes | None, accept: Accept | None = None) -> bool:
+    return ((recipes is None or recipes.get((r["content"], r["style"])) == r["recipe"])
+            and (accept is None or accept(r["content_path"])))
 
 
 def live_claim(state: str, heartbeat: float | None, worker: str | None, now: float, lease_s: float) -> bool:
@@ -54,16 +58,17 @@ class Claims(Connection):
     _retry: _Retry | None = None  # set by the first claim with `only`
 
     def claim(self, worker: str, lease_s: float, only: set[int] | None = None, style: str | None = None,
-              recipes: Recipes | None = None) -> Row | None:
+              recipes: Recipes | None = None, accept: Accept | None = None) -> Row | None:
         """Atomically take the next pending pair (or one whose claim expired); None when none is left.
         With `only` (a retry's ids), only one of those. With `style`, only a pair of that style (to
         fill a batch). With `recipes` ((content, style) -> recipe, from the worker's own plan), only a
         pair whose stored recipe is the one this worker makes: checked inside the claim's
-        transaction, so what it renders is what the ledger says. The lowest id goes first."""
+        transaction, so what it renders is what the ledger says. With `accept`, only a pair whose
+        photo it accepts (one of the batch's working shape). The lowest id goes first."""
         now = time.time()
         self._set_only(only)
         with self._tx():
-            r = self._next(only, style, recipes, (now, lease_s), claiming=True)
+            r = self._next(only, style, recipes, (now, lease_s), claiming=True, accept=accept)
             if r is None:
                 return None
             self.db.execute(f"UPDATE pairs SET {_CLAIMED} WHERE id=?", (worker, now, now, r["id"]))
@@ -92,11 +97,12 @@ class Claims(Connection):
                             (0 if started else 1, pair_id, worker))
 
     def _next(self, only: set[int] | None, style: str | None, recipes: Recipes | None,
-              stale: tuple[float, float] | None, claiming: bool = False) -> sqlite3.Row | None:
+              stale: tuple[float, float] | None, claiming: bool = False,
+              accept: Accept | None = None) -> sqlite3.Row | None:
         """The first claimable row by id: a pending one, found through an index, or (given `stale`,
         (now, lease_s)) a running one whose claim lapsed. Each query reads a few rows whatever the
         ledger's size, so a claim costs the same at 200 pairs and at 200,000."""
-        best = self._first_stale(only, style, recipes, *stale) if stale is not None else None
+        best = self._first_stale(only, style, recipes, *stale, accept) if stale is not None else None
         if only is None:
             sql = _PENDING + (" AND style=?" if style is not None else "") + \
                 " AND id > ? AND id < ? ORDER BY id LIMIT ?"
@@ -113,9 +119,9 @@ class Claims(Connection):
         while True:  # keyset: steps over pending rows stored under another recipe
             rows = self.db.execute(sql, (*head, after, before, _STEP)).fetchall()
             for r in rows:
-                if ours(r, recipes):
-                    if claiming and floors is not None:
-                        floors[style] = r["id"]
+                if ours(r, recipes, accept):
+                    if claiming and floors is not None and accept is None:  # rows passed over by
+                        floors[style] = r["id"]  # `accept` are still pending below this one
                     return r
             if len(rows) == _STEP:
                 after = rows[-1]["id"]
@@ -125,7 +131,7 @@ class Claims(Connection):
                 return best
 
     def _first_stale(self, only: set[int] | None, style: str | None, recipes: Recipes | None, now: float,
-                     lease_s: float) -> sqlite3.Row | None:
+                     lease_s: float, accept: Accept | None = None) -> sqlite3.Row | None:
         """The first running row whose claim lapsed: heartbeat older than the lease (judged in SQL), or
         held by a process of this machine that is gone (judged once per worker, not per row)."""
         workers = [w for (w,) in self.db.execute(f"SELECT DISTINCT worker FROM pairs WHERE {_RUNNING}")]
@@ -134,7 +140,7 @@ class Claims(Connection):
                 f"SELECT * FROM pairs WHERE {_RUNNING} AND style=COALESCE(?, style) AND "
                 f"(COALESCE(heartbeat, 0) <= ? OR worker IN ({','.join('?' * len(dead))})) ORDER BY id",
                 (style, now - lease_s, *dead)):
-            if (only is None or r["id"] in only) and ours(r, recipes):
+            if (only is None or r["id"] in only) and ours(r, recipes, accept):
                 return r
         return None
 
