@@ -329,6 +329,35 @@ def test_worker_heartbeat_keeps_a_registration_live(ledger, out):
         ledger.register(worker_id(), _settings(size=48), LEASE)
 
 
+def test_a_shard_is_refused_while_another_shard_runs_with_other_settings(out):
+    """The shards of one OUT share its networks: a shard's worker is refused, naming the keys and the
+    shard, while a worker on another shard's ledger (another host's: judged by heartbeat and lease) has
+    other settings; equal settings go on together, and a shard whose workers have gone holds nothing."""
+    from nst_batch.batch.shards import Shard
+
+    zero, one = (Ledger(Shard(3, k).folder(out)) for k in (0, 1))
+    Ledger(Shard(3, 2).folder(out)).close()  # a third shard, nothing running on it
+    try:
+        zero.register("far-host:7", _settings(), LEASE)
+        with pytest.raises(ConfigError) as e:
+            one.register(worker_id(), _settings(size=48), LEASE)
+        msg = str(e.value)
+        assert "\n" not in msg and "shard 0/3" in msg and "far-host:7" in msg and "size 48 here vs 32 there" in msg
+        assert one.live_workers() == []  # refused: its registration taken back
+        one.register(worker_id(), _settings(), LEASE)  # the same settings: both run
+        assert [w for w, _, _ in one.live_workers()] == [worker_id()]
+        one.unregister(worker_id())
+        zero.db.execute("UPDATE workers SET heartbeat=?", (time.time() - LEASE - 1,))  # that host went quiet
+        one.register(worker_id(), _settings(size=48), LEASE)
+        # Now the first shard's worker with its old settings is the one refused, by this shard's.
+        zero.db.execute("UPDATE workers SET heartbeat=?", (time.time(),))
+        with pytest.raises(ConfigError, match=r"shard 1/3 .*size 32 here vs 48 there"):
+            zero.register("far-host:8", _settings(), LEASE)
+    finally:
+        zero.close()
+        one.close()
+
+
 def as_schema(out, version: int, *undo: str) -> None:
     """Rewrite OUT's ledger as an older nst-batch left it: `undo` removes what later schemas added."""
     db = sqlite3.connect(out / FILENAME)
