@@ -119,7 +119,7 @@ class Workers(Connection):
                     continue
                 if said := _differences(mine, json.loads(r["settings"])):
                     self.unregister(worker)
-                    raise ConfigError(f"shard {name} of {self.path.parent.parent.parent} is running ({r['worker']}) "
+                    raise ConfigError(f"shard {name} is running on {self.path.parent.parent.parent} ({r['worker']}) "
                                       f"with different settings: {said}; the shards of one output folder share "
                                       "its networks and report: start this one with the same settings, or once "
                                       "that one has finished")
