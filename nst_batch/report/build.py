@@ -38,12 +38,12 @@ def write_report(out: Path) -> list[Path]:
     grid = Grid.of(out, rows)
     thumbs = make_thumbnails(out, rows, grid.on_disk, limit if isinstance(limit, (int, float)) else MAX_MEGAPIXELS)
     written = [out / SUMMARY_CSV]
-    write_text_atomic(written[0], summary_csv(rows, read.methods))
+    write_text_atomic(written[0], summary_csv(rows, read.methods, read.pair_models))
     sheets = write_sheets(out, grid, thumbs)
     written += sheets.written
     pages = style_pages(grid)
     job = PageJob(out, grid, thumbs, pages, sheets.per_style, rows, out / LOSS_LOG, read.methods, read.models,
-                  counts_by_style(rows))
+                  counts_by_style(rows), read.pair_models)
     written += _all_pages(job)
     remove_stale(out, {p.relative_to(out).as_posix() for p in written})
     front = out / REPORT_HTML

@@ -15,13 +15,14 @@ class Read:
     settings: dict
     skipped: list[Skipped]
     methods: dict[tuple[str, str], str]  # (content, style) -> the method that made each done pair
-    models: dict[str, dict]  # style -> its network (Ledger.models: step, steps, curve)
+    models: dict[str, dict]  # style -> its network (Ledger.models: recipe, step, steps, curve, photos...)
+    pair_models: dict[tuple[str, str], str]  # (content, style) -> the model that made each done network pair
 
 
 def read_ledger(out: Path) -> Read:
     with open_ledgers(out) as ledgers:  # one ledger, or every shard's
         return Read(ledgers.rows(), ledgers.stored_settings(), skipped_from(ledgers.get_meta("skipped")),
-                    ledgers.methods(), ledgers.models())
+                    ledgers.methods(), ledgers.models(), ledgers.pair_models())
 
 
 @dataclass(frozen=True)

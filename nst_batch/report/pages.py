@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from ..files.losslog import parse_curve
 from .cards import Card, cards_html
 from .curves import SERIES, Curves, chart, chart_svg
 from .grid import Grid
+from .status import short_model, when
 from .summary import STATE_ORDER
 from .thumbs import Thumbs
 
@@ -109,6 +111,15 @@ class PageJob:
     methods: dict[tuple[str, str], str]
     models: dict[str, dict]
     counts: dict[str, dict[str, int]]  # summary.counts_by_style: counted once, not once a page
+    pair_models: dict[tuple[str, str], str]  # (content, style) -> the model that made a done network pair
+
+    @functools.cached_property
+    def made(self) -> dict[tuple[str, str], int]:
+        """(style, model) -> the pairs that model made: counted once, not once a page."""
+        got: dict[tuple[str, str], int] = {}
+        for (_, style), model in self.pair_models.items():
+            got[(style, model)] = got.get((style, model), 0) + 1
+        return got
 
 
 def write_pages(job: PageJob, which: Iterable[int]) -> list[Path]:
@@ -150,9 +161,11 @@ def _page_key(job: PageJob, page: StylePage, rows: list[Row], stored: dict[int, 
     h = hashlib.sha1(_code_key())
     h.update(repr((page, len(g.styles), len(g.contents), job.out.resolve().name, job.sheets.get(page.k),
                    t.style.get(page.style), csv_signature, job.models.get(page.style))).encode())
+    model = job.models.get(page.style)
+    h.update(repr(job.made.get((page.style, model["recipe"])) if model else None).encode())
     for r in rows:
         h.update(repr((tuple(vars(r).values()), r.id in g.on_disk, t.output.get(r.id), t.content.get(r.content),
-                       stored.get(r.id))).encode())
+                       stored.get(r.id), job.pair_models.get((r.content, r.style)))).encode())
     return h.hexdigest()
 
 
@@ -188,6 +201,7 @@ def _card(job: PageJob, r: Row, points: dict[int, list]) -> Card:
     src = job.thumbs.content.get(r.content)
     done = r.state == "done"
     seconds = r.seconds if done or r.state == "failed" else None  # as summary.shown gives them
+    model = job.pair_models.get((r.content, r.style)) if done else None
     return Card(
         anchor(r.id), r.content, r.state, f"{r.style} × {r.content}", r.error_kind or "failed", msg,
         msg if len(msg) <= 160 else msg[:157] + "…", href(r.output, 1) if on_disk else None,
@@ -195,7 +209,7 @@ def _card(job: PageJob, r: Row, points: dict[int, list]) -> Card:
         href(thumb, 1) if on_disk and thumb else None, "../" + src if src else None, r.note,
         (f"{job.methods.get((r.content, r.style), 'optimize')} · " if done else "")
         + f"attempts {r.attempts} · steps {num(r.steps if done else None, '{}') or '-'} · "
-        f"{num(seconds, '{:.1f}') or '-'} s",
+        f"{num(seconds, '{:.1f}') or '-'} s" + (f" · model {short_model(model)}" if model else ""),
         " · ".join(f"{name} {v}" for name, col in _LOSSES if (v := num(getattr(r, col)))) if done else "",
         chart_svg(points.get(r.id, [])))
 
@@ -214,8 +228,20 @@ def _style_context(job: PageJob, page: StylePage, rows: list[Row], points: dict[
         "counts": job.counts[page.style], "states": STATE_ORDER, "first": first + 1,
         "last": first + len(page.contents), "n_contents": len(grid.contents),
         "cards": cards_html([_card(job, r, points) for r in rows]), "series": SERIES,
-        # The style's network (method network): how far it trained, and its training curve (each point
-        # the mean of the steps since the one before: training.WindowMean), drawn like a pair's.
-        "model": None if model is None else {
-            "step": model["step"], "steps": model["steps"], "chart": chart(parse_curve(model["curve"]))},
+        "model": None if model is None else _model_context(job, page.style, model),
     }
+
+
+def _model_context(job: PageJob, style: str, model: dict) -> dict:
+    """The style's network (method network): its recipe, how far it trained and when, the photos it trained
+    on, the pairs it made, and its training curve (each point the mean of the steps since the one before:
+    training.WindowMean), drawn like a pair's."""
+    try:
+        names = json.loads(model.get("trained_on") or "[]")
+        names = [str(n) for n in names] if isinstance(names, list) else []
+    except ValueError:  # a damaged record: no list, not a crash
+        names = []
+    return {"recipe": model["recipe"], "short": short_model(model["recipe"]), "step": model["step"],
+            "steps": model["steps"], "when": when(model.get("updated_at")), "photos": model.get("photos"),
+            "trained_on": names, "made": job.made.get((style, model["recipe"]), 0),
+            "chart": chart(parse_curve(model["curve"]))}

@@ -8,6 +8,7 @@ pairs); `summarize` does the same from rows already loaded (the report has them)
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -38,6 +39,7 @@ class Summary:
     highest_loss: list[dict] = field(default_factory=list)  # top done pairs by final total loss
     skipped: list[Skipped] = field(default_factory=list)  # input-folder entries the plan left out
     method_counts: dict[str, int] = field(default_factory=dict)  # done pairs per method (optimize, network)
+    models: list[dict] = field(default_factory=list)  # each style's network (`models_of`), in style order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,12 +68,69 @@ def summarize(rows: list[Row], skipped: list[Skipped] | None = None,
 
 def summarize_ledger(ledger: Ledger | LedgerSet) -> Summary:
     """summarize(ledger.rows()) without loading the rows: counts, sums and the top few by SQL, so
-    `status` takes well under a second at 200,000 pairs. A LedgerSet: all shards together."""
+    `status` takes well under a second at 200,000 pairs. A LedgerSet: all shards together. With each
+    style's network (`models_of`)."""
     secs, first, last = ledger.done_seconds()
-    return _summary(ledger.counts(), secs, first, last, ledger.failed_rows(),
-                    _top(ledger.top_done("seconds", TOP_N), "seconds"),
-                    _top(ledger.top_done("total_loss", TOP_N), "total_loss"),
-                    skipped_from(ledger.get_meta("skipped")), ledger.method_counts())
+    made = ledger.made_counts()  # the one grouped query both the method counts and the networks read
+    by_method: dict[str, int] = {}
+    for (_, method, _), n in made.items():
+        by_method[method] = by_method.get(method, 0) + n
+    summary = _summary(ledger.counts(), secs, first, last, ledger.failed_rows(),
+                       _top(ledger.top_done("seconds", TOP_N), "seconds"),
+                       _top(ledger.top_done("total_loss", TOP_N), "total_loss"),
+                       skipped_from(ledger.get_meta("skipped")), by_method)
+    summary.models = models_of(ledger.models(), made)
+    return summary
+
+
+def models_of(models: dict[str, dict], made: dict[tuple[str, str, str | None], int]) -> list[dict]:
+    """Each style that has a network (Ledger.models), by style name: its recipe, how far it trained
+    (`trained` once step reaches steps), when it was last recorded (`at`: its finishing time once trained),
+    on how many photos, the done pairs of the style by method, and how many of them this model made
+    (`made`) and how many a network made without a model recorded (`unrecorded`: before schema 7) or by
+    another one (`other`). `made`: Ledger.made_counts, one grouped query."""
+    got = []
+    for style, m in sorted(models.items()):
+        by_method: dict[str, int] = {}
+        mine = unrecorded = other = 0
+        for (st, method, model), n in made.items():
+            if st != style:
+                continue
+            by_method[method] = by_method.get(method, 0) + n
+            if method == "network":
+                if model == m["recipe"]:
+                    mine += n
+                elif model is None:
+                    unrecorded += n
+                else:
+                    other += n
+        got.append({"style": style, "recipe": m["recipe"], "step": m["step"], "steps": m["steps"],
+                    "trained": m["step"] >= m["steps"], "at": m["updated_at"], "photos": m.get("photos"),
+                    "methods": dict(sorted(by_method.items(), key=lambda kv: -kv[1])), "made": mine,
+                    "unrecorded": unrecorded, "other": other})
+    return got
+
+
+def short_model(recipe: str) -> str:
+    """A model's recipe as the terminal and the report show it: its first 8 hex digits, enough to tell
+    the models of one output folder apart."""
+    return recipe[:8]
+
+
+def when(t: float | None) -> str:
+    """A time the ledger recorded, in this machine's time zone: '2026-12-06 07:45'."""
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
+
+def model_cells(m: dict) -> tuple[str, ...]:
+    """A network's row in `status` (and its line on the style page): method, model, training, when,
+    photos, pairs made."""
+    methods = ", ".join(f"{k} {n}" for k, n in m["methods"].items()) or "network (none done yet)"
+    made = f"{m['made']}" + (f" (+{m['unrecorded']} unrecorded)" if m["unrecorded"] else "") + \
+        (f" (+{m['other']} by another model)" if m["other"] else "")
+    training = f"trained {m['step']}/{m['steps']}" if m["trained"] else f"training {m['step']}/{m['steps']}"
+    photos = "-" if m["photos"] is None else str(m["photos"])
+    return methods, short_model(m["recipe"]), training, when(m["at"]), photos, made
 
 
 def _summary(counts: dict[str, int], done_seconds: list[float], first_start: float | None,
@@ -125,6 +184,13 @@ def print_status(console: Console, out: Path, summary: Summary) -> None:
                   f"ETA {duration(summary.eta_s)}")
     if summary.method_counts:
         console.print(method_line(summary.method_counts), markup=False, highlight=False)
+    if summary.models:
+        t = Table(title="Networks")
+        for col in ("style", "method", "model", "training", "when", "photos", "pairs made"):
+            t.add_column(col, overflow="fold")
+        for m in summary.models:
+            t.add_row(Text(printable(m["style"])), *map(Text, model_cells(m)))
+        console.print(t)
     if summary.failures:
         t = Table(title="Failed pairs", show_lines=False)
         for col in ("style", "content", "kind", "reason"):

@@ -9,7 +9,7 @@ Whatever computes the pairs (this process, Ray actors), this loop alone owns the
 - signals: SIGINT/SIGTERM end the loop; claims not yet computed are released, outputs computed
   already are written and recorded;
 - the loss log, and the record of every end: done only while this worker holds the claim under its
-  recipe, with the method that made the pair;
+  recipe, with the method that made the pair (and, for a network, its model's recipe);
 - faults: a slot lost while computing costs its pairs an attempt and sends them back to pending (the
   LOST_LIMIT-th loss of one pair fails it as `worker_lost`); a call only queued behind the lost one
   goes back uncounted; a call computing past `pair_timeout_s` is cancelled and counts as lost.
@@ -99,7 +99,8 @@ class Books:
         f = rec.final
         recorded = self.ledger.done(Finished(row.id, self.worker, rec.steps, f.content, f.style, f.tv, f.total,
                                              recipe=row.recipe, note=rec.note, finished_at=finished_at,
-                                             seconds=rec.seconds, curve=curve_record(rec.logs), method=rec.method))
+                                             seconds=rec.seconds, curve=curve_record(rec.logs), method=rec.method,
+                                             model=rec.model if rec.method == "network" else None))
         self._let_go(row)
         if not recorded:  # our lease ran out (process stopped?) and the pair was reset meanwhile
             self.display.note(f"{row.style} × {row.content}: not recorded: this worker's claim on it had lapsed "

@@ -65,7 +65,7 @@ def record_of(m: Made, data: bytes | None = None, thumb: bytes | None = None, se
               written_at: float | None = None) -> Record:
     """The engine's result for one job as the drive records it (the Ray actor sends the same)."""
     return Record(data, thumb, m.logs, m.final, m.steps, m.note, None if m.ok else (m.error.kind, str(m.error)),
-                  seconds, m.job.method, written_at)
+                  seconds, m.job.method, written_at, m.job.model)
 
 
 def compute(engine: Engine, trainer: training.Trainer, io: IOStage, rows: list[Row],

@@ -28,6 +28,7 @@ class Record:
     seconds: float | None  # compute time; None: the time since the claim (computed right after it)
     method: str = "optimize"  # what made it: optimize or network
     written_at: float | None = None  # set when the backend wrote the file itself (off the main thread)
+    model: str | None = None  # method network: the recipe of the model that made it (Job.model)
 
     @property
     def ok(self) -> bool:

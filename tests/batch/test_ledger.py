@@ -329,6 +329,35 @@ def test_worker_heartbeat_keeps_a_registration_live(ledger, out):
         ledger.register(worker_id(), _settings(size=48), LEASE)
 
 
+def test_a_shard_is_refused_while_another_shard_runs_with_other_settings(out):
+    """The shards of one OUT share its networks: a shard's worker is refused, naming the keys and the
+    shard, while a worker on another shard's ledger (another host's: judged by heartbeat and lease) has
+    other settings; equal settings go on together, and a shard whose workers have gone holds nothing."""
+    from nst_batch.batch.shards import Shard
+
+    zero, one = (Ledger(Shard(3, k).folder(out)) for k in (0, 1))
+    Ledger(Shard(3, 2).folder(out)).close()  # a third shard, nothing running on it
+    try:
+        zero.register("far-host:7", _settings(), LEASE)
+        with pytest.raises(ConfigError) as e:
+            one.register(worker_id(), _settings(size=48), LEASE)
+        msg = str(e.value)
+        assert "\n" not in msg and "shard 0/3" in msg and "far-host:7" in msg and "size 48 here vs 32 there" in msg
+        assert one.live_workers() == []  # refused: its registration taken back
+        one.register(worker_id(), _settings(), LEASE)  # the same settings: both run
+        assert [w for w, _, _ in one.live_workers()] == [worker_id()]
+        one.unregister(worker_id())
+        zero.db.execute("UPDATE workers SET heartbeat=?", (time.time() - LEASE - 1,))  # that host went quiet
+        one.register(worker_id(), _settings(size=48), LEASE)
+        # Now the first shard's worker with its old settings is the one refused, by this shard's.
+        zero.db.execute("UPDATE workers SET heartbeat=?", (time.time(),))
+        with pytest.raises(ConfigError, match=r"shard 1/3 .*size 32 here vs 48 there"):
+            zero.register("far-host:8", _settings(), LEASE)
+    finally:
+        zero.close()
+        one.close()
+
+
 def as_schema(out, version: int, *undo: str) -> None:
     """Rewrite OUT's ledger as an older nst-batch left it: `undo` removes what later schemas added."""
     db = sqlite3.connect(out / FILENAME)
@@ -346,13 +375,13 @@ def test_a_schema_1_ledger_opens_and_is_migrated(out):
     finish(led, out)
     before = led.rows()
     led.close()
-    as_schema(out, 1, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE workers", "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 1, "ALTER TABLE pairs DROP COLUMN model", "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE workers", "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)  # status and report read it as it is
     assert ro.rows() == before
     ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 7
         assert led.rows() == before
         assert {"workers", "files", "pairs_state_style"} <= _names(led)
         led.register(worker_id(), _settings(), LEASE)
@@ -376,7 +405,7 @@ def test_a_schema_2_ledger_is_read_as_it_is_and_migrated_for_writers(out):
     led.store_hashes({"/in/a.png": (3, 4, "h")})
     before = led.rows()
     led.close()
-    as_schema(out, 2, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE files", "DROP INDEX pairs_state_style", "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 2, "ALTER TABLE pairs DROP COLUMN model", "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "DROP TABLE files", "DROP INDEX pairs_state_style", "ALTER TABLE pairs DROP COLUMN curve")
     summary = load_summary(out)
     assert summary.counts == {"pending": 2, "running": 0, "done": 0, "failed": 1} and summary.total == 3
     assert Ledger.stored_hashes(out) == {}  # no cache yet: every file is read once, as before
@@ -403,7 +432,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
     finish(led, out)
     before = led.rows()
     led.close()
-    as_schema(out, 3, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "ALTER TABLE pairs DROP COLUMN curve")
+    as_schema(out, 3, "ALTER TABLE pairs DROP COLUMN model", "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method", "ALTER TABLE pairs DROP COLUMN curve")
     ro = Ledger(out, readonly=True)
     try:
         assert ro.rows() == before and ro.get(before[0].id) == before[0]
@@ -413,7 +442,7 @@ def test_a_schema_3_ledger_has_no_curves_for_readers_and_gets_the_column_for_wri
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 7
         assert led.rows() == before and led.curves(r.id for r in before) == {}
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
@@ -738,7 +767,7 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
     led.sync([pair("a.png"), pair("b.png")], out, LEASE)
     finish(led, out)
     led.close()
-    as_schema(out, 4, "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method")
+    as_schema(out, 4, "ALTER TABLE pairs DROP COLUMN model", "DROP TABLE models", "ALTER TABLE pairs DROP COLUMN method")
     ro = Ledger(out, readonly=True)
     try:
         assert ro.method_counts() == {"optimize": 2} and ro.models() == {}
@@ -747,7 +776,7 @@ def test_a_schema_4_ledger_reads_as_optimised_and_gets_methods_and_models_for_wr
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 7
         led.sync([pair("a.png"), pair("b.png"), pair("c.png")], out, LEASE)
         r = led.claim("w:1", LEASE)
         assert led.done(Finished(r.id, "w:1", 10, 1.0, 2.0, 0.1, 3.1, method="network"))
@@ -779,17 +808,65 @@ def test_row_and_the_table_have_the_columns_declared_once(ledger):
         assert (r["name"], r["type"], bool(r["notnull"])) == (c.name, c.sql.split()[0], "NOT NULL" in c.sql)
 
 
-# The text of sqlite_master of a new ledger, as every nst-batch of schema 6 has written it: a change
-# here means a new ledger differs on disk from one an earlier version wrote. (Schema 5's was 5dd7a183...;
-# a schema-5 ledger migrated has the same text as a new one: test_a_schema_5_ledger_keeps_its_models...)
+# The text of sqlite_master of a new ledger, as every nst-batch of schema 7 has written it: a change
+# here means a new ledger differs on disk from one an earlier version wrote. (Schema 6's was 00090b78...,
+# schema 5's 5dd7a183...; a ledger migrated has the same text as a new one: test_a_schema_6_ledger_...)
+_SCHEMA_7_SHA256 = "ecbb427df9b70347f547d58eac68fe0f3c90597e7f833a31d55dcb51239e5609"
 _SCHEMA_6_SHA256 = "00090b783c53d066932822a11d0b9746203ea059d8ff5d6e1db779a1cb9f5360"
 
 
-def test_a_new_ledger_has_the_schema_text_of_schema_6(ledger):
+def _schema_sha(db) -> str:
     import hashlib
 
-    rows = [tuple(r) for r in ledger.db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
-    assert hashlib.sha256(repr(rows).encode()).hexdigest() == _SCHEMA_6_SHA256
+    rows = [tuple(r) for r in db.execute("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY rowid")]
+    return hashlib.sha256(repr(rows).encode()).hexdigest()
+
+
+def test_a_new_ledger_has_the_schema_text_of_schema_7(ledger):
+    assert _schema_sha(ledger.db) == _SCHEMA_7_SHA256
+
+
+def test_a_schema_6_ledger_gains_the_model_of_each_pair_and_keeps_its_rows(out):
+    """A schema 6 file as this code's own declarations write it (each schema's statements up to 6), with
+    a pair made by a network, one by optimisation, one pending and a model: readers read it as it is (no
+    model of any pair); a worker adds pairs.model, keeps every row, and records a network pair's model."""
+    from nst_batch.batch.ledger.schema import statements
+
+    out.mkdir()
+    db = sqlite3.connect(out / FILENAME)
+    for v in range(1, 7):
+        for stmt in statements(v):
+            db.execute(stmt)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '6')")
+    assert _schema_sha(db) == _SCHEMA_6_SHA256  # what every nst-batch of schema 6 wrote
+    for i, (state, method) in enumerate((("done", "network"), ("done", "optimize"), ("pending", None))):
+        db.execute("INSERT INTO pairs (content, style, content_path, style_path, output, recipe, state, attempts, "
+                   "finished_at, steps, total_loss, curve, method) VALUES (?, 's.png', ?, '/st/s.png', ?, 'r1', ?, "
+                   "1, 100.0, 3, 3.1, '[[3,32,1,2,3.1]]', ?)", (f"{i}.png", f"/in/{i}.png", f"s/{i}.png", state, method))
+    db.execute("INSERT INTO models VALUES ('s.png', 'm1', 4, 4, 100.0, '[[4,32,1,2,0,3,0.1]]', 2, '[\"0.png\", \"1.png\"]')")
+    db.commit()
+    before = [tuple(r) for r in db.execute("SELECT * FROM pairs ORDER BY id")]
+    model_before = db.execute("SELECT * FROM models").fetchall()
+    db.close()
+    with Ledger(out, readonly=True) as ro:
+        assert ro.get_meta("schema_version") == 6  # untouched by readers
+        assert ro.pair_models() == {}
+        assert ro.made_counts() == {("s.png", "network", None): 1, ("s.png", "optimize", None): 1}
+    with Ledger(out) as led:
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 7
+        assert [tuple(r)[:-1] for r in led.db.execute("SELECT * FROM pairs ORDER BY id")] == before
+        assert [r["model"] for r in led.db.execute("SELECT model FROM pairs")] == [None, None, None]
+        assert [tuple(r) for r in led.db.execute("SELECT * FROM models")] == model_before
+        assert _schema_sha(led.db) == _SCHEMA_7_SHA256  # migrated, it is what a new ledger is
+        r = led.claim("w:1", LEASE)
+        assert r.content == "2.png"
+        assert led.done(Finished(r.id, "w:1", 3, 1.0, 2.0, 0.1, 3.1, method="network", model="m1"))
+        assert led.pair_models() == {("2.png", "s.png"): "m1"}
+        assert led.made_counts() == {("s.png", "network", None): 1, ("s.png", "network", "m1"): 1,
+                                     ("s.png", "optimize", None): 1}
+        led.db.execute("UPDATE pairs SET state='pending' WHERE id=?", (r.id,))
+        led.claim("w:1", LEASE, only={r.id})
+        assert led.pair_models() == {}  # a new attempt: the model of the one before is not its model
 
 
 def test_states_round_trip_through_the_ledger(ledger, out):
@@ -823,10 +900,11 @@ def _shard_ledgers(out: Path) -> None:
                 else:
                     led.done(Finished(r.id, "w:1", 3, 1.0, 2.0, 0.1, 3.0 + i + k, finished_at=100.0 + 10 * i + k,
                                       seconds=1.0 + i * 2 + k, method="network" if i == k else "optimize",
-                                      curve=f"[[{k}{i}]]"))
+                                      model=f"m{k}" if i == k else None, curve=f"[[{k}{i}]]"))
             led.claim("w:1", LEASE)
             led.set_model(f"s{k}.png", f"m{k}", 5, 10)
-            led.set_model("s9.png", f"m{k}", 5, 10)  # trained by both: the union shows the first shard's
+            led.set_model("s9.png", f"m{k}", 5 + k, 10)  # recorded by both: the union shows the later record
+            led.db.execute("UPDATE models SET updated_at=? WHERE style='s9.png'", (1000.0 + k,))
             if k == 1:
                 led.store_settings({"size": 32})
                 led.set_meta("skipped", ["x"])
@@ -836,7 +914,7 @@ def _shard_ledgers(out: Path) -> None:
 
 def test_a_ledger_set_forwards_each_reader_and_merges_the_answers(out):
     """Each reader over two shard ledgers equals the answer made from each shard's by hand: rows with
-    union ids (local id x 2 + K), counts summed, the first shard's model of a style both trained."""
+    union ids (local id x 2 + K), counts summed, the latest record of a model both shards recorded."""
     from dataclasses import replace
 
     from nst_batch.batch.ledger import open_ledgers
@@ -861,10 +939,14 @@ def test_a_ledger_set_forwards_each_reader_and_merges_the_answers(out):
             assert lset.counts() == {"pending": 2, "running": 2, "done": 6, "failed": 2}
             assert lset.method_counts() == {"optimize": 4, "network": 2}
             assert lset.methods() == a.methods() | b.methods() and len(lset.methods()) == 6
+            assert lset.pair_models() == a.pair_models() | b.pair_models() and set(lset.pair_models().values()) == {"m0", "m1"}
+            assert lset.made_counts() == {k: a.made_counts().get(k, 0) + b.made_counts().get(k, 0)
+                                          for k in a.made_counts().keys() | b.made_counts().keys()}
+            assert sum(n for (_, m, _), n in lset.made_counts().items() if m == "network") == 2
             secs = a.done_seconds()[0] + b.done_seconds()[0]
             assert lset.done_seconds() == (secs, min(a.done_seconds()[1], b.done_seconds()[1]),
                                            max(a.done_seconds()[2], b.done_seconds()[2]))
-            assert lset.models() == b.models() | a.models() and lset.models()["s9.png"]["recipe"] == "m0"
+            assert lset.models() == a.models() | b.models() and lset.models()["s9.png"]["recipe"] == "m1"
             assert lset.stored_settings() == {"size": 32} == b.stored_settings() and a.stored_settings() == {}
             assert lset.get_meta("skipped", "dflt") == ["x"] and lset.get_meta("nothing", "dflt") == "dflt"
             assert lset.live_workers() == []
@@ -882,7 +964,7 @@ def test_a_schema_5_ledger_keeps_its_models_and_gains_the_photos_they_trained_on
     led = Ledger(out)
     led.set_model("s.png", "r1", 4, 4, "[[4,32,1,2,0,3,0.1]]")
     led.close()
-    as_schema(out, 5, "ALTER TABLE models DROP COLUMN photos", "ALTER TABLE models DROP COLUMN trained_on")
+    as_schema(out, 5, "ALTER TABLE pairs DROP COLUMN model", "ALTER TABLE models DROP COLUMN photos", "ALTER TABLE models DROP COLUMN trained_on")
     ro = Ledger(out, readonly=True)
     try:
         assert ro.models()["s.png"]["recipe"] == "r1" and "photos" not in ro.models()["s.png"]
@@ -890,7 +972,7 @@ def test_a_schema_5_ledger_keeps_its_models_and_gains_the_photos_they_trained_on
         ro.close()
     led = Ledger(out)
     try:
-        assert led.get_meta("schema_version") == SCHEMA_VERSION == 6
+        assert led.get_meta("schema_version") == SCHEMA_VERSION == 7
         assert led.models()["s.png"]["step"] == 4 and led.models()["s.png"]["photos"] is None
         led.set_model("t.png", "r2", 2, 4, None, ["a.png", "b.png"])
         assert led.models()["t.png"]["photos"] == 2

@@ -19,7 +19,7 @@ from conftest import ROOT, cli, make_image
 from nst_batch.batch import shards
 from nst_batch.errors import ConfigError
 from nst_batch.files.decode import scan
-from nst_batch.batch.ledger import Ledger, open_ledgers
+from nst_batch.batch.ledger import Ledger, open_ledgers, worker_id
 from nst_batch.batch.plan import make_plan
 from nst_batch.run.progress import Display
 from nst_batch.run.local import run
@@ -420,3 +420,26 @@ def test_ray_and_shard_together_are_refused(tmp_path):
                         "--shard", "0/2"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--ray and --shard do not go together" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_shard_with_other_settings_is_refused_while_another_shard_runs(collection):
+    """The shards of one OUT share its networks and report: a shard started with another size while another
+    shard's worker (another host's, live by its heartbeat) runs with the first size stops with exit 2 in one
+    line naming the key and the shard; started with the same settings it runs beside it; and once that
+    worker has gone, a shard may start with new settings."""
+    from nst_batch.batch.plan import recipe_settings
+
+    content, styles, out, args = collection
+    same = recipe_settings(settings_of(content, styles, out, precision="fp32"))  # as a CPU run resolves them
+    with Ledger(Shard(2, 0).folder(out)) as zero:
+        zero.register("far-host:7", same, 600.0)  # shard 0 running on another host
+    r = cli("run", *args, "--size", "40", "--shard", "1/2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "shard 0/2" in r.stderr and "far-host:7" in r.stderr and "size 40 here vs 32 there" in r.stderr
+    with Ledger(Shard(2, 1).folder(out), readonly=True) as one:
+        assert one.counts()["done"] == 0 and one.live_workers() == []
+    mine = [p for p in names(content, styles) if Shard(2, 1).owns(*p)]
+    assert run_here(settings_of(content, styles, out), Shard(2, 1)).made == len(mine) > 0  # the same: it runs
+    with Ledger(Shard(2, 0).folder(out)) as zero:
+        zero.unregister("far-host:7")  # shard 0 has finished: a shard may start with new settings
+        zero.register(worker_id(), same | {"size": 40}, 600.0)

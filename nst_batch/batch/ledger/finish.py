@@ -22,7 +22,8 @@ class Finished:
     """A pair made: what `done` records. `recipe`: the one it was claimed under (None: not checked);
     `finished_at`: now if None; `seconds`: the time since the claim if None (give the compute time of
     a pair that waited in a queue); `curve`: its loss curve as losslog.curve_record makes it (a small
-    JSON list); `method`: what made it (optimize, network)."""
+    JSON list); `method`: what made it (optimize, network); `model`: for a network, the recipe of the
+    model that made it (training.model_recipe), None otherwise."""
 
     pair_id: int
     worker: str
@@ -38,10 +39,12 @@ class Finished:
     seconds: float | None = None
     curve: str | None = None
     method: str = "optimize"
+    model: str | None = None
 
 
 # The fields of Finished stored in the pairs columns of the same name.
-_DONE_COLUMNS = ("steps", "content_loss", "style_loss", "tv_loss", "total_loss", "note", "curve", "method")
+_DONE_COLUMNS = ("steps", "content_loss", "style_loss", "tv_loss", "total_loss", "note", "curve", "method",
+                 "model")
 _DONE_SETS = f"state='{State.DONE}', " + ", ".join(f"{c}=?" for c in _DONE_COLUMNS)
 
 

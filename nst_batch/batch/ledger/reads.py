@@ -52,7 +52,7 @@ class Reads(Connection):
         """id -> stored curve (JSON text) of those pairs that have one. Looked up by id, a page's
         pairs at a time, so the report never holds 200,000 curves. Empty for a ledger from before
         schema 4."""
-        if "curve" not in {r[1] for r in self.db.execute("PRAGMA table_info(pairs)")}:
+        if not self._has("curve"):
             return {}
         ids = list(ids)
         got: dict[int, str] = {}
@@ -84,6 +84,26 @@ class Reads(Connection):
         except sqlite3.OperationalError:
             n = self.db.execute(f"SELECT COUNT(*) FROM pairs WHERE {_DONE}").fetchone()[0]
             return {"optimize": n} if n else {}
+
+    def _has(self, column: str) -> bool:
+        """Whether pairs has `column`: a ledger opened read-only is read as the schema that wrote it."""
+        return column in {r[1] for r in self.db.execute("PRAGMA table_info(pairs)")}
+
+    def pair_models(self) -> dict[tuple[str, str], str]:
+        """(content, style) -> the recipe of the model that made each done network pair (those made before
+        schema 7 recorded none and are not in it)."""
+        if not self._has("model"):
+            return {}
+        rows = self.db.execute(f"SELECT content, style, model FROM pairs WHERE {_DONE} AND model IS NOT NULL")
+        return {(r[0], r[1]): r[2] for r in rows}
+
+    def made_counts(self) -> dict[tuple[str, str, str | None], int]:
+        """(style, method, model) -> how many done pairs: per style, what each method made and, for a
+        network, which model (None: not recorded, made before schema 7). One grouped query, for status."""
+        method = "COALESCE(method, 'optimize')" if self._has("method") else "'optimize'"
+        model = "model" if self._has("model") else "NULL"
+        rows = self.db.execute(f"SELECT style, {method}, {model}, COUNT(*) FROM pairs WHERE {_DONE} GROUP BY 1, 2, 3")
+        return {(r[0], r[1], r[2]): r[3] for r in rows}
 
     def network_made(self) -> dict[str, int]:
         """style -> its done pairs a network made (what `retrain` would make again)."""

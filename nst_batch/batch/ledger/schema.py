@@ -20,8 +20,9 @@ from typing import Any
 from ...errors import ConfigError
 
 # 2: workers table; 3: files table, (state, style) index; 4: pairs.curve; 5: models, pairs.method;
-# 6: models.photos, models.trained_on (a model's recipe no longer covers its photos: they are recorded)
-SCHEMA_VERSION = 6
+# 6: models.photos, models.trained_on (a model's recipe no longer covers its photos: they are recorded);
+# 7: pairs.model (the model that made a network-made pair)
+SCHEMA_VERSION = 7
 
 
 class State(str, Enum):
@@ -96,6 +97,9 @@ ADDED = (
     # The method that made a done pair (optimize or network; NULL: made before, by optimisation). Not
     # a Row field: a schema 4 ledger, read as it is by status and report, has no such column.
     Column("method", "TEXT", since=5, outcome=True),
+    # The recipe of the model (training.model_recipe) that made a done network pair; NULL for a pair made
+    # by optimisation, or by a network before schema 7. Not a Row field, for the same reason as method.
+    Column("model", "TEXT", since=7, outcome=True),
 )
 
 PAIRS = tuple(replace(f.metadata["column"], name=f.name) for f in fields(Row)) + ADDED
@@ -158,6 +162,7 @@ _BROUGHT: dict[int, tuple[str, ...]] = {
     5: (_MODELS,),
     # The photos a model trained on: their count, and their names (a JSON list, at most network.TRAIN_PHOTOS).
     6: ("ALTER TABLE models ADD COLUMN photos INTEGER", "ALTER TABLE models ADD COLUMN trained_on TEXT"),
+    7: (),
 }
 
 

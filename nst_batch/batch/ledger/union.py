@@ -39,10 +39,23 @@ def _summed(got: list[dict[str, int]]) -> dict[str, int]:
 
 
 def _first_per_key(got: list[dict]) -> dict:
-    """One dict; a key several parts have (a style trained by several shards) keeps the first part's."""
+    """One dict; a key several parts have keeps the first part's."""
     merged: dict = {}
     for part in reversed(got):
         merged |= part
+    return merged
+
+
+def _latest_per_key(got: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each style's model as the part that recorded it last says (its updated_at; a tie: the first part's).
+    Every shard records the one network of OUT/models in its own ledger when it trains or loads it, so the
+    latest record is the furthest the training got: a shard that trained part of it and stopped still
+    holds its older step."""
+    merged: dict[str, dict] = {}
+    for part in got:
+        for style, m in part.items():
+            if style not in merged or m["updated_at"] > merged[style]["updated_at"]:
+                merged[style] = m
     return merged
 
 
@@ -110,7 +123,9 @@ class LedgerSet:
     method_counts = _Union(_summed)
     done_seconds = _Union(_seconds)
     methods = _Union(_first_per_key)  # a pair lives in one shard: no key is in two parts
-    models = _Union(_first_per_key)
+    models = _Union(_latest_per_key)
+    pair_models = _Union(_first_per_key)
+    made_counts = _Union(_summed)
     stored_settings = _Union(_first_given)
     # Each part is asked without the default, so an unset key is told from a set one.
     get_meta = _Union(_first_set, ask=lambda key, default=None: (key,))
