@@ -10,7 +10,8 @@ link to one of a few hundred distinct crops of --images content/, so 10,000 of t
 MB; the styles distinct crops of --images styles/, each its own Gram targets), then runs
 `nst-batch run --shard 1/N` on it: shard 1 of 100 of a 10,000 x 20 plan is ~2,000 pairs of every style,
 planned, claimed, decoded, optimised, encoded and recorded as in a real night. The run is stopped with
-Ctrl-C (SIGINT, as a user would) after `--seconds`; what it made is read from its ledger. Reported: the
+Ctrl-C (SIGINT, as a user would) after `--seconds` (gpu.sh: 200 s, to fit a lease; `--seconds 0` makes the
+whole slice, ~10-20 minutes on one card at the projected rate); what it made is read from its ledger. Reported: the
 plan's start-up (seconds until the first pair started), pairs made, pairs/hour over the making, the mean
 final loss, the GPU's busy share over the same window (nvidia-smi, every 0.5 s), and the whole plan's
 projected hours at that rate.
@@ -105,7 +106,8 @@ def main() -> None:
     ap.add_argument("--styles", type=int, default=20)
     ap.add_argument("--shards", type=int, default=100, help="the slice is shard 0 of this many")
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--seconds", type=float, default=200.0, help="stop the run (SIGINT) after this long")
+    ap.add_argument("--seconds", type=float, default=200.0,
+                    help="stop the run (SIGINT) after this long; 0: make the whole slice")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE for the run, repeatable")
     ap.add_argument("--json", type=Path)
@@ -132,7 +134,7 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     run = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        run.wait(timeout=a.seconds)
+        run.wait(timeout=a.seconds or None)
     except subprocess.TimeoutExpired:
         run.send_signal(signal.SIGINT)  # as a user stops a run: claims given back, made pairs kept
         run.wait(timeout=120)
