@@ -32,9 +32,9 @@ def ray_address():
         ray.shutdown()
 
 
-def _driver(manifest: Path, address: str, *extra: str, checkpoint_s: float | None = None):
+def _driver(manifest: Path, address: str, workers: int = 2, checkpoint_s: float | None = None):
     """The Ray driver as a subprocess; checkpoint_s: with the checkpoint interval shortened (_LAUNCH)."""
-    args = ["run", str(manifest), "--ray", address, "--ray-workers", "2", *extra]
+    args = ["run", str(manifest), "--ray", address, "--ray-workers", str(workers)]
     if checkpoint_s is None:
         return popen(args)
     import subprocess
@@ -105,7 +105,7 @@ def test_a_network_a_local_run_trained_is_used_not_trained_again(tmp_path, ray_a
     model = tmp_path / "out" / "models" / "s0.png.pt"
     before = model.read_bytes()
     make_image(tmp_path / "content" / "p9.png", 40, 32, 9)  # a photo added since: made by that network
-    text = _finish(_driver(manifest, ray_address))
+    text = _finish(_driver(manifest, ray_address, 1))
     assert "training its network" not in text, text
     assert model.read_bytes() == before
     with Ledger(tmp_path / "out") as led:
@@ -115,9 +115,9 @@ def test_a_network_a_local_run_trained_is_used_not_trained_again(tmp_path, ray_a
 
 
 def test_a_killed_driver_s_training_goes_on_from_its_checkpoint(tmp_path, ray_address):
-    manifest = _folder(tmp_path, photos=2, styles=1, network_steps=60)
+    manifest = _folder(tmp_path, photos=2, styles=1, network_steps=40)
     model = tmp_path / "out" / "models" / "s0.png.pt"
-    proc = _driver(manifest, ray_address, checkpoint_s=0.2)
+    proc = _driver(manifest, ray_address, 1, checkpoint_s=0.2)
     try:
         deadline = time.monotonic() + 120
         while not model.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -127,14 +127,38 @@ def test_a_killed_driver_s_training_goes_on_from_its_checkpoint(tmp_path, ray_ad
     finally:
         proc.kill()
     step = torch.load(model, weights_only=True)["state"]["step"]
-    assert 0 < step < 60
+    assert 0 < step < 40
     assert (model.parent / "s0.png.pt.claim").is_file()
-    text = _finish(_driver(manifest, ray_address))
-    assert f"step {step} of 60 (resumed from its checkpoint)" in text, text
+    text = _finish(_driver(manifest, ray_address, 1))
+    assert f"step {step} of 40 (resumed from its checkpoint)" in text, text
     ck = torch.load(model, weights_only=True)
     steps = [pt[0] for pt in ck["curve"]]
-    assert ck["state"]["step"] == 60 and steps == sorted(set(steps)) and steps[-1] == 60  # no step twice
+    assert ck["state"]["step"] == 40 and steps == sorted(set(steps)) and steps[-1] == 40  # no step twice
     with Ledger(tmp_path / "out") as led:
-        assert led.models()["s0.png"]["step"] == 60 and led.counts()["done"] == 2
+        assert led.models()["s0.png"]["step"] == 40 and led.counts()["done"] == 2
         assert set(led.methods().values()) == {"network"}
+    assert not (model.parent / "s0.png.pt.claim").exists()
+
+
+def test_an_actor_killed_mid_training_is_followed_by_another_from_the_checkpoint(tmp_path, ray_address):
+    from test_ray import descendants_titled, wait_for
+
+    manifest = _folder(tmp_path, photos=2, styles=1, network_steps=40)
+    model = tmp_path / "out" / "models" / "s0.png.pt"
+    proc = _driver(manifest, ray_address, checkpoint_s=0.2)
+    try:
+        wait_for(model.is_file, 120, "a checkpoint", proc)
+        os.kill(wait_for(lambda: descendants_titled(b"ray::EngineWorker.train"), 60, "an actor training", proc)[0],
+                signal.SIGKILL)
+        text = _finish(proc)
+    finally:
+        proc.kill()
+    assert re.search(r"s0\.png: training its network on 2 photo\(s\), step [1-9]\d* of 40 \(resumed from its checkpoint\)",
+                     text), text
+    ck = torch.load(model, weights_only=True)
+    steps = [pt[0] for pt in ck["curve"]]
+    assert ck["state"]["step"] == 40 and steps == sorted(set(steps)) and steps[-1] == 40
+    with Ledger(tmp_path / "out") as led:
+        rows = led.rows()
+    assert len(rows) == 2 and all(r.state == "done" and r.attempts == 1 for r in rows)  # waiting cost no attempt
     assert not (model.parent / "s0.png.pt.claim").exists()
