@@ -8,6 +8,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,9 +17,10 @@ import pytest
 import torch
 from rich.console import Console
 
+from conftest import ROOT, make_image
 from nst_batch.batch.ledger import Ledger
-from test_network_workers import _LAUNCH, _folder
-from test_ray import popen
+from test_network_workers import _LAUNCH, _folder, _start
+from test_ray import descendants_titled, popen, wait_for
 
 pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
 
@@ -37,11 +40,6 @@ def _driver(manifest: Path, address: str, workers: int = 2, checkpoint_s: float 
     args = ["run", str(manifest), "--ray", address, "--ray-workers", str(workers)]
     if checkpoint_s is None:
         return popen(args)
-    import subprocess
-    import sys
-
-    from conftest import ROOT
-
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     return subprocess.Popen([sys.executable, "-c", _LAUNCH, str(checkpoint_s), *args], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -98,8 +96,6 @@ def test_a_network_a_local_run_trained_is_used_not_trained_again(tmp_path, ray_a
     from nst_batch.run import local
     from nst_batch.run.progress import Display
 
-    from conftest import make_image
-
     manifest = _folder(tmp_path, photos=2, styles=1, network_steps=8)
     assert local.run(mf.load(manifest), Display(Console(quiet=True))).made == 2
     model = tmp_path / "out" / "models" / "s0.png.pt"
@@ -141,8 +137,6 @@ def test_a_killed_driver_s_training_goes_on_from_its_checkpoint(tmp_path, ray_ad
 
 
 def test_an_actor_killed_mid_training_is_followed_by_another_from_the_checkpoint(tmp_path, ray_address):
-    from test_ray import descendants_titled, wait_for
-
     manifest = _folder(tmp_path, photos=2, styles=1, network_steps=40)
     model = tmp_path / "out" / "models" / "s0.png.pt"
     proc = _driver(manifest, ray_address, checkpoint_s=0.2)
@@ -162,3 +156,33 @@ def test_an_actor_killed_mid_training_is_followed_by_another_from_the_checkpoint
         rows = led.rows()
     assert len(rows) == 2 and all(r.state == "done" and r.attempts == 1 for r in rows)  # waiting cost no attempt
     assert not (model.parent / "s0.png.pt.claim").exists()
+
+
+def test_a_training_that_fails_fails_its_style_s_network_pairs_as_training(tmp_path, ray_address):
+    manifest = _folder(tmp_path, photos=2, styles=1, network_steps=8)
+    for p in (tmp_path / "content").iterdir():
+        p.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image" * 8)  # nothing the network could train on
+    proc = _driver(manifest, ray_address, 1)
+    text, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 1, text
+    with Ledger(tmp_path / "out") as led:
+        rows = led.rows()
+        assert led.models() == {}
+    assert [(r.state, r.error_kind) for r in rows] == [("failed", "training")] * 2, text
+    assert "no photo of s0.png could be decoded to train its network on" in rows[0].error_message
+    assert list((tmp_path / "out" / "models").iterdir()) == []  # no checkpoint, the claim let go
+
+
+def test_a_ray_driver_and_a_local_worker_on_one_out_train_each_network_once(tmp_path, ray_address):
+    manifest = _folder(tmp_path, photos=3, styles=2, network_steps=30)
+    ray_driver = _driver(manifest, ray_address, 1)
+    # The local worker starts while the driver trains a network: it trains the other style's, or waits.
+    wait_for(lambda: list((tmp_path / "out" / "models").glob("*.claim")), 120, "a training", ray_driver)
+    texts = [_finish(p) for p in (ray_driver, _start(manifest))]
+    _trained_once("".join(texts), ["s0.png", "s1.png"])
+    with Ledger(tmp_path / "out") as led:
+        rows, models, methods = led.rows(), led.models(), led.methods()
+    assert len(rows) == 6 and all(r.state == "done" and r.attempts == 1 for r in rows)  # waiting cost no attempt
+    assert set(methods.values()) == {"network"}
+    assert {st: m["step"] for st, m in models.items()} == {"s0.png": 30, "s1.png": 30}
+    assert sorted(p.name for p in (tmp_path / "out" / "models").iterdir()) == ["s0.png.pt", "s1.png.pt"]
