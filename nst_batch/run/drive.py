@@ -182,11 +182,13 @@ class Drive:
         are cached), then one no other slot works on, then any."""
         claim, first = self.books.claim, None
         if self.backend.keeps_style:
-            first = claim(slot.style) if slot.style is not None else None
+            # A style whose network is being trained is passed over here too (the fallback below may wait on it).
+            put_off = {st for st, until in self.deferred.items() if until > time.monotonic()}
+            first = claim(slot.style) if slot.style is not None and slot.style not in put_off else None
             if first is None:
                 taken = {o.style for o in self.backend.slots if o is not slot}
                 for st in self.styles:
-                    if st not in taken and st not in self.exhausted:
+                    if st not in taken and st not in self.exhausted and st not in put_off:
                         first = claim(st)
                         if first is not None:
                             break

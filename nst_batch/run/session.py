@@ -31,12 +31,12 @@ BackendFor = Callable[[Ledger, Path, Work, dict, dict], Backend]
 
 
 def work_through(settings: Settings, resolved: Settings, plan: Plan, hashes: HashCache, display: Display,
-                 backend_for: BackendFor, *, where: str, device_type: str, networks: bool = True,
+                 backend_for: BackendFor, *, where: str, device_type: str,
                  only_failed_kinds: list[str] | None = None, retry: bool = False, shard: Shard | None = None,
                  pair_timeout_s: float | None = None) -> RunResult:
     """One ledger (OUT's own, or `shard`'s) made ready and worked through by the drive. `where` says what
-    makes the pairs (the device, the Ray workers); networks=False: a backend that trains no per-style
-    network (`auto` optimises every pending pair, still keeping a done pair a network made)."""
+    makes the pairs (the device, the Ray workers); `device_type`, what `auto` decides for (the engine's
+    device type, or the Ray actors')."""
     out = settings.out
     if shard is not None:
         plan = Plan([p for p in plan if shard.owns(p.content, p.style)], plan.skipped)
@@ -48,13 +48,12 @@ def work_through(settings: Settings, resolved: Settings, plan: Plan, hashes: Has
             _one_host(ledger, display, shard)
         try:
             # Which pairs a style's network makes (their recipes include its model's).
-            plan, styles, methods = training.assign(plan, resolved, ledger.done_recipes(), device_type,
-                                                    networks=networks)
+            plan, styles, methods = training.assign(plan, resolved, ledger.done_recipes(), device_type)
             work = prepare(ledger, settings, resolved, plan, hashes, worker, display, only_failed_kinds, retry,
                            where, shard)
             if work is None:
                 return RunResult()
-            for sm in styles.values() if networks else ():
+            for sm in styles.values():
                 if sm.pending or sm.method == "network" and settings.method != "auto":
                     display.note(training.choice_line(sm, resolved, device_type))
             backend = backend_for(ledger, folder, work, styles, methods)

@@ -1,27 +1,27 @@
-"""The driver's side of learned per-style networks: which method makes each pair, the model
-and pair recipes, and the checkpoints under OUT/models/ (every shard's and every worker's).
+"""The driver's side of learned per-style networks: the checkpoints under OUT/models/ (every shard's and
+every worker's), written and claimed here whoever trains; which method makes each pair and the recipes
+are batch/methods.py's (imported here too).
 
 The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
 atomically, every CHECKPOINT_S seconds of training and at its end, and records each model in the ledger
-(table models). A model is an artefact of its own: its recipe covers what defines the style's look (the
-style's file or blend, the objective and its weights, colours, per_style settings, the engine version), the
-training settings and the architecture, and NOT the photos it trains on. Those are an even sample of the
-photos pending when it was first trained, recorded with it (in the checkpoint, and their count and list in
-the ledger). A pair made by a network has a recipe over its model's and refine_steps. Adding or removing
-photos therefore never retrains a network nor redoes a pair it made; changing the style or the objective
-does. `nst-batch retrain` asks for a network trained afresh on the collection as it is now.
+(table models). A chunk of training (`train_chunk`) runs where an engine is: in this process (the local
+backend) or on a Ray actor, the Ray driver feeding `Trainer.session` what each chunk returns. A model is
+an artefact of its own: its recipe covers what defines the style's look, the training settings and the
+architecture, and NOT the photos it trains on (an even sample of the photos pending when it was first
+trained, recorded with it). Adding or removing photos therefore never retrains a network nor redoes a pair
+it made; changing the style or the objective does. `nst-batch retrain` asks for a network trained afresh
+on the collection as it is now.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Generator
 
 import torch
 
@@ -36,122 +36,15 @@ from ..batch.ledger import Ledger
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
 from ..core.optimize import LogRow
-from ..batch.plan import Pair, Plan, recipe_settings, style_settings
+from ..batch.methods import (BREAK_EVEN, StyleMethod, assign, choice_line, choose, even_sample,
+                             model_recipe, network_recipe)
 
-# `auto` trains a style's network when at least this many of its photos are pending, per device type.
-# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"): training 600 steps
-# took 213 s, a photo then 7.1 s (forward pass + 50 refine steps, 1.08x optimize's loss) against 20.2 s
-# optimised: 213 / (20.2 - 7.1) = 16. CUDA: the same, on the assumption (not measured) that a training
-# step and an optimisation step speed up alike there. An unknown device type (mps) is taken as the CPU.
-BREAK_EVEN = {"cpu": 16, "cuda": 16}
+# Which method makes each pair, and the recipes, are batch/methods.py's; they are known here by these names too.
+__all__ = ["BREAK_EVEN", "CHECKPOINT_S", "StyleMethod", "Trainer", "assign", "choice_line", "choose", "even_sample",
+           "model_recipe", "network_recipe", "retrain"]
+
 CHECKPOINT_S = 300.0  # seconds of training between checkpoints
 TRAINING = "(training)"  # the content column of a training curve's rows in losses.csv
-
-
-@dataclass(frozen=True)
-class StyleMethod:
-    """How a style's pending pairs are made, decided once per run (`assign`)."""
-
-    style: str
-    method: str  # optimize or network
-    model_recipe: str
-    photos: tuple[tuple[str, Path], ...]  # (name, path): what a new network trains on, an even sample of
-    # the style's pending photos (a network trained already keeps the photos its checkpoint names)
-    model_file: str  # relative to OUT, whichever shard's ledger: models/<style>.pt
-    pending: int  # pairs done under neither method's recipe when the run started
-
-
-# Settings in a pair's recipe that training never reads: the refinement's (each pair's own recipe covers
-# them) and the output file's. Changing one redoes pairs, never retrains. Any other key (a new one too) is
-# taken to change what a network learns.
-_NOT_TRAINING = frozenset({"optimizer", "lr", "steps", "init", "scales", "stop_window", "stop_tolerance",
-                           "format", "quality", "bit_depth", "keep_gps", "batch"})
-
-
-def model_recipe(settings: Settings, pair: Pair) -> str:
-    """The recipe of `pair`'s style's network: the style's file (or blend) hash, its settings with its
-    per_style overrides applied (the part of the plain recipe a network learns from, without the photo),
-    network_steps, the training constants and the architecture version. No photo is in it: a collection
-    that grows keeps its networks and the pairs they made."""
-    look = {k: v for k, v in recipe_settings(style_settings(settings, pair.overrides)).items()
-            if k not in _NOT_TRAINING}
-    head = json.dumps({"arch": network.ARCH_VERSION, "network_steps": settings.network_steps, "look": look,
-                       "style": pair.style_hash,
-                       "train": [network.TRAIN_BATCH, network.CROP_MAX, network.LR, network.WARMUP]},
-                      sort_keys=True, default=str)
-    return hashlib.sha256(head.encode()).hexdigest()[:16]
-
-
-def network_recipe(pair_recipe: str, model: str, refine_steps: int) -> str:
-    return hashlib.sha256(f"network\0{pair_recipe}\0{model}\0{refine_steps}".encode()).hexdigest()[:16]
-
-
-def even_sample(items: list, n: int) -> list:
-    if len(items) <= n:
-        return items
-    return [items[i * len(items) // n] for i in range(n)]
-
-
-def choose(method: str, pending: int, device_type: str) -> str:
-    if method != "auto":
-        return method
-    return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
-
-
-def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str], device_type: str,
-           networks: bool = True) -> tuple[Plan, dict[str, StyleMethod], dict[tuple[str, str], str]]:
-    """The plan with each pair's recipe for the method that makes it, each style's choice, and each pair's
-    method ((content, style) -> optimize or network). `done`:
-    the ledger's done pairs and their recipes. `method: optimize` keeps the plain recipes; `network`
-    gives every pair of the style the network recipe; `auto` keeps a done pair as it was made (either
-    way) and gives the pending ones the method its count of pending photos chooses. networks=False: a
-    driver that trains none (the Ray driver): `auto` optimises every pending pair, still keeping a done
-    pair a network made."""
-    by_style: dict[str, list] = {}
-    for p in plan:
-        by_style.setdefault(p.style, []).append(p)
-    styles: dict[str, StyleMethod] = {}
-    recipes: dict[tuple[str, str], str] = {}
-    methods: dict[tuple[str, str], str] = {}
-    for style, pairs in by_style.items():
-        model = model_recipe(settings, pairs[0])
-        # `method: optimize` never makes or keeps a network pair: no network recipes to compute (a sha256
-        # a pair: 200,000 of them on every start of a collection run).
-        net = ({} if settings.method == "optimize" else
-               {(p.content, style): network_recipe(p.recipe, model, settings.refine_steps) for p in pairs})
-        todo = [p for p in pairs if done.get((p.content, style)) not in (p.recipe, net.get((p.content, style)))]
-        pending = len(todo)
-        method = choose(settings.method, pending, device_type) if networks else "optimize"
-        # What a network trained now learns from: the photos still to make (all of them if none is).
-        sample = even_sample(sorted(todo or pairs, key=lambda p: p.content), network.TRAIN_PHOTOS)
-        colors = style_settings(settings, pairs[0].overrides).colors
-        if colors != "style" and method == "network":
-            # A network learns one set of style targets for every photo; `preserve` and `match` make
-            # targets per photo. auto optimises such a style; asked for explicitly, it is refused.
-            if settings.method == "network":
-                raise ConfigError(f"{style}: method network works with colors: style only, this style has "
-                                  f"colors: {colors} (keys 'method', 'colors')")
-            method = "optimize"
-        for p in pairs:
-            key = (p.content, style)
-            if settings.method == "auto" and done.get(key) in (p.recipe, net[key]):
-                recipes[key] = done[key]  # made already, one way or the other: kept
-            else:
-                recipes[key] = net[key] if method == "network" else p.recipe
-            methods[key] = "network" if recipes[key] == net.get(key) else "optimize"
-        styles[style] = StyleMethod(style, method, model, tuple((p.content, p.content_path) for p in sample),
-                                    f"{MODELS}/{style}.pt", pending)
-    # A new Pair only where the recipe changes: rebuilding all 200,000 frozen dataclasses took 3.5 s a start.
-    made = [p if (r := recipes[(p.content, p.style)]) == p.recipe else dataclasses.replace(p, recipe=r) for p in plan]
-    return Plan(made, plan.skipped), styles, methods
-
-
-def choice_line(sm: StyleMethod, settings: Settings, device_type: str) -> str:
-    if settings.method != "auto":
-        return f"{sm.style}: method {sm.method} (key 'method')"
-    n = BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"])
-    return (f"{sm.style}: method {sm.method} ({sm.pending} photo(s) pending; auto trains a network from "
-            f"{n} on {device_type})")
 
 
 class WindowMean:
@@ -183,13 +76,85 @@ class _Named:
     style: str
 
 
-class Trainer:
-    """Trains (or loads) a style's network when its first network pair comes up, with checkpoints."""
+@dataclass(frozen=True)
+class Chunk:
+    """One stretch of a style's training, as its trainer (this process, a Ray actor) is asked for it: from
+    `state` (None: afresh) on `photos` ((name, path): they go by path) up to step `until`, pausing for a
+    checkpoint after `seconds`; `elapsed`: the training's seconds before it (its curve's time axis)."""
 
-    def __init__(self, folder: Path, ledger: Ledger, engine: Engine, styles: dict[str, StyleMethod],
+    style: str
+    photos: tuple[tuple[str, str], ...]
+    state: dict | None
+    until: int
+    seconds: float
+    elapsed: float
+
+
+def train_chunk(engine: Engine, job: Job, chunk: Chunk, decoded: dict) -> tuple[dict, list[LogRow], list]:
+    """A chunk trained wherever the engine is: (the new state, its curve rows, the photos it trained on).
+    `decoded`: the photos decoded by an earlier chunk (path -> tensor, None: undecodable), kept by the caller.
+    An unreadable photo fails its own pairs; the network trains on the others."""
+    s = engine.settings
+    photos, used = [], []
+    for name, p in chunk.photos:
+        if p not in decoded:
+            try:
+                decoded[p] = load_photo(Path(p), s.size, s.max_megapixels)[0]  # at the working size, on the CPU
+            except PairError:
+                decoded[p] = None
+        if decoded[p] is not None:
+            photos.append(decoded[p])
+            used.append((name, p))
+    if not photos:
+        raise PairError("training", f"no photo of {chunk.style} could be decoded to train its network on")
+    rows: list[LogRow] = []
+    t0, px = time.perf_counter() - chunk.elapsed, min(network.CROP_MAX, s.size)
+    window = WindowMean(s.log_every, chunk.until)
+
+    def on_loss(step: int, terms) -> None:
+        mean = window.add(step, *(float(t.mean()) for t in (terms.content, terms.style, terms.tv)))
+        if mean is not None:
+            rows.append(LogRow(step, px, *mean, sum(mean), time.perf_counter() - t0))
+
+    since = time.monotonic()
+    state = engine.train(job, photos, chunk.state, chunk.until, on_loss,
+                         lambda step: time.monotonic() - since >= chunk.seconds)
+    return state, rows, used
+
+
+def training_error(style: str, e: BaseException) -> PairError:
+    """What a failed training fails its style's network pairs with (kind `training`)."""
+    return e if isinstance(e, PairError) else PairError("training", f"training the network of {style} failed: {e}")
+
+
+TRAINING_ERRORS = (PairError, FloatingPointError, ValueError, RuntimeError)  # a training that fails its style
+
+
+@dataclass
+class Training:
+    """A style's network to train under this worker's claim (Trainer.begin), from checkpoint `ck` (None:
+    afresh). Whoever trains it releases the claim (`close`) once done, failed or lost."""
+
+    style: str
+    sm: StyleMethod
+    path: Path
+    ck: dict | None
+    claim: TrainingClaim
+
+    def close(self) -> None:
+        self.claim.release()
+
+
+class Trainer:
+    """Trains (or loads) a style's network when its first network pair comes up, with checkpoints. The
+    checkpoints, the claim and the ledger are this process's; a chunk of training is the engine's, here
+    (`_train`, the local backend) or on a Ray actor (`session` driven by the Ray backend)."""
+
+    def __init__(self, folder: Path, ledger: Ledger, engine: Engine | None, styles: dict[str, StyleMethod],
                  methods: dict[tuple[str, str], str], loss_log: LossLog, note: Callable[[str], None],
-                 checkpoint_s: float | None = None):
+                 checkpoint_s: float | None = None, settings: Settings | None = None):
         self.folder, self.ledger, self.engine, self.styles = folder, ledger, engine, styles
+        self.s: Settings = settings if settings is not None else engine.settings  # type: ignore[union-attr]
         self.loss_log, self.note = loss_log, note
         self.checkpoint_s = CHECKPOINT_S if checkpoint_s is None else checkpoint_s
         self.methods = methods
@@ -212,41 +177,52 @@ class Trainer:
             raise self.failed[job.style]
         try:
             self._ensure(job, wait)
-        except PairError as e:
-            self.failed[job.style] = e
-            raise
-        except (FloatingPointError, ValueError, RuntimeError) as e:
-            self.failed[job.style] = PairError("training", f"training the network of {job.style} failed: {e}")
-            raise self.failed[job.style] from None
+        except TRAINING_ERRORS as e:
+            raise self.fail(job.style, e) from None
+
+    def fail(self, style: str, e: BaseException) -> PairError:
+        """The style's training failed: its network pairs fail with this, for the rest of the run."""
+        self.failed[style] = training_error(style, e)
+        return self.failed[style]
 
     def _ensure(self, job: Job, wait: bool) -> None:
-        sm = self.styles[job.style]
-        s = self.engine.settings
-        path = s.out / sm.model_file  # OUT's: one model a style, whichever shard or worker makes its pairs
-        ck = self._load(path, sm.model_recipe)
         waiting = False
-        while ck is None or ck["state"]["step"] < s.network_steps:
-            # One trainer a style, among every worker and shard on OUT; the others wait for its model.
-            claim = TrainingClaim(path, s.lease_s)
-            if claim.take():
-                try:  # read again: the one before us may have checkpointed, or finished, since
-                    ck = self._load(path, sm.model_recipe)
-                    if ck is None or ck["state"]["step"] < s.network_steps:
-                        ck = self._train(job, sm, path, ck)
+        while not isinstance(got := self.begin(job.style), dict):
+            if isinstance(got, Training):
+                t = got
+                try:
+                    got = self._train(job, t.sm, t.path, t.ck)
                 finally:
-                    claim.release()
+                    t.close()
                 break
             if not wait:
-                raise TrainingElsewhere(f"{job.style}: its network is being trained by {claim.holder()}")
+                raise TrainingElsewhere(f"{job.style}: its network is being trained by {got}")
             if not waiting:
-                self.note(f"{job.style}: its network is being trained by {claim.holder()}; waiting for it")
+                self.note(f"{job.style}: its network is being trained by {got}; waiting for it")
                 waiting = True
-            time.sleep(min(2.0, s.lease_s / 4))
+            time.sleep(min(2.0, self.s.lease_s / 4))
+        self.engine.load_model(job, got["state"])
+
+    def begin(self, style: str) -> dict | Training | str:
+        """The style's finished checkpoint (this ledger learns of it); or, under this worker's claim now, the
+        Training to do; or, while another worker holds the claim, its name. One trainer a style among every
+        worker and shard on OUT (the claim file beside its model); the others wait for its model."""
+        sm = self.styles[style]
+        path = self.s.out / sm.model_file  # OUT's: one model a style, whichever shard or worker makes its pairs
+        ck = self._load(path, sm.model_recipe)
+        if ck is None or ck["state"]["step"] < self.s.network_steps:
+            claim = TrainingClaim(path, self.s.lease_s)
+            if not claim.take():
+                return claim.holder() or "another worker"
+            # Read again: the one before us may have checkpointed, or finished, since.
             ck = self._load(path, sm.model_recipe)
-        if self.ledger.models().get(job.style, {}).get("recipe") != sm.model_recipe or \
-                self.ledger.models()[job.style]["step"] != ck["state"]["step"]:
+            if ck is None or ck["state"]["step"] < self.s.network_steps:
+                return Training(style, sm, path, ck, claim)
+            claim.release()
+        known = self.ledger.models().get(style, {})
+        if known.get("recipe") != sm.model_recipe or known.get("step") != ck["state"]["step"]:
             self._record(sm, ck)  # trained by an earlier run or another worker: this ledger learns of it
-        self.engine.load_model(job, ck["state"])
+        return ck
 
     @staticmethod
     def _load(path: Path, recipe: str) -> dict | None:
@@ -265,47 +241,39 @@ class Trainer:
         return d
 
     def _train(self, job: Job, sm: StyleMethod, path: Path, ck: dict | None) -> dict:
-        s = self.engine.settings
-        # A network trained on from its checkpoint keeps the photos it started with: the same model, however
-        # the collection has changed since. A photo gone since is left out.
-        chosen = [(n, Path(p)) for n, p in ck["photos"]] if ck and ck["photos"] else list(sm.photos)
-        photos, names = [], []
-        for name, p in chosen:
+        """The training in this process, chunk after chunk, on this engine."""
+        steps, decoded = self.session(Training(job.style, sm, path, ck, None)), {}  # type: ignore[arg-type]
+        chunk = next(steps)
+        while True:
             try:
-                photos.append(load_photo(p, s.size, s.max_megapixels)[0])  # at the working size, on the CPU
-                names.append((name, str(p)))
-            except PairError:
-                continue  # an unreadable photo fails its own pairs; the network trains on the others
-        if not photos:
-            raise PairError("training", f"no photo of {job.style} could be decoded to train its network on")
+                chunk = steps.send(train_chunk(self.engine, job, chunk, decoded))
+            except StopIteration as done:
+                return done.value
+
+    def session(self, t: Training) -> Generator[Chunk, tuple, dict]:
+        """A training as chunks: yields each Chunk to train, is sent what training it gave (state, curve
+        rows, photos used), writes it as the checkpoint; returns the last checkpoint. A network trained on
+        from its checkpoint keeps the photos it started with: the same model, however the collection has
+        changed since."""
+        s, ck = self.s, t.ck
+        chosen = tuple((n, str(p)) for n, p in (ck["photos"] if ck and ck["photos"] else t.sm.photos))
         state = None if ck is None else ck["state"]
         start = 0 if state is None else int(state["step"])
         kept = [p for p in (ck["curve"] if ck else []) if p[0] <= start]
         rows: list[LogRow] = []
         t0 = time.perf_counter()
-        named = _Named(TRAINING, job.style)
-        px = min(network.CROP_MAX, s.size)
-        self.note(f"{job.style}: training its network on {len(photos)} photo(s), step {start} of {s.network_steps}"
+        self.note(f"{t.style}: training its network on {len(chosen)} photo(s), step {start} of {s.network_steps}"
                   f"{' (resumed from its checkpoint)' if start else ''}")
-
-        window = WindowMean(s.log_every, s.network_steps)
-
-        def on_loss(step: int, terms) -> None:
-            mean = window.add(step, *(float(t.mean()) for t in (terms.content, terms.style, terms.tv)))
-            if mean is not None:
-                row = LogRow(step, px, *mean, sum(mean), time.perf_counter() - t0)
-                rows.append(row)
-                self.loss_log.write(named, 0, [row])
-
         while True:
-            since = time.monotonic()
-            state = self.engine.train(job, photos, state, s.network_steps, on_loss,
-                                      lambda step: time.monotonic() - since >= self.checkpoint_s)
-            ck = self._save(path, sm, state, kept, rows, names)
+            state, new, used = yield Chunk(t.style, chosen, state, s.network_steps, self.checkpoint_s,
+                                           time.perf_counter() - t0)
+            self.loss_log.write(_Named(TRAINING, t.style), 0, new)
+            rows += new
+            ck = self._save(t.path, t.sm, state, kept, rows, used)
             if state["step"] >= s.network_steps:
                 break
-            self.note(f"{job.style}: network checkpoint at step {state['step']} of {s.network_steps}")
-        self.note(f"{job.style}: network trained ({s.network_steps} steps, {time.perf_counter() - t0:.0f} s)")
+            self.note(f"{t.style}: network checkpoint at step {state['step']} of {s.network_steps}")
+        self.note(f"{t.style}: network trained ({s.network_steps} steps, {time.perf_counter() - t0:.0f} s)")
         return ck
 
     def _save(self, path: Path, sm: StyleMethod, state: dict, kept: list, rows: list[LogRow],
@@ -321,7 +289,7 @@ class Trainer:
         return ck
 
     def _record(self, sm: StyleMethod, ck: dict) -> None:
-        self.ledger.set_model(sm.style, sm.model_recipe, int(ck["state"]["step"]), self.engine.settings.network_steps,
+        self.ledger.set_model(sm.style, sm.model_recipe, int(ck["state"]["step"]), self.s.network_steps,
                               json.dumps(ck["curve"]) if ck["curve"] else None, [n for n, _ in ck["photos"]])
 
 

@@ -218,8 +218,8 @@ def test_a_hung_actor_is_killed_and_a_pair_lost_three_times_fails_as_worker_lost
 
 
 def test_auto_on_ray_keeps_the_pairs_a_local_run_made_with_a_network(tmp_path, ray_address):
-    """The Ray driver trains no network (auto optimises there), but a pair a local run's network made is
-    done under the network's recipe: the Ray run's plain plan sent it back to pending and made it again."""
+    """Under auto, a style with 2 photos optimises its pending pairs, but a pair a local run's network made is
+    done under the network's recipe and kept: a plain plan would send it back to pending and make it again."""
     from rich.console import Console
 
     from nst_batch.run import local
