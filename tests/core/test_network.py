@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -316,24 +317,19 @@ def test_pairs_of_a_style_trained_elsewhere_wait_while_other_styles_are_made(tmp
     claim.parent.mkdir(parents=True)
     claim.write_text(f"{socket.gethostname()}:{os.getppid()} feedbeef")  # a live process of this host
     stop = threading.Event()
+    notes: list[str] = []
+    waits = lambda: any("s1.png: its network is being trained by" in n and "waiting for it" in n for n in notes)  # noqa: E731
 
-    def other_worker():  # beats while s2's pairs are still to claim, then lets go
-        while not stop.wait(0.2):
+    def other_worker():  # beats until this worker says it waits for s1's network (at most 60 s), then lets go
+        deadline = time.monotonic() + 60
+        while not stop.wait(0.1) and time.monotonic() < deadline and not waits():
             os.utime(claim)
-            try:
-                with Ledger(s.out, readonly=True) as led:
-                    # (the last one may be still being written when this worker turns to s1's pairs)
-                    if sum(r.style == "s2.png" and r.state != "pending" for r in led.rows()) == 3:
-                        break
-            except ConfigError:
-                pass  # no ledger yet
         claim.unlink()
 
+    trained = _trainings(monkeypatch)
+    monkeypatch.setattr(Display, "note", lambda self, m: notes.append(m))
     th = threading.Thread(target=other_worker)
     th.start()
-    trained = _trainings(monkeypatch)
-    notes: list[str] = []
-    monkeypatch.setattr(Display, "note", lambda self, m: notes.append(m))
     try:
         result = local.run(s, Display(Console(quiet=True)))
     finally:
@@ -346,7 +342,7 @@ def test_pairs_of_a_style_trained_elsewhere_wait_while_other_styles_are_made(tmp
     assert all(r.attempts == 1 for r in rows)  # passed over uncounted
     last_s2 = max(r.finished_at for r in rows if r.style == "s2.png")
     assert all(r.finished_at > last_s2 for r in rows if r.style == "s1.png")
-    assert any("s1.png: its network is being trained by" in n and "waiting for it" in n for n in notes)
+    assert waits()
 
 
 def test_a_checkpoint_temporary_of_a_killed_trainer_is_removed(tmp_path):
