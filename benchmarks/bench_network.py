@@ -156,7 +156,7 @@ def bench_style(a, settings: Settings, style: Path, photos: list[Path], variants
                                      "train_photos": len(train_on), "train_load": [load0, os.getloadavg()[0]],
                                      "rows": []}
     print(f"{style.name}: trained {engine.settings.network_steps} steps in {train_s:.0f}s", flush=True)
-    for p in photos:
+    for p in photos[: a.limit or None]:  # the network trained on all of them, as a run's would
         row, images = one_photo(engine, style, key, p, a.size, variants)
         r["rows"].append(row)
         r["summary"] = summary(r["rows"], variants, train_s)
@@ -222,7 +222,7 @@ def main() -> None:
                     help="variants: H+F (half-size then full-size steps) or R (the engine's refine_config)")
     ap.add_argument("--refine-steps", type=int, help="refine_steps for R (default: the setting's default)")
     ap.add_argument("--network-steps", type=int)
-    ap.add_argument("--limit", type=int, default=0, help="only the first N photos")
+    ap.add_argument("--limit", type=int, default=0, help="make only the first N photos (training uses all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_network"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/network-results.json"))
     ap.add_argument("--sheet", type=Path, default=Path("docs/network_sheet.jpg"))
@@ -233,7 +233,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    photos = find_photos(a.photos)[: a.limit or None]
+    photos = find_photos(a.photos)
     styles = [ROOT / "data/styles" / s for s in a.styles.split(",")]
     settings = Settings(content=a.work, styles=styles[0].parent, size=a.size, device=a.device)
     if a.network_steps:

@@ -42,11 +42,12 @@ from ..batch.plan import Pair, Plan, recipe_settings, style_settings
 # loss (forward pass + the default refinement, scored like optimize's by the gatys objective at full size)
 # at most LOSS_LIMIT times optimize's, and at least the break-even of pending photos, train / (optimize a
 # photo - network a photo): both methods are linear in the photos, training is paid once a style.
-# Measured on this CPU at 128 px (docs/benchmarks.md, "Real photos, 2026-12-06"): 24 real photos x 2 paintings,
-# 1 thread, methods interleaved photo by photo: optimize 39.3 s a photo, the network + 50 refine steps 13.5 s,
-# training 600 steps TRAIN_S s; loss 1.09x optimize's for The Starry Night, 1.11x for The Great Wave. The
-# worse style counts (a user's style may be either): 1.11 > LOSS_LIMIT, so no break-even and `auto` always
-# optimizes. Were it within, TRAIN_S / (39.3 - 13.5) = BE photos.
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Real photos, 2026-12-06"): 24 real photos x 2
+# paintings, 1 thread, the methods interleaved photo by photo: optimize 39.3 s a photo, the network + 50
+# refine steps 13.5 s, training 600 steps 218 s (alone on the machine; 553-690 s beside other runs); loss
+# 1.09x optimize's for The Starry Night, 1.11x for The Great Wave. The worse style counts (a user's may be
+# either): 1.11 > LOSS_LIMIT, so no break-even and `auto` always optimizes. Were it within:
+# 218 / (39.3 - 13.5) = 8.4, so 9 photos.
 LOSS_LIMIT = 1.10
 
 
@@ -65,7 +66,7 @@ def break_even(m: Measured, loss_limit: float = LOSS_LIMIT) -> int | None:
     return int(-(-m.train_s // (m.optimize_s - m.network_s)))  # rounded up
 
 
-MEASURED = Measured(553.0, 39.3, 13.5, 1.11)
+MEASURED = Measured(218.0, 39.3, 13.5, 1.11)
 # CUDA: the CPU's figures, on the assumption (not measured) that a training step and an optimisation step
 # speed up alike there; the loss ratio does not depend on the device. Other device types (mps) count as the CPU.
 BREAK_EVEN: dict[str, int | None] = {"cpu": break_even(MEASURED), "cuda": break_even(MEASURED)}
