@@ -1,20 +1,25 @@
 #!/usr/bin/env python
-"""Learned per-style networks vs optimisation, one style, on this machine, by hand:
+"""Learned per-style networks vs optimisation, on real photos, on this machine, by hand:
 
-    python benchmarks/bench_network.py --size 128 --train-steps 300      # from the repository root
-    python benchmarks/bench_network.py --device cuda --gpu-only          # per-step GPU figures (gpu.sh)
+    python benchmarks/bench_network.py --photos /tmp/realphotos --size 128 --threads 1   # from the repository root
+    python benchmarks/bench_network.py --sheet-only --photos /tmp/realphotos              # the contact sheet again
+    python benchmarks/bench_network.py --device cuda --gpu-only                          # per-step GPU figures (gpu.sh)
 
-Photos: 128 made from data/content and ../shared/images/content by random crops (60-100% of the side)
-and horizontal flips, saved at 2x the size. Collections N = 8, 32, 128 are the first N of them.
-
-- `optimize` (today's defaults, gatys): run on a sample of 8 photos; its total for N is N x the mean
-  time a pair (pairs are independent: linear).
-- `network`: trained ONCE, on the even sample of the 128-photo collection the runner would train on
-  (training.even_sample, network.TRAIN_PHOTOS), with checkpoints at --eval-at steps; its cost does not
-  depend on N (steps x batch of crops), so each N's total is training + N x (forward pass + refine).
-- network + refine K for K in 0, 20, 50 on the same 8 photos.
-Every final image is scored independently: the gatys objective, fp32, at full size (one evaluator).
-Writes a JSON of everything and a contact sheet (photo | optimize | network | network + refine 50).
+Photos: every image in --photos (default: data/content and ../shared/images/content), at --size.
+Per style (--styles):
+- the network is trained ONCE (network_steps, default 600) on the runner's sample of the photos
+  (training.even_sample, network.TRAIN_PHOTOS): its cost does not depend on N;
+- then photo by photo, INTERLEAVED so that the machine's load falls on every method alike: `optimize`
+  (the engine's defaults), then the network's forward pass followed by each refine variant of --refine.
+  A variant "H+F" is H L-BFGS steps at half size from the network's output (downsampled), then F steps at
+  full size (from the half-size result upsampled, with the network output's own finer detail put back);
+  "0+F" is the engine's refine_config as it was (F steps at full size); "0+0" the network alone. The stop
+  rule (stop_window, stop_tolerance) applies to every scale, as in `optimize`; "R" alone (no +) is the
+  engine's refine_config as it is now, through Engine.make (method network), so the default is measured
+  as the runner does it.
+Every final image is scored by one evaluator (the gatys objective, fp32, at full size). The load average
+is recorded at every photo. Both methods are linear in N, so totals for any N are train + N x per photo.
+Writes a JSON (rewritten after every photo), the images under --work, and a contact sheet.
 """
 
 from __future__ import annotations
@@ -22,188 +27,233 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from nst_batch.files import decode# noqa: E402
-from nst_batch.core import losses, network
-from nst_batch.run import training
+from nst_batch.config.manifest import Settings  # noqa: E402
+from nst_batch.config.objective import MIN_SIDE  # noqa: E402
+from nst_batch.core import losses, network  # noqa: E402
 from nst_batch.core.engine import Engine  # noqa: E402
+from nst_batch.core.pyramid import stylize  # noqa: E402
+from nst_batch.core.vgg import resize  # noqa: E402
+from nst_batch.files import decode  # noqa: E402
 from nst_batch.files.decode import to_tensor  # noqa: E402
 from nst_batch.files.encode import to_pil  # noqa: E402
+from nst_batch.run import training  # noqa: E402
 from nst_batch.run.jobs import file_engine, file_job  # noqa: E402
-from nst_batch.config.manifest import Settings  # noqa: E402
-from nst_batch.core.pyramid import stylize  # noqa: E402
+
+SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def make_photos(folder: Path, n: int, size: int) -> list[Path]:
-    srcs = sorted(p for d in (ROOT / "data/content", ROOT.parent / "shared/images/content") if d.is_dir()
-                  for p in d.iterdir() if p.suffix.lower() in (".jpg", ".png"))
-    rng = random.Random(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i in range(n):
-        im = decode.load_rgb(srcs[i % len(srcs)])
-        f = rng.uniform(0.6, 1.0)
-        w, h = int(im.width * f), int(im.height * f)
-        x, y = rng.randint(0, im.width - w), rng.randint(0, im.height - h)
-        im = im.crop((x, y, x + w, y + h))
-        if rng.random() < 0.5:
-            im = ImageOps.mirror(im)
-        im.thumbnail((2 * size, 2 * size))
-        p = folder / f"p{i:03d}.png"
-        im.save(p)
-        out.append(p)
-    return out
+def find_photos(folder: Path | None) -> list[Path]:
+    """In a fixed shuffled order: a run cut short (or --limit) has measured a varied sample, not the first
+    names of the alphabet."""
+    dirs = [folder] if folder else [ROOT / "data/content", ROOT.parent / "shared/images/content"]
+    photos = sorted(p for d in dirs if d.is_dir() for p in d.iterdir() if p.suffix.lower() in SUFFIXES)
+    random.Random(0).shuffle(photos)
+    return photos
 
 
 class Scorer:
     """The gatys objective of a final image, fp32, at its own size: one judge for every method."""
 
-    def __init__(self, engine: Engine, style: Path):
-        self.e, self.style = engine, style
+    def __init__(self, engine: Engine, key: str):
+        self.e, self.key = engine, key
 
     def __call__(self, photo: torch.Tensor, img: torch.Tensor) -> float:
         e = self.e
         obj = e.objective
         with torch.no_grad():
             c = losses.content_targets(obj, e.net(photo, frozenset(obj.content_layers)))
-            e.style_pixels.add("bench", self.style)
-            s = e.style_targets("bench", e.settings.style_size or e.settings.size)
+            s = e.style_targets(self.key, e.settings.style_px(max(photo.shape[-2:])))
             return float(losses.compute(obj, e.net(img.clamp(0, 1), obj.layers), img, c, s).total)
+
+
+def refine(engine: Engine, key: str, c: torch.Tensor, init: torch.Tensor, half: int, full: int) -> torch.Tensor:
+    """Variant "half+full" of the network's refinement (see the module's doc)."""
+    H, W = c.shape[-2:]
+    style_full = engine.settings.style_px(max(H, W))
+
+    def style_for(h: int, w: int) -> losses.Targets:
+        return engine.style_targets(key, max(MIN_SIDE, round(style_full * max(h, w) / max(H, W))))
+
+    cfg = dataclasses.replace(engine.optim, scales=(1.0,))
+    x = init
+    if half:
+        h, w = round(H / 2), round(W / 2)
+        coarse = resize(init, h, w).clamp(0, 1)
+        r = stylize(engine.net, engine.objective, resize(c, h, w).clamp(0, 1), style_for,
+                    dataclasses.replace(cfg, steps=half), init=coarse)
+        x = (resize(r.images.to(c.device), H, W) + init - resize(coarse, H, W)).clamp(0, 1)
+    if full:
+        x = stylize(engine.net, engine.objective, c, style_for, dataclasses.replace(cfg, steps=full), init=x).images
+    return x.cpu()
+
+
+def one_photo(engine: Engine, style: Path, key: str, p: Path, size: int, variants: list[str]) -> tuple[dict, dict]:
+    """optimize, then every refine variant, on one photo: (row of times and losses, images)."""
+    dev = engine.device
+    score = Scorer(engine, key)
+    c = to_tensor(decode.load_rgb(p), size).to(dev)
+    row: dict = {"photo": p.name, "shape": list(c.shape[-2:]), "load": os.getloadavg()[0],
+                 "photo_loss": score(c, c)}
+    t = time.perf_counter()
+    m = engine.make([file_job(engine, p, style, key=key, photo=c.cpu())])[0]
+    row["optimize"] = {"s": time.perf_counter() - t, "loss": score(c, m.image.to(dev)), "steps": m.steps}
+    images = {"photo": c.cpu(), "optimize": m.image}
+    for v in variants:
+        t = time.perf_counter()
+        if "+" in v:
+            out = network.apply(engine.model(key), c)
+            half, full = (int(x) for x in v.split("+"))
+            img, steps = refine(engine, key, c, out, half, full) if half or full else out.cpu(), None
+        else:  # the engine's own refine (refine_config), as a run makes a network pair
+            made = engine.make([file_job(engine, p, style, key=key, photo=c.cpu(), method="network")])[0]
+            img, steps = made.image, made.steps
+        row[v] = {"s": time.perf_counter() - t, "loss": score(c, img.to(dev)), "steps": steps}
+        images[v] = img
+    row["load_after"] = os.getloadavg()[0]
+    return row, images
+
+
+def summary(rows: list[dict], variants: list[str], train_s: float) -> dict:
+    """Means over the photos, loss ratios (mean of per-photo ratios and ratio of means), totals, break-even."""
+    n = len(rows)
+    mean = lambda f: sum(f(r) for r in rows) / n  # noqa: E731
+    t_opt, l_opt = mean(lambda r: r["optimize"]["s"]), mean(lambda r: r["optimize"]["loss"])
+    out: dict = {"photos": n, "optimize": {"mean_s": t_opt, "mean_loss": l_opt}, "train_s": train_s}
+    for v in variants:
+        t, loss = mean(lambda r: r[v]["s"]), mean(lambda r: r[v]["loss"])
+        per = sorted(r[v]["loss"] / r["optimize"]["loss"] for r in rows)
+        out[v] = {"mean_s": t, "mean_loss": loss, "loss_ratio": loss / l_opt,
+                  "per_photo_ratio_mean": sum(per) / n, "per_photo_ratio_max": per[-1],
+                  "break_even": train_s / (t_opt - t) if t < t_opt else None,
+                  "totals": {N: {"optimize_s": N * t_opt, "network_s": train_s + N * t,
+                                 "ratio": (train_s + N * t) / (N * t_opt)} for N in (16, 32, 128)}}
+    return out
+
+
+def bench_style(a, settings: Settings, style: Path, photos: list[Path], variants: list[str], res: dict) -> None:
+    torch.manual_seed(0)
+    engine = file_engine(settings.replace(refine_steps=a.refine_steps) if a.refine_steps is not None else settings)
+    key = style.stem
+    job = file_job(engine, photos[0], style, key=key)  # its photo unused: train takes its own
+    train_on = [to_tensor(decode.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
+    load0, t = os.getloadavg()[0], time.perf_counter()
+    state = engine.train(job, train_on, None, engine.settings.network_steps)
+    train_s = time.perf_counter() - t
+    engine.load_model(job, state)
+    r = res["styles"][style.name] = {"train_s": train_s, "train_steps": engine.settings.network_steps,
+                                     "train_photos": len(train_on), "train_load": [load0, os.getloadavg()[0]],
+                                     "rows": []}
+    print(f"{style.name}: trained {engine.settings.network_steps} steps in {train_s:.0f}s", flush=True)
+    for p in photos[: a.limit or None]:  # the network trained on all of them, as a run's would
+        row, images = one_photo(engine, style, key, p, a.size, variants)
+        r["rows"].append(row)
+        r["summary"] = summary(r["rows"], variants, train_s)
+        a.json.write_text(json.dumps(res, indent=1))
+        folder = a.work / style.stem
+        for name, img in images.items():
+            (folder / name).mkdir(parents=True, exist_ok=True)
+            to_pil(img).save(folder / name / f"{p.stem}.png")
+        print(p.name, f"load {row['load']:.1f}", " ".join(
+            f"{k}:{row[k]['s']:.1f}s/{row[k]['loss']:.3g}" for k in ["optimize", *variants]), flush=True)
+
+
+def sheet(work: Path, style: str, names: list[str], variant: str, cell: int, out: Path) -> None:
+    """photo | optimize | network | network + `variant`, one row a photo, from the saved images."""
+    cols = ["photo", "optimize", "0+0", variant]
+    im = Image.new("RGB", (len(cols) * cell, len(names) * cell), "white")
+    for i, n in enumerate(names):
+        for j, col in enumerate(cols):
+            tile = Image.open(work / style / col / f"{n}.png").convert("RGB")
+            tile.thumbnail((cell, cell))
+            im.paste(tile, (j * cell + (cell - tile.width) // 2, i * cell + (cell - tile.height) // 2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    im.save(out, quality=85)
+    print("sheet", out, out.stat().st_size, "bytes")
+
+
+def gpu_only(a, settings: Settings, style: Path, photos: list[Path]) -> None:
+    """A training step and a forward pass at 512 and 1024 px."""
+    res: dict = {}
+    for px in (512, 1024):
+        e = file_engine(settings.replace(size=px))
+        dev = e.device
+        job = file_job(e, photos[0], style, key="bench")
+        tens = [to_tensor(decode.load_rgb(p), px) for p in photos[:8]]
+        sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+        st = e.train(job, tens, None, 3)
+        sync()
+        t = time.perf_counter()
+        st = e.train(job, tens, st, 23)
+        sync()
+        res[f"train_step_s_{px}"] = (time.perf_counter() - t) / 20
+        e.load_model(job, st)
+        x = tens[0].to(dev)
+        network.apply(e.model("bench"), x)
+        sync()
+        t = time.perf_counter()
+        for _ in range(10):
+            network.apply(e.model("bench"), x)
+        sync()
+        res[f"forward_s_{px}"] = (time.perf_counter() - t) / 10
+        print(px, "train step", f"{res[f'train_step_s_{px}']:.3f}s", "forward", f"{res[f'forward_s_{px}']:.4f}s")
+    a.json.write_text(json.dumps(res, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--photos", type=Path, help="every image in this folder (default: the bundled and shared ones)")
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--eval-at", default="150,300")
-    ap.add_argument("--sample", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--styles", default="starry_night.jpg", help="comma-separated, in data/styles")
+    ap.add_argument("--refine", default="0+0,R,0+20,20+20,40+10",
+                    help="variants: H+F (half-size then full-size steps) or R (the engine's refine_config)")
+    ap.add_argument("--refine-steps", type=int, help="refine_steps for R (default: the setting's default)")
+    ap.add_argument("--network-steps", type=int)
+    ap.add_argument("--limit", type=int, default=0, help="make only the first N photos (training uses all)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench_network"))
     ap.add_argument("--json", type=Path, default=Path("benchmarks/network-results.json"))
     ap.add_argument("--sheet", type=Path, default=Path("docs/network_sheet.jpg"))
+    ap.add_argument("--sheet-photos", default="", help="photo stems for the sheet (default: the first 4)")
+    ap.add_argument("--sheet-variant", default="R")
+    ap.add_argument("--sheet-only", action="store_true", help="the sheet again from --work's images")
     ap.add_argument("--gpu-only", action="store_true", help="time a training step and a forward pass at 512, 1024 px")
     a = ap.parse_args()
-    style = ROOT / "data/styles/starry_night.jpg"
-    settings = Settings(content=a.work, styles=style.parent, size=a.size, device=a.device)
-    engine = file_engine(settings)
-    dev = engine.device
-    res: dict = {"device": str(dev), "size": a.size, "threads": torch.get_num_threads()}
-    job = file_job(engine, style, style, content="x", key="bench")  # its photo unused: train takes its own
-
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    photos = find_photos(a.photos)
+    styles = [ROOT / "data/styles" / s for s in a.styles.split(",")]
+    settings = Settings(content=a.work, styles=styles[0].parent, size=a.size, device=a.device)
+    if a.network_steps:
+        settings = settings.replace(network_steps=a.network_steps)
+    names = a.sheet_photos.split(",") if a.sheet_photos else [p.stem for p in photos[:4]]
     if a.gpu_only:
-        photos = make_photos(a.work, 8, 1024)
-        for px in (512, 1024):
-            e = file_engine(settings.replace(size=px), dev)
-            e.style_pixels.add("bench", style)
-            ims = [decode.load_rgb(p) for p in photos]
-            tens_px = [to_tensor(im, px) for im in ims]
-            st = e.train(job, tens_px, None, 3)
-            sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-            sync()
-            t = time.perf_counter()
-            st = e.train(job, tens_px, st, 23)
-            sync()
-            step = (time.perf_counter() - t) / 20
-            e.load_model(job, st)
-            x = to_tensor(ims[0], px).to(dev)
-            network.apply(e.model("bench"), x)
-            sync()
-            t = time.perf_counter()
-            for _ in range(10):
-                network.apply(e.model("bench"), x)
-            sync()
-            res[f"train_step_s_{px}"] = step
-            res[f"forward_s_{px}"] = (time.perf_counter() - t) / 10
-            print(px, "train step", f"{step:.3f}s", "forward", f"{res[f'forward_s_{px}']:.4f}s", flush=True)
+        return gpu_only(a, settings, styles[0], photos)
+    if not a.sheet_only:
+        variants = a.refine.split(",")
+        res: dict = {"device": a.device, "size": a.size, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "argv": sys.argv[1:],
+                     "variants": variants, "styles": {}}
+        for style in styles:
+            bench_style(a, settings, style, photos, variants, res)
+            s = res["styles"][style.name]["summary"]
+            print(json.dumps({v: {k: s[v][k] for k in ("mean_s", "loss_ratio", "break_even")} for v in variants}
+                             | {"optimize": s["optimize"], "train_s": s["train_s"]}, indent=1), flush=True)
+        res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
         a.json.write_text(json.dumps(res, indent=1))
-        return
-
-    photos = make_photos(a.work, 128, a.size)
-    sample = photos[:: len(photos) // a.sample][: a.sample]
-    score = Scorer(engine, style)
-    tens = {p: to_tensor(decode.load_rgb(p), a.size).to(dev) for p in sample}
-
-    # -- optimize, today's defaults
-    opt_t, opt_l, opt_img = [], [], {}
-    for p in sample:
-        t = time.perf_counter()
-        m = engine.make([file_job(engine, p, style, key="bench")])[0]
-        opt_t.append(time.perf_counter() - t)
-        opt_l.append(score(tens[p], m.image.to(dev)))
-        opt_img[p] = m.image
-        print(f"optimize {p.name}: {opt_t[-1]:.1f}s loss {opt_l[-1]:.4g} (photo itself {score(tens[p], tens[p]):.4g})",
-              flush=True)
-    res["optimize"] = {"mean_s": sum(opt_t) / len(opt_t), "mean_loss": sum(opt_l) / len(opt_l),
-                       "photo_loss": sum(score(tens[p], tens[p]) for p in sample) / len(sample)}
-
-    # -- network, trained once on the runner's sample of the 128-photo collection
-    train_on = [to_tensor(decode.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
-    evals = sorted(int(x) for x in a.eval_at.split(","))
-    state, trained_s, curve = None, 0.0, []
-    res["network"] = {}
-    for until in evals:
-        t = time.perf_counter()
-        state = engine.train(job, train_on, state, until,
-                             on_loss=lambda step, terms: curve.append((step, float(terms.total.mean()))))
-        trained_s += time.perf_counter() - t
-        engine.load_model(job, state)
-        row = {"train_s": trained_s, "train_steps": until}
-        for k in (0, 20, 50):
-            cfg = dataclasses.replace(engine.optim, steps=k, scales=(1.0,))
-            ts, ls = [], []
-            for p in sample:
-                t = time.perf_counter()
-                c = tens[p]
-                style_for = lambda h, w: engine.style_targets("bench", a.size)  # noqa: E731
-                r = stylize(engine.net, engine.objective, c, style_for, cfg, init=network.apply(engine.model("bench"), c))
-                ts.append(time.perf_counter() - t)
-                ls.append(score(c, r.images.to(dev)))
-                if until == evals[-1] and k in (0, 50):
-                    opt_img.setdefault(("net", k, p), r.images)
-            row[f"refine_{k}"] = {"mean_s": sum(ts) / len(ts), "mean_loss": sum(ls) / len(ls)}
-            print(f"network {until} steps ({trained_s:.0f}s) + refine {k}: {row[f'refine_{k}']}", flush=True)
-        res["network"][str(until)] = row
-    res["curve"] = curve[:: max(1, len(curve) // 60)]
-
-    # -- totals per N, and the break-even
-    o = res["optimize"]
-    last = res["network"][str(evals[-1])]
-    res["totals"] = {}
-    for n in (8, 32, 128):
-        res["totals"][n] = {"optimize_s": n * o["mean_s"],
-                            **{f"network_refine_{k}_s": last["train_s"] + n * last[f"refine_{k}"]["mean_s"] for k in (0, 20, 50)}}
-    res["break_even"] = {}
-    for k in (0, 20, 50):
-        per = last[f"refine_{k}"]["mean_s"]
-        ratio = last[f"refine_{k}"]["mean_loss"] / o["mean_loss"]
-        res["break_even"][k] = {"loss_ratio": ratio,
-                                "n": (last["train_s"] / (o["mean_s"] - per)) if per < o["mean_s"] else None}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(res, indent=1))
-    print(json.dumps({"totals": res["totals"], "break_even": res["break_even"]}, indent=1))
-
-    # -- the contact sheet: photo | optimize | network | network + refine 50, 4 photos
-    rows = sample[:4]
-    cell = a.size
-    sheet = Image.new("RGB", (4 * cell, len(rows) * cell), "white")
-    for i, p in enumerate(rows):
-        for j, im in enumerate([to_pil(tens[p].cpu()), to_pil(opt_img[p]), to_pil(opt_img[("net", 0, p)]),
-                                to_pil(opt_img[("net", 50, p)])]):
-            im.thumbnail((cell, cell))
-            sheet.paste(im, (j * cell + (cell - im.width) // 2, i * cell + (cell - im.height) // 2))
-    a.sheet.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(a.sheet, quality=85)
-    print("sheet", a.sheet, a.sheet.stat().st_size, "bytes")
+    sheet(a.work, styles[0].stem, names, a.sheet_variant, a.size, a.sheet)
 
 
 if __name__ == "__main__":

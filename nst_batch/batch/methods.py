@@ -18,12 +18,38 @@ from ..errors import ConfigError
 from ..files.layout import MODELS
 from .plan import Pair, Plan, recipe_settings, style_settings
 
-# `auto` trains a style's network when at least this many of its photos are pending, per device type.
-# Measured on this CPU at 128 px (docs/benchmarks.md, "Learned per-style networks"): training 600 steps
-# took 213 s, a photo then 7.1 s (forward pass + 50 refine steps, 1.08x optimize's loss) against 20.2 s
-# optimised: 213 / (20.2 - 7.1) = 16. CUDA: the same, on the assumption (not measured) that a training
-# step and an optimisation step speed up alike there. An unknown device type (mps) is taken as the CPU.
-BREAK_EVEN = {"cpu": 16, "cuda": 16}
+# `auto` trains a style's network only where that path is both faster and nearly as good: its measured
+# loss (forward pass + the default refinement, scored like optimize's by the gatys objective at full size)
+# at most LOSS_LIMIT times optimize's, and at least the break-even of pending photos, train / (optimize a
+# photo - network a photo): both methods are linear in the photos, training is paid once a style.
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Real photos, 2026-12-06"): 24 real photos x 2
+# paintings, 1 thread, the methods interleaved photo by photo: optimize 39.3 s a photo, the network + 50
+# refine steps 13.5 s, training 600 steps 218 s (alone on the machine; 553-690 s beside other runs); loss
+# 1.09x optimize's for The Starry Night, 1.11x for The Great Wave. The worse style counts (a user's may be
+# either): 1.11 > LOSS_LIMIT, so no break-even and `auto` always optimizes. Were it within:
+# 218 / (39.3 - 13.5) = 8.4, so 9 photos.
+LOSS_LIMIT = 1.10
+
+
+@dataclass(frozen=True)
+class Measured:
+    train_s: float  # training a style's network (network_steps)
+    optimize_s: float  # a photo by optimize (the defaults)
+    network_s: float  # a photo by the network: forward pass + the default refinement
+    loss_ratio: float  # the network path's mean loss over optimize's, on the same photos
+
+
+def break_even(m: Measured, loss_limit: float = LOSS_LIMIT) -> int | None:
+    """Pending photos from which training a network pays; None: never (worse than `loss_limit`, or no faster)."""
+    if m.loss_ratio > loss_limit or m.network_s >= m.optimize_s:
+        return None
+    return int(-(-m.train_s // (m.optimize_s - m.network_s)))  # rounded up
+
+
+MEASURED = Measured(218.0, 39.3, 13.5, 1.11)
+# CUDA: the CPU's figures, on the assumption (not measured) that a training step and an optimisation step
+# speed up alike there; the loss ratio does not depend on the device. Other device types (mps) count as the CPU.
+BREAK_EVEN: dict[str, int | None] = {"cpu": break_even(MEASURED), "cuda": break_even(MEASURED)}
 
 
 @dataclass(frozen=True)
@@ -73,7 +99,8 @@ def even_sample(items: list, n: int) -> list:
 def choose(method: str, pending: int, device_type: str) -> str:
     if method != "auto":
         return method
-    return "network" if pending >= BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"]) else "optimize"
+    n = BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"])
+    return "network" if n is not None and pending >= n else "optimize"
 
 
 def assign(plan: Plan, settings: Settings, done: dict[tuple[str, str], str],
@@ -127,5 +154,6 @@ def choice_line(sm: StyleMethod, settings: Settings, device_type: str) -> str:
     if settings.method != "auto":
         return f"{sm.style}: method {sm.method} (key 'method')"
     n = BREAK_EVEN.get(device_type, BREAK_EVEN["cpu"])
-    return (f"{sm.style}: method {sm.method} ({sm.pending} photo(s) pending; auto trains a network from "
-            f"{n} on {device_type})")
+    rule = (f"auto trains a network from {n} on {device_type}" if n is not None else
+            f"auto trains none on {device_type}: none was measured within {LOSS_LIMIT:.2f}x of optimize's loss")
+    return f"{sm.style}: method {sm.method} ({sm.pending} photo(s) pending; {rule})"
