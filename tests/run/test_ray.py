@@ -28,16 +28,6 @@ pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m
 FAST = ["--device", "cpu", "--size", "48", "--set", "scales=[1.0]", "--set", "stop_window=0", "-q"]
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()  # stops the processes this init started, nothing else
-
-
 def driver(folders, address: str, *extra: str) -> list[str]:
     content, styles, out = folders
     return ["run", "--content", str(content), "--styles", str(styles), "--out", str(out), *FAST,

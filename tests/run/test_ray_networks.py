@@ -25,16 +25,6 @@ from test_ray import descendants_titled, popen, wait_for
 pytestmark = pytest.mark.slow  # end to end through the CLI in subprocesses: `-m "not slow"` skips them
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, object_store_memory=80 * 2**20, include_dashboard=False, logging_level="WARNING")
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-
-
 def _driver(manifest: Path, address: str, workers: int = 2, checkpoint_s: float | None = None):
     """The Ray driver as a subprocess; checkpoint_s: with the checkpoint interval shortened (_LAUNCH)."""
     args = ["run", str(manifest), "--ray", address, "--ray-workers", str(workers)]
