@@ -22,12 +22,12 @@ from .plan import Pair, Plan, recipe_settings, style_settings
 # loss (forward pass + the default refinement, scored like optimize's by the gatys objective at full size)
 # at most LOSS_LIMIT times optimize's, and at least the break-even of pending photos, train / (optimize a
 # photo - network a photo): both methods are linear in the photos, training is paid once a style.
-# Measured on this CPU at 128 px (docs/benchmarks.md, "Real photos, 2026-12-06"): 24 real photos x 2
-# paintings, 1 thread, the methods interleaved photo by photo: optimize 39.3 s a photo, the network + 50
-# refine steps 13.5 s, training 600 steps 218 s (alone on the machine; 553-690 s beside other runs); loss
-# 1.09x optimize's for The Starry Night, 1.11x for The Great Wave. The worse style counts (a user's may be
-# either): 1.11 > LOSS_LIMIT, so no break-even and `auto` always optimizes. Were it within:
-# 218 / (39.3 - 13.5) = 8.4, so 9 photos.
+# Measured on this CPU at 128 px (docs/benchmarks.md, "Real photos, 2026-12-06" and "How many refine
+# steps"): 24 real photos x 2 paintings, 1 thread, the methods interleaved photo by photo: optimize 39.3 s
+# a photo, the network + 50 refine steps 13.5 s at 1.09x (The Starry Night) and 1.11x (The Great Wave)
+# optimize's loss; 70 refine steps (the default) take 1.39x the time of 50 (18.8 s) at 1.05x and 1.06x.
+# The worse style counts (a user's may be either). Training 600 steps: 218 s alone on the machine (553-690 s
+# beside other runs). Break-even: 218 / (39.3 - 18.8) = 10.6, so 11 photos.
 LOSS_LIMIT = 1.10
 
 
@@ -46,7 +46,7 @@ def break_even(m: Measured, loss_limit: float = LOSS_LIMIT) -> int | None:
     return int(-(-m.train_s // (m.optimize_s - m.network_s)))  # rounded up
 
 
-MEASURED = Measured(218.0, 39.3, 13.5, 1.11)
+MEASURED = Measured(218.0, 39.3, 18.8, 1.06)
 # CUDA: the CPU's figures, on the assumption (not measured) that a training step and an optimisation step
 # speed up alike there; the loss ratio does not depend on the device. Other device types (mps) count as the CPU.
 BREAK_EVEN: dict[str, int | None] = {"cpu": break_even(MEASURED), "cuda": break_even(MEASURED)}

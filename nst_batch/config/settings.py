@@ -161,7 +161,8 @@ class Settings:
                       help="optimize, network (a learned network per style), or auto: network where enough "
                       "photos are pending.")
     network_steps: int = key(600, c.integer(1), in_recipe=False, help="Training steps of a style's network.")
-    refine_steps: int = key(50, c.integer(0), in_recipe=False,
+    # 70: within 1.06x of optimize's loss on varied real photos (50: 1.09-1.11x), docs/benchmarks.md.
+    refine_steps: int = key(70, c.integer(0), in_recipe=False,
                             help="L-BFGS steps at full size from the network's output.")
 
     def __post_init__(self) -> None:

@@ -75,8 +75,8 @@ _AUTO = ("import sys; from nst_batch.batch import methods; n = sys.argv.pop(1); 
 
 
 def test_auto_trains_a_network_where_a_style_reaches_the_break_even(tmp_path, ray_address):
-    """With a break-even of 3, a style of 3 pending photos gets a network under --ray as locally; with the
-    shipped rule (no break-even: the network path measured past 1.10x optimize's loss), it is optimised."""
+    """With a break-even of 3, a style of 3 pending photos gets a network under --ray as locally; with none
+    (a network path measured past 1.10x optimize's loss), it is optimised."""
     for even, method in ((3, "network"), (None, "optimize")):
         manifest = _folder(tmp_path / method, photos=3, styles=1, network_steps=12)
         manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "method": "auto"}))
