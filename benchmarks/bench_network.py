@@ -8,7 +8,7 @@
 Photos: every image in --photos (default: data/content and ../shared/images/content), at --size.
 Per style (--styles):
 - the network is trained ONCE (network_steps, default 600) on the runner's sample of the photos
-  (training.even_sample, network.TRAIN_PHOTOS): its cost does not depend on N;
+  (batch/methods.even_sample, network.TRAIN_PHOTOS): its cost does not depend on N;
 - then photo by photo, INTERLEAVED so that the machine's load falls on every method alike: `optimize`
   (the engine's defaults), then the network's forward pass followed by each refine variant of --refine.
   A variant "H+F" is H L-BFGS steps at half size from the network's output (downsampled), then F steps at
@@ -39,6 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nst_batch.batch.methods import even_sample  # noqa: E402
 from nst_batch.config.manifest import Settings  # noqa: E402
 from nst_batch.config.objective import MIN_SIDE  # noqa: E402
 from nst_batch.core import losses, network  # noqa: E402
@@ -48,7 +49,6 @@ from nst_batch.core.vgg import resize  # noqa: E402
 from nst_batch.files import decode  # noqa: E402
 from nst_batch.files.decode import to_tensor  # noqa: E402
 from nst_batch.files.encode import to_pil  # noqa: E402
-from nst_batch.run import training  # noqa: E402
 from nst_batch.run.jobs import file_engine, file_job  # noqa: E402
 
 SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -147,7 +147,7 @@ def bench_style(a, settings: Settings, style: Path, photos: list[Path], variants
     engine = file_engine(settings.replace(refine_steps=a.refine_steps) if a.refine_steps is not None else settings)
     key = style.stem
     job = file_job(engine, photos[0], style, key=key)  # its photo unused: train takes its own
-    train_on = [to_tensor(decode.load_rgb(p), a.size) for p in training.even_sample(photos, network.TRAIN_PHOTOS)]
+    train_on = [to_tensor(decode.load_rgb(p), a.size) for p in even_sample(photos, network.TRAIN_PHOTOS)]
     load0, t = os.getloadavg()[0], time.perf_counter()
     state = engine.train(job, train_on, None, engine.settings.network_steps)
     train_s = time.perf_counter() - t

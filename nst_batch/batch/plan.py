@@ -29,7 +29,7 @@ from ..files.names import Skipped, printable, skipped_line
 # Keys that do not change the pixels of an output (settings.py declares which): changing them redoes
 # nothing. `name` moves an output: the ledger sees the new path and makes it there. method,
 # network_steps and refine_steps are among them: an optimised pair keeps the plain recipe, and a
-# network-made pair gets one of its own that covers them (training.network_recipe).
+# network-made pair gets one of its own that covers them (methods.network_recipe).
 NOT_IN_RECIPE = frozenset(k for k, s in SETTINGS.items() if not s.in_recipe)
 
 

@@ -154,7 +154,7 @@ class Settings:
     blends: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = key(
         (), c.blends, in_recipe=True, unless=_empty("blends"),
         help="Extra styles mixed from several images: {NAME: {style file: weight}}.")
-    # How a pair is made: a network-made pair gets a recipe of its own (training.network_recipe, over its
+    # How a pair is made: a network-made pair gets a recipe of its own (methods.network_recipe, over its
     # model's recipe and refine_steps); an optimised one keeps the plain recipe, so these three stay out
     # of it and folders made before they existed are not redone.
     method: str = key("auto", c.choice("optimize", "network", "auto"), in_recipe=False,

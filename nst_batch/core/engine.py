@@ -51,7 +51,7 @@ class Job:
     members: tuple[tuple[str, float], ...] = ()
     overrides: Overrides = ()
     method: str = "optimize"  # or "network": the style's model (Engine.load_model) then refine_steps of L-BFGS
-    # method network: the recipe of the model to use (training.model_recipe). Models are kept by it, not by
+    # method network: the recipe of the model to use (methods.model_recipe). Models are kept by it, not by
     # the style's file: two styles of one image (per_style sets them apart) or one style in two shards'
     # ledgers (each trains its own) have models of their own. None: keyed by the style key (a benchmark).
     model: str | None = None
@@ -317,7 +317,7 @@ class Engine:
         `should_pause(step)` lets the driver stop early to save a checkpoint; it calls again to go on."""
         setup = self.setup(job.overrides)  # the style's own weights and style size (per_style)
         s = setup.settings
-        if s.colors != "style":  # the plan refuses it (training.assign): a network learns one set of targets
+        if s.colors != "style":  # the plan refuses it (methods.assign): a network learns one set of targets
             raise ValueError(f"method network with colors {s.colors!r}")
         targets = self.job_targets(job, s.style_px(s.size))
         st = network.new_state(s.seed, self.device) if state is None else network.from_state_dict(state, self.device)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..batch.ledger import Ledger, Row
+from ..batch.methods import StyleMethod
 from ..batch.plan import Pair
 from ..batch.shards import Shard, check_layout
 from ..config.manifest import Settings
@@ -111,7 +112,7 @@ class LocalBackend(Backend):
     looks_ahead = True
 
     def __init__(self, engine: Engine, folder: Path, ledger: Ledger, pairs: dict[tuple[str, str], Pair],
-                 styles: dict[str, training.StyleMethod], methods: dict[tuple[str, str], str]):
+                 styles: dict[str, StyleMethod], methods: dict[tuple[str, str], str]):
         self.engine, self.folder, self.ledger, self.pairs = engine, folder, ledger, pairs
         self.networks = (styles, methods)
         self.slots = [Slot(str(engine.device))]

@@ -20,7 +20,7 @@ from ..config.manifest import Settings
 from ..errors import ConfigError
 from ..files.hashing import HashCache
 from ..files.names import skipped_line
-from . import training
+from ..batch.methods import assign, choice_line
 from .backend import Backend
 from .drive import Drive, RunResult, Work
 from .lifecycle import remove_stale_temporaries
@@ -48,14 +48,14 @@ def work_through(settings: Settings, resolved: Settings, plan: Plan, hashes: Has
             _one_host(ledger, display, shard)
         try:
             # Which pairs a style's network makes (their recipes include its model's).
-            plan, styles, methods = training.assign(plan, resolved, ledger.done_recipes(), device_type)
+            plan, styles, methods = assign(plan, resolved, ledger.done_recipes(), device_type)
             work = prepare(ledger, settings, resolved, plan, hashes, worker, display, only_failed_kinds, retry,
                            where, shard)
             if work is None:
                 return RunResult()
             for sm in styles.values():
                 if sm.pending or sm.method == "network" and settings.method != "auto":
-                    display.note(training.choice_line(sm, resolved, device_type))
+                    display.note(choice_line(sm, resolved, device_type))
             backend = backend_for(ledger, folder, work, styles, methods)
             order = list(dict.fromkeys(p.style for p in plan))
             return Drive(ledger, backend, display, work, worker, folder, resolved, order, pair_timeout_s).run()

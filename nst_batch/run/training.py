@@ -1,6 +1,6 @@
 """The driver's side of learned per-style networks: the checkpoints under OUT/models/ (every shard's and
 every worker's), written and claimed here whoever trains; which method makes each pair and the recipes
-are batch/methods.py's (imported here too).
+are batch/methods.py's.
 
 The engine trains from a state dict and returns one; `Trainer` is what reads and writes the .pt files,
 atomically, every CHECKPOINT_S seconds of training and at its end, and records each model in the ledger
@@ -36,12 +36,7 @@ from ..batch.ledger import Ledger
 from ..files.losslog import LossLog, curve_record
 from ..config.manifest import Settings
 from ..core.optimize import LogRow
-from ..batch.methods import (BREAK_EVEN, StyleMethod, assign, choice_line, choose, even_sample,
-                             model_recipe, network_recipe)
-
-# Which method makes each pair, and the recipes, are batch/methods.py's; they are known here by these names too.
-__all__ = ["BREAK_EVEN", "CHECKPOINT_S", "StyleMethod", "Trainer", "assign", "choice_line", "choose", "even_sample",
-           "model_recipe", "network_recipe", "retrain"]
+from ..batch.methods import StyleMethod
 
 CHECKPOINT_S = 300.0  # seconds of training between checkpoints
 TRAINING = "(training)"  # the content column of a training curve's rows in losses.csv

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 from nst_batch.batch.plan import Pair, blend_hash, recipe_hash, recipe_settings, style_settings
 from nst_batch.config.manifest import Member, Settings
-from nst_batch.run.training import model_recipe, network_recipe
+from nst_batch.batch.methods import model_recipe, network_recipe
 
 C, S = "c" * 64, "s" * 64  # a photo's and a style's file hashes
 

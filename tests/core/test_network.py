@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from nst_batch.errors import ConfigError
 from nst_batch.files import decode
+from nst_batch.batch.methods import BREAK_EVEN, assign
 from nst_batch.run import lifecycle, local, training
 from nst_batch.core import network
 from nst_batch.report import build as report
@@ -124,34 +124,34 @@ def _plan_settings(tmp_path: Path, photos: int, **kw) -> Settings:
 def test_auto_chooses_by_pending_count_and_a_changed_objective_changes_the_model(tmp_path, monkeypatch):
     s = _plan_settings(tmp_path, 3)
     plan = make_plan(s)
-    monkeypatch.setitem(training.BREAK_EVEN, "cpu", 3)
-    net_plan, styles, methods = training.assign(plan, s, {}, "cpu")
+    monkeypatch.setitem(BREAK_EVEN, "cpu", 3)
+    net_plan, styles, methods = assign(plan, s, {}, "cpu")
     assert styles["s1.png"].method == "network" and set(methods.values()) == {"network"}
     assert all(a.recipe != b.recipe for a, b in zip(plan, net_plan))  # a network pair has a recipe of its own
     # Two of three made already (one each way): one pending, under the break-even: optimize, and the
     # done pairs keep the recipes they were made with.
     done = {(plan[0].content, "s1.png"): plan[0].recipe, (plan[1].content, "s1.png"): net_plan[1].recipe}
-    again, styles2, methods2 = training.assign(plan, s, done, "cpu")
+    again, styles2, methods2 = assign(plan, s, done, "cpu")
     assert styles2["s1.png"].method == "optimize" and styles2["s1.png"].pending == 1
     assert [p.recipe for p in again] == [plan[0].recipe, net_plan[1].recipe, plan[2].recipe]
     assert [methods2[(p.content, p.style)] for p in plan] == ["optimize", "network", "optimize"]
-    assert training.assign(plan, s.replace(method="optimize"), {}, "cpu")[1]["s1.png"].method == "optimize"
+    assert assign(plan, s.replace(method="optimize"), {}, "cpu")[1]["s1.png"].method == "optimize"
     # The objective, the style or network_steps change the model's recipe, and so its pairs'.
     for changed in (s.replace(style_weight=5.0), s.replace(network_steps=7), s.replace(per_style=(("s1.png", (("tv_weight", 1.0),)),))):
-        other = training.assign(make_plan(changed), changed, {}, "cpu")
+        other = assign(make_plan(changed), changed, {}, "cpu")
         assert other[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
         assert all(a.recipe != b.recipe for a, b in zip(net_plan, other[0]))
     # The refinement's settings and the file format redo pairs (their own recipes) but keep the model.
     for kept in (s.replace(steps=9), s.replace(format="jpg")):
-        assert training.assign(make_plan(kept), kept, {}, "cpu")[1]["s1.png"].model_recipe == styles["s1.png"].model_recipe
+        assert assign(make_plan(kept), kept, {}, "cpu")[1]["s1.png"].model_recipe == styles["s1.png"].model_recipe
     # The photo set does not: a photo added or removed keeps the model, and every other pair's recipe.
     make_image(tmp_path / "content" / "p9.png", 40, 32, 9)
-    grown, styles3, _ = training.assign(make_plan(s), s, {}, "cpu")
+    grown, styles3, _ = assign(make_plan(s), s, {}, "cpu")
     assert styles3["s1.png"].model_recipe == styles["s1.png"].model_recipe
     assert {p.recipe for p in net_plan} < {p.recipe for p in grown}
     stripes = Image.open(s.styles / "s1.png")
     stripes.transpose(Image.Transpose.ROTATE_90).save(s.styles / "s1.png")  # another painting, same name
-    assert training.assign(make_plan(s), s, {}, "cpu")[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
+    assert assign(make_plan(s), s, {}, "cpu")[1]["s1.png"].model_recipe != styles["s1.png"].model_recipe
 
 
 def test_a_network_run_trains_checkpoints_resumes_after_a_kill_and_refines(tmp_path, monkeypatch, tiny):
@@ -263,7 +263,7 @@ def test_a_growing_collection_keeps_its_network_and_makes_only_the_new_photo(tmp
     """16 photos made by a network (auto), then a 17th added: the second run makes that one pair and trains
     nothing. A model's recipe covered the photos it trained on, so one photo more redid all 17 pairs and
     retrained; a collection growing every evening was made again every night."""
-    monkeypatch.setitem(training.BREAK_EVEN, "cpu", 16)
+    monkeypatch.setitem(BREAK_EVEN, "cpu", 16)
     s = _plan_settings(tmp_path, 16, method="auto", network_steps=20, refine_steps=2)
     trained = _trainings(monkeypatch)
     first = local.run(s, Display(Console(quiet=True)))

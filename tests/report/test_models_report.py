@@ -18,7 +18,8 @@ from conftest import cli, make_image
 from nst_batch.batch.ledger import FILENAME, Ledger
 from nst_batch.config.manifest import Settings
 from nst_batch.report import build
-from nst_batch.run import local, training
+from nst_batch.batch.methods import BREAK_EVEN
+from nst_batch.run import local
 from nst_batch.run.progress import Display
 
 LAYERS = {"content": ["relu2_1"], "style": ["relu1_1", "relu2_1"]}  # a short net: quick on a CPU
@@ -41,7 +42,7 @@ def made(tmp_path_factory, one_thread) -> Path:
                  scales=(1.0,), device="cpu", layers=LAYERS, lease_s=30, method="auto", network_steps=8,
                  refine_steps=2, per_style=(("kept.png", (("colors", "preserve"),)),))
     mp = pytest.MonkeyPatch()
-    mp.setitem(training.BREAK_EVEN, "cpu", 2)
+    mp.setitem(BREAK_EVEN, "cpu", 2)
     try:
         result = local.run(s, Display(Console(quiet=True)))
     finally:

@@ -23,7 +23,7 @@ class Finished:
     `finished_at`: now if None; `seconds`: the time since the claim if None (give the compute time of
     a pair that waited in a queue); `curve`: its loss curve as losslog.curve_record makes it (a small
     JSON list); `method`: what made it (optimize, network); `model`: for a network, the recipe of the
-    model that made it (training.model_recipe), None otherwise."""
+    model that made it (methods.model_recipe), None otherwise."""
 
     pair_id: int
     worker: str

@@ -97,7 +97,7 @@ ADDED = (
     # The method that made a done pair (optimize or network; NULL: made before, by optimisation). Not
     # a Row field: a schema 4 ledger, read as it is by status and report, has no such column.
     Column("method", "TEXT", since=5, outcome=True),
-    # The recipe of the model (training.model_recipe) that made a done network pair; NULL for a pair made
+    # The recipe of the model (methods.model_recipe) that made a done network pair; NULL for a pair made
     # by optimisation, or by a network before schema 7. Not a Row field, for the same reason as method.
     Column("model", "TEXT", since=7, outcome=True),
 )
@@ -140,7 +140,7 @@ _FILES = """CREATE TABLE IF NOT EXISTS files (
     hash     TEXT NOT NULL
 ) WITHOUT ROWID"""
 
-# Each style's learned network: its recipe (training.model_recipe), how far its training got (the
+# Each style's learned network: its recipe (methods.model_recipe), how far its training got (the
 # checkpoint OUT/models/<style>.pt holds that step) and its training curve.
 _MODELS = """CREATE TABLE IF NOT EXISTS models (
     style      TEXT PRIMARY KEY,          -- relative to the style folder, as pairs.style
