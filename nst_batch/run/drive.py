@@ -183,7 +183,7 @@ class Drive:
         claim, first = self.books.claim, None
         if self.backend.keeps_style:
             # A style whose network is being trained is passed over here too (the fallback below may wait on it).
-            put_off = {st for st, until in self.deferred.items() if until > time.monotonic()}
+            put_off = self._put_off()
             first = claim(slot.style) if slot.style is not None and slot.style not in put_off else None
             if first is None:
                 taken = {o.style for o in self.backend.slots if o is not slot}
@@ -206,11 +206,15 @@ class Drive:
         slot.style = first.style
         return rows
 
+    def _put_off(self) -> set[str]:
+        """Styles whose network another worker is training, passed over until their DEFER_S is up."""
+        now = time.monotonic()
+        return {st for st, until in self.deferred.items() if until > now}
+
     def _claim_not_deferred(self) -> Row | None:
         """The next pair in the ledger's order, passing over styles whose network is being trained elsewhere
         (checked again after DEFER_S), unless nothing else is left: then one of theirs, to wait with."""
-        now = time.monotonic()
-        put_off = {st for st, until in self.deferred.items() if until > now}
+        put_off = self._put_off()
         self.waiting = False
         if not put_off:
             return self.books.claim()
